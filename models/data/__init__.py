@@ -1,0 +1,1 @@
+"""The fixture corpus splits; calib.txt and heldout.txt ship as kvcompile.data (the bundled defaults)."""
