@@ -1,0 +1,36 @@
+# kvcompile developer commands. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Extras the tests need (see pyproject.toml).
+EXTRAS ?= dev,models,genai,qnn
+FIXTURE := models/fixture/onnx-dynamo/model.onnx
+
+.PHONY: setup demo test bench models clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(BIN)/kvcompile inspect $(FIXTURE)
+	$(BIN)/kvcompile $(FIXTURE) --kv-bits 4 -o build/demo
+	@echo "--- build/demo/report.md ---"
+	@cat build/demo/report.md
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+models: setup
+	$(BIN)/python -m models.corpus
+	$(BIN)/python -m models.train
+	$(BIN)/python -m models.export
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,163 @@
+"""The manifest (`OUTDIR/kvcompile.json`): everything a runner needs to drive an artifact.
+
+One manifest per output folder, with one entry per target. For each KV cache tensor it gives
+the graph input and output names, the logical (float) and stored shapes and dtypes, the packing
+of 4-bit codes into bytes, the sequence axis, the quantization grid and its scales, so a runner
+can allocate and feed the cache in its stored form without knowing how it was made.
+
+The same `TargetIO` value also describes an *unmodified* float model (`float_model_io`), so the
+runtimes drive float and compiled models with one code path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvcompile.errors import BadInputError
+from kvcompile.kvgraph import KVGraph, KVTensor
+
+SCHEMA_VERSION = 1
+PACKING_ORDER = "first-code-in-lowest-bits"
+
+
+@dataclass(frozen=True)
+class Packing:
+    axis: int  # the (head_dim) axis along which codes share bytes
+    codes_per_byte: int
+    order: str = PACKING_ORDER
+
+
+@dataclass(frozen=True)
+class KVIO:
+    """One cache tensor as a runner sees it."""
+
+    layer: int
+    kind: str  # "key" | "value"
+    input: str
+    output: str
+    logical_dtype: str  # float32 | float16
+    logical_shape: list[int | str]  # symbolic dims as strings ("batch", "seq")
+    stored_dtype: str  # uint8 (codes) | float32 | float16
+    stored_shape: list[int | str]
+    seq_axis: int
+    head_dim_axis: int
+    heads_axis: int | None  # None when the model keeps one cache tensor per head
+    head: int | None = None
+    bits: int | None = None  # None: stored in float
+    granularity: str | None = None  # per-tensor | per-channel | per-head | ...
+    symmetric: bool | None = None
+    packing: Packing | None = None
+    # Static scales in the logical layout's broadcast shape (e.g. [1, H, 1, D]) and zero point.
+    scale: list | float | None = None
+    scale_shape: list[int] | None = None
+    zero_point: list | int | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def label(self) -> str:
+        head = "" if self.head is None else f".h{self.head}"
+        return f"L{self.layer}.{self.kind[0].upper()}{head}"
+
+
+@dataclass(frozen=True)
+class ModelInputIO:
+    name: str
+    role: str  # input_ids | attention_mask | position_ids
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TargetIO:
+    """How to drive one model file: its inputs, logits output and KV cache tensors."""
+
+    model: str  # path of the model file, relative to the manifest's folder
+    inputs: list[ModelInputIO]
+    logits: str
+    kv: list[KVIO]
+    max_context: int | None = None  # static-shape targets: the fixed cache length
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def input_of(self, role: str) -> ModelInputIO | None:
+        return next((i for i in self.inputs if i.role == role), None)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kvcompile_version: str
+    source: dict[str, str]  # {"path": ..., "sha256": ...}
+    targets: dict[str, TargetIO]
+    tokenizer: str | None = None  # relative path of tokenizer.json copied next to the manifest
+    schema: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / "kvcompile.json"
+        path.write_text(self.to_json())
+        return path
+
+
+def float_kvio(tensor: KVTensor) -> KVIO:
+    """The cache tensor as the unmodified model stores it (float, unpacked)."""
+    shape = list(tensor.past_shape)
+    return KVIO(
+        layer=tensor.layer, kind=tensor.kind, input=tensor.past_input, output=tensor.present_output,
+        logical_dtype=tensor.dtype, logical_shape=shape, stored_dtype=tensor.dtype, stored_shape=shape,
+        seq_axis=tensor.axes.seq, head_dim_axis=tensor.axes.head_dim, heads_axis=tensor.axes.heads,
+        head=tensor.head,
+    )
+
+
+def float_model_io(kv: KVGraph, model_path: str) -> TargetIO:
+    """Describe an unmodified float model so the runtimes can drive it like a compiled one."""
+    return TargetIO(
+        model=model_path,
+        inputs=[ModelInputIO(i.name, i.role, i.dtype) for i in kv.inputs],
+        logits=kv.logits_output,
+        kv=[float_kvio(t) for t in kv.tensors],
+    )
+
+
+def _kvio_from_dict(data: dict) -> KVIO:
+    packing = data.get("packing")
+    return KVIO(**{**data, "packing": Packing(**packing) if packing else None})
+
+
+def _target_from_dict(data: dict) -> TargetIO:
+    return TargetIO(
+        model=data["model"],
+        inputs=[ModelInputIO(**i) for i in data["inputs"]],
+        logits=data["logits"],
+        kv=[_kvio_from_dict(k) for k in data["kv"]],
+        max_context=data.get("max_context"),
+        options=data.get("options", {}),
+    )
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = Path(folder) / "kvcompile.json"
+    if not path.is_file():
+        raise BadInputError(f"{str(folder)!r} has no kvcompile.json; pass a kvcompile output folder")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("schema") != SCHEMA_VERSION:
+            raise BadInputError(
+                f"{str(path)!r} has manifest schema {data.get('schema')}, this kvcompile reads "
+                f"schema {SCHEMA_VERSION}; recompile the model"
+            )
+        return Manifest(
+            kvcompile_version=data["kvcompile_version"],
+            source=data["source"],
+            targets={name: _target_from_dict(t) for name, t in data["targets"].items()},
+            tokenizer=data.get("tokenizer"),
+            schema=data["schema"],
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadInputError(f"{str(path)!r} is not a valid kvcompile manifest ({exc})") from None

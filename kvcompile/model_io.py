@@ -1,0 +1,186 @@
+"""Reading models safely and writing outputs atomically.
+
+- `load_model` parses an ONNX file into an `onnx_ir.Model` without loading external data, after
+  checking that every external-data location stays inside the model's folder (no absolute paths,
+  no `..`, no symlinks out) and that the bytes it names exist.
+- `save_model` writes a model deterministically, with external data when the input had it or the
+  model is too large for one protobuf.
+- `staged_output_dir` builds an output folder under a temporary name and renames it into place
+  only when everything succeeded, so an interrupted compile leaves the previous output intact
+  and no partial one, and two compiles into the same folder cannot interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+from onnx.external_data_helper import _get_all_tensors
+
+from kvcompile.errors import BadInputError
+
+MANIFEST_NAME = "kvcompile.json"
+# Protobuf cannot hold more than 2 GiB; stay well below it before switching to external data.
+INLINE_LIMIT_BYTES = 1 << 30
+
+
+def _external_locations(proto: onnx.ModelProto) -> list[tuple[str, dict[str, str]]]:
+    found = []
+    for tensor in _get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            found.append((tensor.name, info))
+    return found
+
+
+def check_external_data(proto: onnx.ModelProto, model_dir: Path) -> list[Path]:
+    """Refuse external-data locations that leave the model's folder; return the files used."""
+    root = model_dir.resolve()
+    files: dict[Path, int] = {}
+    for name, info in _external_locations(proto):
+        location = info.get("location", "")
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise BadInputError(
+                f"tensor {name!r} points its external data at {location!r}, outside the model's "
+                "folder; kvcompile only reads external data stored next to the model"
+            )
+        path = (model_dir / location).resolve()
+        if not path.is_relative_to(root):
+            raise BadInputError(
+                f"tensor {name!r}: external data {location!r} is a link that leaves the model's "
+                "folder; copy the data next to the model"
+            )
+        if not path.is_file():
+            raise BadInputError(
+                f"tensor {name!r}: external data file {location!r} is missing next to the model; "
+                "copy it there (ONNX models above 2 GB keep their weights in such files)"
+            )
+        size = files.setdefault(path, path.stat().st_size)
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > size:
+            raise BadInputError(
+                f"tensor {name!r}: external data file {location!r} is truncated "
+                f"({size} bytes, tensor needs {end}); re-export or re-copy the model"
+            )
+    return sorted(files)
+
+
+def load_model(path: Path) -> ir.Model:
+    """Parse an ONNX model (external data stays on disk and is read lazily)."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"model file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise BadInputError(f"{str(path)!r} is not a file; pass the path of a .onnx model")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise BadInputError(f"{str(path)!r} is not a readable ONNX model ({type(exc).__name__})") from None
+    if not proto.graph.node or not proto.graph.input:
+        raise BadInputError(f"{str(path)!r} is not an ONNX model: it has no graph nodes or inputs")
+    check_external_data(proto, path.parent)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # onnx_ir raises a variety of errors on malformed protos
+        raise BadInputError(f"{str(path)!r} holds a malformed ONNX graph: {exc}") from None
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    return model
+
+
+def model_files(path: Path) -> list[Path]:
+    """The model file and the external-data files it reads (checked)."""
+    proto = onnx.load(path, load_external_data=False)
+    return [Path(path)] + check_external_data(proto, Path(path).parent)
+
+
+def input_hash(path: Path) -> str:
+    """sha256 over the model file and its external data, in a fixed order."""
+    digest = hashlib.sha256()
+    for file in model_files(path):
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(model: ir.Model, path: Path, external_data: bool | None = None) -> list[Path]:
+    """Write `model` to `path`; returns the files written. External data goes to `<name>.data`."""
+    if external_data is None:
+        external_data = initializer_bytes(model) > INLINE_LIMIT_BYTES or any(
+            isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+        )
+    if external_data:
+        data_name = path.name + ".data"
+        ir.save(model, path, external_data=data_name, size_threshold_bytes=1024)
+        return [path, path.parent / data_name]
+    ir.save(model, path)
+    return [path]
+
+
+def _is_kvcompile_output(path: Path) -> bool:
+    return (path / MANIFEST_NAME).is_file()
+
+
+def check_output_dir(out_dir: Path, model_path: Path) -> None:
+    """Refuse output folders that would clobber the input or an unrelated folder."""
+    out = out_dir.resolve()
+    model = model_path.resolve()
+    if out == model or model.is_relative_to(out):
+        raise BadInputError(
+            f"output folder {str(out_dir)!r} holds the input model; choose another -o folder"
+        )
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"output path {str(out_dir)!r} is a file; pass a folder to -o")
+    if out.is_dir() and any(out.iterdir()) and not _is_kvcompile_output(out):
+        raise BadInputError(
+            f"output folder {str(out_dir)!r} is not empty and is not a kvcompile output; "
+            "choose another -o folder or empty it"
+        )
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise BadInputError(f"cannot create {str(out_dir)!r}: {str(existing)!r} is not a writable folder")
+
+
+@contextlib.contextmanager
+def staged_output_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `out_dir` by rename, else it is removed."""
+    out = out_dir.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.parent / f".{out.name}.kvcompile.lock"
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInputError(
+                f"another kvcompile is writing {str(out_dir)!r}; wait for it or choose another -o"
+            ) from None
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        try:
+            yield staging
+            if out.exists():
+                retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+                os.rename(out, retired / "previous")
+                os.rename(staging, out)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.rename(staging, out)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        # The (empty) lock file stays: unlinking it would let a waiting compile lock a new inode.

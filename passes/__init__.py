@@ -1,0 +1,1 @@
+"""Graph analyses and rewrites (installed as kvcompile.passes)."""

@@ -1,0 +1,1 @@
+"""Everything that executes a model (installed as kvcompile.runtimes)."""

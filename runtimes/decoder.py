@@ -1,0 +1,55 @@
+"""The decode loop: feed tokens to a decoder session and keep its KV cache.
+
+One implementation drives the float model and every compiled CPU artifact: the `TargetIO`
+(from the manifest, or `float_model_io` for an unmodified model) says which inputs to feed and
+which outputs are the cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from kvcompile.errors import BadInputError
+from kvcompile.manifest import TargetIO
+from kvcompile.runtimes.kvcache import GrowingCache
+
+_INT_DTYPES = {"int64": np.int64, "int32": np.int32}
+
+
+class Decoder:
+    """Runs prefill and decode steps of one model on one onnxruntime session."""
+
+    def __init__(self, session: ort.InferenceSession, io: TargetIO):
+        self.session = session
+        self.io = io
+        self.output_names = [io.logits] + [kv.output for kv in io.kv]
+        self._dtypes = {i.name: _INT_DTYPES.get(i.dtype, np.int64) for i in io.inputs}
+
+    def new_cache(self, batch: int) -> GrowingCache:
+        return GrowingCache(self.io, batch)
+
+    def _feeds(self, cache: GrowingCache, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        batch, new = input_ids.shape
+        total = cache.length + new
+        feeds = {}
+        for model_input in self.io.inputs:
+            dtype = self._dtypes[model_input.name]
+            if model_input.role == "input_ids":
+                feeds[model_input.name] = input_ids.astype(dtype)
+            elif model_input.role == "attention_mask":
+                feeds[model_input.name] = np.ones((batch, total), dtype=dtype)
+            elif model_input.role == "position_ids":
+                positions = np.arange(cache.length, total, dtype=dtype)
+                feeds[model_input.name] = np.broadcast_to(positions, (batch, new)).copy()
+            else:
+                raise BadInputError(f"no rule to feed model input {model_input.name!r} ({model_input.role})")
+        feeds.update(cache.feeds())
+        return feeds
+
+    def step(self, cache: GrowingCache, input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Feed `input_ids` [batch, n]; returns float32 logits [batch, n, vocab] and the presents."""
+        outputs = self.session.run(self.output_names, self._feeds(cache, input_ids))
+        presents = dict(zip(self.output_names[1:], outputs[1:]))
+        cache.update(presents, input_ids.shape[1])
+        return outputs[0].astype(np.float32, copy=False), presents

@@ -1,0 +1,57 @@
+"""KV-cache buffers driven by the manifest, kept in their stored form.
+
+`GrowingCache` serves dynamic-shape targets (ORT CPU): it starts empty (sequence length 0) and
+each step's present outputs become the next step's past inputs, so a 4-bit cache stays packed
+uint8 on the host and is never unpacked or re-quantized.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvcompile.manifest import KVIO, TargetIO
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "int8": np.int8}
+
+
+def stored_numpy_dtype(kv: KVIO) -> np.dtype:
+    return np.dtype(_NUMPY_DTYPES[kv.stored_dtype])
+
+
+def concrete_shape(shape: list[int | str], batch: int, seq: int) -> tuple[int, ...]:
+    """Replace the symbolic "batch" and "seq" dims of a manifest shape by sizes."""
+    sizes = {"batch": batch, "seq": seq}
+    out = []
+    for dim in shape:
+        if isinstance(dim, int):
+            out.append(dim)
+        elif dim in sizes:
+            out.append(sizes[dim])
+        else:
+            raise ValueError(f"cache shape {shape} has an unknown symbolic dim {dim!r}")
+    return tuple(out)
+
+
+class GrowingCache:
+    """A cache that grows by the number of tokens fed at each step."""
+
+    def __init__(self, io: TargetIO, batch: int):
+        self.io = io
+        self.batch = batch
+        self.length = 0
+        self.tensors: dict[str, np.ndarray] = {
+            kv.input: np.zeros(concrete_shape(kv.stored_shape, batch, 0), stored_numpy_dtype(kv))
+            for kv in io.kv
+        }
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return dict(self.tensors)
+
+    def update(self, presents: dict[str, np.ndarray], new_tokens: int) -> None:
+        for kv in self.io.kv:
+            self.tensors[kv.input] = presents[kv.output]
+        self.length += new_tokens
+
+    def nbytes(self) -> int:
+        """Bytes the cache occupies now (everything stored: codes and float parts)."""
+        return sum(t.nbytes for t in self.tensors.values())
