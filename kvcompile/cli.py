@@ -1,0 +1,190 @@
+"""The kvcompile command line (click). The only module that prints.
+
+`kvcompile MODEL.onnx --kv-bits 4` runs the compile command (the default); `kvcompile inspect`
+shows what the analysis finds. Exit codes: 0 success, 2 bad input (one-line error),
+3 quality gate failed (artifacts written and marked failed), 1 internal error (a bug).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kvcompile import __version__
+from kvcompile.errors import KvCompileError, QualityGateError
+
+err_console = Console(stderr=True)
+# Piped output (CI logs, files) gets a wide fixed width instead of rich's 80-column default.
+out_console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+class DefaultCommandGroup(click.Group):
+    """A group whose `compile` command runs when the first argument is not a command name."""
+
+    default_command = "compile"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        group_flags = {"--help", "-h", "--version"}
+        if args and args[0] not in self.commands and args[0] not in group_flags:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kvcompile")
+def cli() -> None:
+    """Compile an exported decoder ONNX so its KV cache is stored in 4 bits.
+
+    \b
+    kvcompile MODEL.onnx --kv-bits 4          compile (the default command)
+    kvcompile inspect MODEL.onnx              show the KV cache kvcompile finds
+    """
+
+
+def _rich_progress(console: Console) -> tuple[Progress, Callable[[str, int], Callable[[int], None]]]:
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), console=console, transient=True)
+
+    def start(description: str, total: int) -> Callable[[int], None]:
+        task = bar.add_task(description, total=total)
+        return lambda units: bar.advance(task, units)
+
+    return bar, start
+
+
+def _summary_table(report: dict) -> Table:
+    memory, quality = report["memory"], report["quality"]
+    table = Table(title=f"kvcompile: {report['source']['path']}", show_header=False)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("KV layers / tensors", f"{report['kv']['layers']} / {len(report['kv']['tensors'])}")
+    table.add_row("scheme", f"{report['plan']['bits']}-bit {report['plan']['scheme']}")
+    table.add_row("KV bytes per token (fp16 -> compiled)",
+                  f"{memory['fp16_bytes_per_token']} -> {memory['quantized_bytes_per_token']:.1f}")
+    table.add_row(f"memory ratio vs fp16 @ {memory['reference_context']} tokens", f"{memory['ratio_vs_fp16']:.2f}x")
+    table.add_row("perplexity float -> compiled", f"{quality['float_ppl']:.3f} -> {quality['quantized_ppl']:.3f}")
+    table.add_row("perplexity change", f"{quality['ppl_delta_pct']:+.3f}%")
+    table.add_row("top-1 agreement", f"{100 * quality['top1_agreement']:.2f}%")
+    table.add_row("quality gate", "passed" if quality["passed"] else "FAILED")
+    for name, target in report["targets"].items():
+        table.add_row(f"target {name}", f"{target['artifact']} (ran: {target['ran']})")
+    return table
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: MODEL-STEM.kvcompiled next to the model].")
+@click.option("--kv-bits", type=int, default=4, show_default=True, help="Bits per stored KV element.")
+@click.option("--scheme", default="per-channel", show_default=True,
+              help="Scale granularity: per-tensor or per-channel (per KV head and channel).")
+@click.option("--clip", default="mse", show_default=True,
+              help="How calibration picks ranges: minmax, percentile or mse (error-minimising).")
+@click.option("--target", "targets", multiple=True, default=("ort-cpu",), show_default=True,
+              help="Artifact to build (repeatable, or 'all').")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration text, or token ids as .npy [default: bundled text].")
+@click.option("--calib-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Calibration tokens (windows of 256).")
+@click.option("--eval", "eval_text", type=click.Path(path_type=Path), default=None,
+              help="Held-out text (or .npy ids) for verification [default: bundled text].")
+@click.option("--eval-tokens", type=click.IntRange(min=1), default=12288, show_default=True)
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="tokenizer.json [default: the one next to the model].")
+@click.option("--kv-map", type=click.Path(path_type=Path), default=None,
+              help="JSON map of the KV cache tensors; overrides discovery.")
+@click.option("--quality-gate", type=float, default=2.0, show_default=True,
+              help="Fail (exit 3) if perplexity rises more than this many percent.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+def compile_command(model, out_dir, kv_bits, scheme, clip, targets, calib, calib_tokens, eval_text,
+                    eval_tokens, tokenizer, kv_map, quality_gate, as_json) -> None:
+    """Compile MODEL so its KV cache is stored in --kv-bits bits, and verify it."""
+    from kvcompile.pipeline import CompileOptions, compile_model
+
+    options = CompileOptions(
+        model=model, out_dir=out_dir, kv_bits=kv_bits, scheme=scheme, clip=clip, targets=tuple(targets),
+        calib=calib, calib_tokens=calib_tokens, eval_text=eval_text, eval_tokens=eval_tokens,
+        tokenizer=tokenizer, kv_map=kv_map, quality_gate_pct=quality_gate,
+    )
+    bar, progress = _rich_progress(err_console)
+    try:
+        with bar:
+            result = compile_model(options, progress)
+    except QualityGateError as exc:
+        if exc.result is not None:
+            _print_result(exc.result, as_json)
+        raise
+    _print_result(result, as_json)
+
+
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2, sort_keys=True))
+        return
+    out_console.print(_summary_table(result.report))
+    out_console.print(f"wrote {result.out_dir}/ (kvcompile.json, report.md, report.json)")
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--kv-map", type=click.Path(path_type=Path), default=None, help="JSON map overriding discovery.")
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
+def inspect_command(model, kv_map, as_json) -> None:
+    """Show the KV cache kvcompile finds in MODEL and what it would do with it."""
+    from kvcompile.inspect import inspect_model
+
+    info = inspect_model(model, kv_map)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    table = Table(title=f"{model}: {info['layers']} layers, attention {', '.join(info['attention_forms'])}")
+    for column in ("tensor", "past input", "present output", "layout", "heads x dim", "dtype", "attention"):
+        table.add_column(column)
+    for row in info["tensors"]:
+        table.add_row(row["label"], row["input"], row["output"], row["layout"],
+                      f"{row['kv_heads']}x{row['head_dim']}", row["dtype"], row["attention"])
+    out_console.print(table)
+    inputs = ", ".join(f"{i['name']} ({i['role']})" for i in info["inputs"])
+    out_console.print(f"model inputs: {inputs}")
+    out_console.print(f"FP16 KV bytes per token: {info['fp16_bytes_per_token']}")
+    out_console.print(f"kvcompile would: {info['would_do']}")
+
+
+def main() -> None:
+    debug = bool(os.environ.get("KVCOMPILE_DEBUG"))
+    try:
+        cli.main(standalone_mode=False)
+    except KvCompileError as exc:
+        err_console.print(f"kvcompile: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        err_console.print("kvcompile: interrupted; previous output left untouched", markup=False)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("kvcompile: interrupted; previous output left untouched", markup=False)
+        sys.exit(130)
+    except Exception as exc:  # a bug in kvcompile: say so in one line, traceback on request
+        if debug:
+            traceback.print_exc()
+        err_console.print(
+            f"kvcompile: internal error ({type(exc).__name__}: {exc}). This is a bug; rerun with "
+            "KVCOMPILE_DEBUG=1 for a traceback and report it.", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Choosing quantization ranges from calibration samples (clipping).
+
+- minmax: the range is the largest magnitude seen.
+- percentile: the range is a high percentile of the magnitudes (outliers beyond it saturate).
+- mse: per channel (or per tensor), the clipping fraction of the largest magnitude that
+  minimises the mean squared quantize/dequantize error on the samples, searched on a grid.
+
+Keys are cached after RoPE, which rotates channel pairs (i, j) together: a range that holds
+for one position holds for all only if both channels of a pair share it. `rope_pairs` gives the
+pairs and every search here ties them (the error of a candidate is summed over the pair).
+
+All functions take canonical samples [tokens, heads, head_dim] and return absmax-like ranges
+[heads, head_dim] (or [1, 1] for one range per tensor) for `quant.symmetric_scale`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvcompile.quant import fake_quantize, symmetric_scale, symmetric_zero_point
+
+CLIP_METHODS = ("minmax", "percentile", "mse")
+MSE_GRID = np.linspace(0.3, 1.0, 36)
+PERCENTILE = 99.9
+
+
+def rope_pairs(head_dim: int) -> np.ndarray:
+    """Partner channel of each channel under RoPE's half-split rotation (HF rotate_half): i <-> i + D/2."""
+    half = head_dim // 2
+    return np.concatenate([np.arange(half, head_dim), np.arange(half)])
+
+
+def tie_pairs(per_channel: np.ndarray, pairs: np.ndarray | None, reduce=np.maximum) -> np.ndarray:
+    """Combine each channel's value with its RoPE partner's ([H, D] arrays)."""
+    if pairs is None:
+        return per_channel
+    return reduce(per_channel, per_channel[:, pairs])
+
+
+def _error(samples: np.ndarray, ranges: np.ndarray, bits: int, axis) -> np.ndarray:
+    scale = symmetric_scale(ranges, bits)
+    return ((fake_quantize(samples, scale, symmetric_zero_point(bits), bits) - samples) ** 2).mean(axis=axis)
+
+
+def channel_ranges(samples: np.ndarray, bits: int, method: str, pairs: np.ndarray | None = None) -> np.ndarray:
+    """One range per head and channel [H, D]."""
+    magnitudes = np.abs(samples)
+    absmax = tie_pairs(magnitudes.max(axis=0), pairs)
+    if method == "minmax":
+        return absmax
+    if method == "percentile":
+        return tie_pairs(np.percentile(magnitudes, PERCENTILE, axis=0).astype(np.float32), pairs)
+    if method != "mse":
+        raise ValueError(f"unknown clipping method {method!r}")
+    best_error = best_range = None
+    for fraction in MSE_GRID:
+        candidate = absmax * np.float32(fraction)
+        error = tie_pairs(_error(samples, candidate, bits, axis=0), pairs, reduce=np.add)
+        if best_error is None:
+            best_error, best_range = error, candidate
+        else:
+            better = error < best_error
+            best_error = np.where(better, error, best_error)
+            best_range = np.where(better, candidate, best_range)
+    return best_range.astype(np.float32)
+
+
+def tensor_range(samples: np.ndarray, bits: int, method: str) -> np.ndarray:
+    """One range for the whole tensor, shape [1, 1]."""
+    magnitudes = np.abs(samples)
+    absmax = magnitudes.max()
+    if method == "minmax":
+        chosen = absmax
+    elif method == "percentile":
+        chosen = np.percentile(magnitudes, PERCENTILE)
+    elif method == "mse":
+        errors = [float(_error(samples, absmax * np.float32(f), bits, axis=None)) for f in MSE_GRID]
+        chosen = absmax * MSE_GRID[int(np.argmin(errors))]
+    else:
+        raise ValueError(f"unknown clipping method {method!r}")
+    return np.array([[chosen]], dtype=np.float32)

@@ -1,0 +1,143 @@
+"""The compile report (`report.json`, `report.md`): what was done, memory and quality figures.
+
+Memory figures count every stored byte: packed codes plus scales and zero points. Per-token
+figures are what one more token adds to the cache; `ratio_vs_fp16` compares the whole cache at
+`reference_context` tokens, static scales included, against the same cache in float16.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvcompile.kvgraph import KVGraph
+from kvcompile.plan import QuantPlan
+from kvcompile.quant import fake_quantize, sqnr_db
+from kvcompile.runtimes.calibrate import KVStats
+
+REFERENCE_CONTEXT = 1024
+
+
+def layout_name(axes) -> str:
+    """Axis order as letters: b(atch) h(eads) s(eq) d (head_dim), e.g. "bhsd"; keys stored
+    transposed read "bhds"."""
+    letters = {axes.batch: "b", axes.seq: "s", axes.head_dim: "d"}
+    if axes.heads is not None:
+        letters[axes.heads] = "h"
+    return "".join(letters[i] for i in sorted(letters))
+
+
+def memory_figures(kv: KVGraph, plan: QuantPlan, context: int = REFERENCE_CONTEXT) -> dict[str, Any]:
+    fp16_per_token = kv.fp16_bytes_per_token()
+    stored_bits = 0.0
+    static_bytes = 0
+    for tensor in kv.tensors:
+        tensor_plan = plan.for_input(tensor.past_input)
+        stored_bits += tensor.elements_per_token * tensor_plan.stored_bits_per_element(tensor)
+        static_bytes += tensor_plan.static_bytes()
+    quantized_per_token = stored_bits / 8
+    elements = sum(t.elements_per_token for t in kv.tensors)
+    return {
+        "fp16_bytes_per_token": fp16_per_token,
+        "quantized_bytes_per_token": quantized_per_token,
+        "static_bytes": static_bytes,
+        "reference_context": context,
+        "fp16_bytes_at_reference": fp16_per_token * context,
+        "quantized_bytes_at_reference": quantized_per_token * context + static_bytes,
+        "ratio_vs_fp16": round(fp16_per_token * context / (quantized_per_token * context + static_bytes), 4),
+        "avg_bits_per_element": round((stored_bits + 8 * static_bytes / context) / elements, 4),
+    }
+
+
+def tensor_rows(kv: KVGraph, plan: QuantPlan, stats: KVStats) -> list[dict[str, Any]]:
+    """One row per cache tensor, with the calibration-set reconstruction SQNR of its plan."""
+    rows = []
+    for tensor in kv.tensors:
+        tensor_plan = plan.for_input(tensor.past_input)
+        samples = stats.tensors[tensor.past_input].samples
+        sqnr = None
+        if tensor_plan.bits is not None:
+            approx = fake_quantize(samples, tensor_plan.scale, tensor_plan.zero_point, tensor_plan.bits)
+            sqnr = round(sqnr_db(samples, approx), 2)
+        rows.append({
+            "label": tensor.label,
+            "layer": tensor.layer,
+            "kind": tensor.kind,
+            "input": tensor.past_input,
+            "output": tensor.present_output,
+            "layout": layout_name(tensor.axes),
+            "kv_heads": tensor.num_heads,
+            "head_dim": tensor.head_dim,
+            "dtype": tensor.dtype,
+            "attention": tensor.attention,
+            "rope": tensor.rope,
+            "bits": tensor_plan.bits,
+            "granularity": tensor_plan.granularity,
+            "reason": tensor_plan.reason,
+            "sqnr_db": sqnr,
+            "calib_absmax": round(float(np.max(stats.tensors[tensor.past_input].absmax)), 4),
+        })
+    return rows
+
+
+def write_report(report: dict[str, Any], folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    (folder / "report.md").write_text(render_markdown(report))
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    memory, quality = report["memory"], report["quality"]
+    status = "PASSED" if quality["passed"] else "FAILED"
+    lines = [
+        f"# kvcompile report: {report['source']['path']}",
+        "",
+        f"Quality gate ({quality['quality_gate_pct']}% perplexity rise): **{status}**",
+        "",
+        "## Memory (every stored byte: codes, scales, zero points)",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        f"| float16 KV bytes per token | {memory['fp16_bytes_per_token']} |",
+        f"| compiled KV bytes per token | {_fmt(memory['quantized_bytes_per_token'], 1)} |",
+        f"| static scale/zero-point bytes | {memory['static_bytes']} |",
+        f"| average stored bits per element | {_fmt(memory['avg_bits_per_element'], 3)} |",
+        f"| ratio vs float16 at {memory['reference_context']} tokens | {_fmt(memory['ratio_vs_fp16'], 2)}x |",
+        "",
+        "## Quality (teacher-forced through the decode path)",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        f"| float perplexity | {_fmt(quality['float_ppl'])} |",
+        f"| compiled perplexity | {_fmt(quality['quantized_ppl'])} |",
+        f"| perplexity change | {quality['ppl_delta_pct']:+.3f}% |",
+        f"| top-1 agreement with float | {_fmt(100 * quality['top1_agreement'], 2)}% |",
+        f"| mean KL(float \\|\\| compiled) | {_fmt(quality['mean_kl'], 5)} nats |",
+        f"| tokens scored | {quality['eval_tokens']} ({quality['eval_text']}) |",
+        "",
+        f"## KV cache ({report['kv']['layers']} layers, found by {report['kv']['discovery']} analysis)",
+        "",
+        "| tensor | input -> output | layout | heads x dim | attention | bits | scales | SQNR dB | why |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in report["kv"]["tensors"]:
+        lines.append(
+            f"| {row['label']} | {row['input']} -> {row['output']} | {row['layout']} | "
+            f"{row['kv_heads']}x{row['head_dim']} | {row['attention']} | {_fmt(row['bits'])} | "
+            f"{_fmt(row['granularity'])} | {_fmt(row['sqnr_db'], 1)} | {row['reason']} |"
+        )
+    lines += ["", "## Targets", "", "| target | artifact | ran | stores the cache as |", "| --- | --- | --- | --- |"]
+    for name, target in report["targets"].items():
+        lines.append(f"| {name} | {target['artifact']} | {target['ran']} | {target['kv_storage']} |")
+    lines.append("")
+    return "\n".join(lines)

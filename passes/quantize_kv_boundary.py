@@ -1,0 +1,123 @@
+"""Rewrite: store the KV cache as packed low-bit codes at the graph boundary.
+
+What it matches
+  For each cache tensor with a codec, the decomposed-attention pattern the analysis found:
+      present = Concat(past, new, axis=seq)      # present is a graph output
+      ... attention reads `present` ...
+
+What it rewrites it to
+      past_q    : graph input, uint8 codes packed along head_dim (same name as `past`)
+      new_q     = encode(new)                     # quantize + pack (passes.kv_codec)
+      present_q = Concat(past_q, new_q, axis=seq) # graph output (same name as `present`)
+      present_f = decode(present_q)               # unpack + dequantize
+      ... attention reads `present_f` ...
+  Any other reader of `past` (e.g. a Shape) reads decode(past_q).
+
+Why
+  Concatenating in the code domain means every token is quantized exactly once, when it enters
+  the cache, and old entries are never re-quantized (which matters once scales are dynamic).
+  The attention reads the cache as stored, so the float model's current token sees the same
+  quantized keys and values that later tokens will see, as in onnxruntime's quantized
+  GroupQueryAttention. Caches without a codec are left in float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from kvcompile.errors import UnsupportedModelError
+from kvcompile.kvgraph import DECOMPOSED, KVGraph, KVTensor
+from kvcompile.passes.kv_codec import FragmentBuilder, emit_decode, emit_encode
+from kvcompile.quant import Codec, codes_per_byte
+
+
+def packed_dims(dims, axis: int, bits: int) -> list:
+    """The stored shape: the head_dim axis shrinks by the number of codes per byte."""
+    out = list(dims)
+    out[axis] = out[axis] // codes_per_byte(bits)
+    return out
+
+
+class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
+    def __init__(self, kv: KVGraph, codecs: dict[str, Codec]):
+        super().__init__()
+        self.kv = kv
+        self.codecs = codecs
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        nodes = {node.name: node for node in graph}
+        modified = False
+        for tensor in self.kv.tensors:
+            codec = self.codecs.get(tensor.past_input)
+            if codec is None:
+                continue
+            if tensor.attention != DECOMPOSED or tensor.concat_node not in nodes:
+                raise UnsupportedModelError(
+                    f"{tensor.label} ({tensor.past_input}) uses {tensor.attention}; the Q/DQ "
+                    "boundary rewrite handles decomposed attention (a Concat that appends to the "
+                    "cache). Attention ops are lowered by the fused path (--fuse-attention)"
+                )
+            self._rewrite(graph, tensor, nodes[tensor.concat_node], codec)
+            modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _rewrite(self, graph: ir.Graph, tensor: KVTensor, concat: ir.Node, codec: Codec) -> None:
+        past = next(v for v in graph.inputs if v.name == tensor.past_input)
+        present = concat.outputs[0]
+        if not present.is_graph_output() or present.name != tensor.present_output:
+            raise UnsupportedModelError(
+                f"{tensor.label}: the present cache {tensor.present_output!r} is not the Concat's "
+                "own output (a Cast or copy sits between); describe the cache with --kv-map"
+            )
+        new_entries = next(v for v in concat.inputs if v is not None and v is not past)
+        float_dtype = past.dtype
+        logical = list(tensor.past_shape)
+        builder = FragmentBuilder(graph, f"kvcompile/{tensor.label}")
+
+        past_q = ir.Value(
+            name=f"{past.name}__packed",
+            type=ir.TensorType(ir.DataType.UINT8),
+            shape=ir.Shape(packed_dims(past.shape.dims, tensor.axes.head_dim, codec.bits)),
+        )
+        new_q = emit_encode(builder, new_entries, codec, float_dtype)
+        present_q = builder.op("Concat", [past_q, new_q], axis=tensor.axes.seq)
+        present_q.type = ir.TensorType(ir.DataType.UINT8)
+        present_q.shape = ir.Shape(packed_dims(present.shape.dims, tensor.axes.head_dim, codec.bits))
+        present_f = emit_decode(builder, present_q, codec, logical, float_dtype)
+
+        graph.insert_before(concat, builder.nodes)
+        self._redirect_other_readers(graph, past, past_q, concat, tensor, codec)
+
+        graph.outputs[graph.outputs.index(present)] = present_q
+        present.replace_all_uses_with(present_f)
+        graph.remove(concat, safe=True)
+        graph.inputs[graph.inputs.index(past)] = past_q
+
+        input_name, output_name = past.name, present.name
+        past.name, present.name = f"{input_name}__float", f"{output_name}__float"
+        past_q.name, present_q.name = input_name, output_name
+
+    def _redirect_other_readers(self, graph: ir.Graph, past: ir.Value, past_q: ir.Value,
+                                concat: ir.Node, tensor: KVTensor, codec: Codec) -> None:
+        """Readers of `past` other than the Concat: a Shape gets the logical shape computed from
+        the packed one (no data touched); anything else reads the decoded cache."""
+        others = [u for u in past.uses() if u.node is not concat]
+        for use in others:
+            builder = FragmentBuilder(graph, f"kvcompile/{tensor.label}/reader")
+            if use.node.op_type == "Shape":
+                stored_shape = builder.op("Shape", [past_q], **{
+                    k: a.as_int() for k, a in use.node.attributes.items() if k in ("start", "end")})
+                factor = np.ones(tensor.rank, np.int64)
+                factor[tensor.axes.head_dim] = codes_per_byte(codec.bits)
+                start = use.node.attributes["start"].as_int() if "start" in use.node.attributes else 0
+                end = use.node.attributes["end"].as_int() if "end" in use.node.attributes else None
+                logical_shape = builder.op("Mul", [stored_shape, builder.const(factor[start:end], "factor")])
+                graph.insert_before(use.node, builder.nodes)
+                use.node.outputs[0].replace_all_uses_with(logical_shape, replace_graph_outputs=True)
+                graph.remove(use.node, safe=True)
+            else:
+                decoded = emit_decode(builder, past_q, codec, list(tensor.past_shape), past.dtype)
+                graph.insert_before(use.node, builder.nodes)
+                use.node.replace_input_with(use.idx, decoded)
