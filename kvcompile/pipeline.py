@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxscript.version_converter
@@ -186,93 +187,120 @@ def _kv_storage(plan: QuantPlan) -> str:
     return f"uint8, {8 // plan.bits} x {plan.bits}-bit codes per byte along head_dim" if plan.bits < 8 else "uint8 codes"
 
 
+@dataclass(frozen=True)
+class _Texts:
+    calib_windows: np.ndarray
+    eval_windows: np.ndarray
+    calib_name: str
+    eval_name: str
+
+
+def _load_texts(options: CompileOptions, tokenizer: Path | None) -> _Texts:
+    calib = Path(options.calib) if options.calib else bundled_text("calib.txt")
+    evaluation = Path(options.eval_text) if options.eval_text else bundled_text("heldout.txt")
+    return _Texts(
+        calib_windows=make_windows(load_token_ids(calib, tokenizer), options.window,
+                                   max(1, options.calib_tokens // options.window), "calibration"),
+        eval_windows=make_windows(load_token_ids(evaluation, tokenizer), options.window,
+                                  max(1, options.eval_tokens // options.window), "evaluation"),
+        calib_name=calib.name if options.calib else "bundled calib.txt",
+        eval_name=evaluation.name if options.eval_text else "bundled heldout.txt",
+    )
+
+
+def _emit(model: ir.Model, kv: KVGraph, plan: QuantPlan, stage: Path, model_path: Path,
+          tokenizer: Path | None) -> Manifest:
+    target_ios = {"ort-cpu": emit_ort_cpu(model, kv, plan, stage)}
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, stage / "tokenizer.json")
+    manifest = Manifest(
+        kvcompile_version=__version__,
+        source={"path": model_path.name, "sha256": input_hash(model_path)},
+        targets=target_ios,
+        tokenizer="tokenizer.json" if tokenizer is not None else None,
+    )
+    manifest.write(stage)
+    return manifest
+
+
+def _verify(float_decoder: Decoder, manifest: Manifest, stage: Path, texts: _Texts,
+            options: CompileOptions, progress: Progress) -> dict[str, Any]:
+    """Decode-path quality of the ort-cpu artifact against the float model."""
+    io = manifest.targets["ort-cpu"]
+    compiled = Decoder(cpu_session(stage / io.model), io)
+    steps = texts.eval_windows.shape[0] * (options.window - options.prefill - 1)
+    float_score, compiled_score = decode_path_scores(
+        [float_decoder, compiled], texts.eval_windows, options.prefill,
+        progress=progress("verifying (decode path)", steps))
+    return _score_summary(float_score, compiled_score, options.quality_gate_pct, texts.eval_name)
+
+
+def _report(kv: KVGraph, plan: QuantPlan, stats: KVStats, manifest: Manifest, quality: dict[str, Any],
+            texts: _Texts, options: CompileOptions, targets: tuple[str, ...],
+            timings: dict[str, float]) -> dict[str, Any]:
+    return {
+        "kvcompile_version": __version__,
+        "source": manifest.source,
+        "status": "passed" if quality["passed"] else "failed-quality-gate",
+        "kv": {
+            "layers": kv.num_layers,
+            "discovery": kv.source,
+            "attention_forms": list(kv.attention_forms),
+            "tensors": tensor_rows(kv, plan, stats),
+        },
+        "plan": {"bits": plan.bits, "scheme": plan.scheme, "clip": plan.clip, "storage": plan.storage},
+        "calibration": {"tokens": int(texts.calib_windows.size), "text": texts.calib_name,
+                        "window": options.window},
+        "memory": memory_figures(kv, plan),
+        "quality": quality,
+        "targets": {
+            name: {"artifact": io.model, "ran": True, "kv_storage": _kv_storage(plan)}
+            for name, io in manifest.targets.items() if name in targets
+        },
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
 def compile_model(options: CompileOptions, progress: Progress | None = None) -> CompileResult:
     """Compile `options.model`; raises QualityGateError (after writing) if quality is lost."""
     progress = progress or _no_progress
     timings: dict[str, float] = {}
-    started = time.perf_counter()
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
     check_options(options.kv_bits, options.scheme, options.clip)
     targets = resolve_targets(options.targets)
     model_path = Path(options.model)
     out_dir = Path(options.out_dir) if options.out_dir is not None else default_out_dir(model_path)
     check_output_dir(out_dir, model_path)
 
-    # load + analyze
     model = load_model(model_path)
     kv = analyze(model, options.kv_map)
     refuse_unsupported_attention(kv)
     tokenizer = find_tokenizer(model_path, options.tokenizer)
-    calib_source = Path(options.calib) if options.calib else bundled_text("calib.txt")
-    eval_source = Path(options.eval_text) if options.eval_text else bundled_text("heldout.txt")
-    calib_windows = make_windows(load_token_ids(calib_source, tokenizer), options.window,
-                                 max(1, options.calib_tokens // options.window), "calibration")
-    eval_windows = make_windows(load_token_ids(eval_source, tokenizer), options.window,
-                                max(1, options.eval_tokens // options.window), "evaluation")
+    texts = _load_texts(options, tokenizer)
     float_decoder = Decoder(cpu_session(model_path), float_model_io(kv, str(model_path)))
-    timings["load_analyze_s"] = time.perf_counter() - started
+    lap("load_analyze_s")
 
-    # calibrate + plan
-    t = time.perf_counter()
-    stats: KVStats = collect_kv_stats(float_decoder, calib_windows,
-                                      progress=progress("calibrating", int(calib_windows.size)))
+    stats = collect_kv_stats(float_decoder, texts.calib_windows,
+                             progress=progress("calibrating", int(texts.calib_windows.size)))
     plan = make_plan(kv, stats, options.kv_bits, options.scheme, options.clip)
-    timings["calibrate_s"] = time.perf_counter() - t
+    lap("calibrate_plan_s")
 
-    # rewrite
-    t = time.perf_counter()
     quantize_graph(model, kv, plan)
-    timings["rewrite_s"] = time.perf_counter() - t
+    lap("rewrite_s")
 
     with staged_output_dir(out_dir) as stage:
-        # emit
-        t = time.perf_counter()
-        target_ios = {"ort-cpu": emit_ort_cpu(model, kv, plan, stage)}
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, stage / "tokenizer.json")
-        manifest = Manifest(
-            kvcompile_version=__version__,
-            source={"path": model_path.name, "sha256": input_hash(model_path)},
-            targets=target_ios,
-            tokenizer="tokenizer.json" if tokenizer is not None else None,
-        )
-        manifest.write(stage)
-        timings["emit_s"] = time.perf_counter() - t
-
-        # verify
-        t = time.perf_counter()
-        io = target_ios["ort-cpu"]
-        compiled = Decoder(cpu_session(stage / io.model), io)
-        steps = eval_windows.shape[0] * (options.window - options.prefill - 1)
-        float_score, compiled_score = decode_path_scores(
-            [float_decoder, compiled], eval_windows, options.prefill,
-            progress=progress("verifying (decode path)", steps))
-        timings["verify_s"] = time.perf_counter() - t
-        eval_name = eval_source.name if options.eval_text else "bundled heldout.txt"
-        quality = _score_summary(float_score, compiled_score, options.quality_gate_pct, eval_name)
-        report = {
-            "kvcompile_version": __version__,
-            "source": manifest.source,
-            "status": "passed" if quality["passed"] else "failed-quality-gate",
-            "kv": {
-                "layers": kv.num_layers,
-                "discovery": kv.source,
-                "attention_forms": list(kv.attention_forms),
-                "tensors": tensor_rows(kv, plan, stats),
-            },
-            "plan": {"bits": plan.bits, "scheme": plan.scheme, "clip": plan.clip, "storage": plan.storage},
-            "calibration": {
-                "tokens": int(calib_windows.size),
-                "text": calib_source.name if options.calib else "bundled calib.txt",
-                "window": options.window,
-            },
-            "memory": memory_figures(kv, plan),
-            "quality": quality,
-            "targets": {
-                name: {"artifact": io.model, "ran": True, "kv_storage": _kv_storage(plan)}
-                for name, io in target_ios.items() if name in targets
-            },
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-        }
+        manifest = _emit(model, kv, plan, stage, model_path, tokenizer)
+        lap("emit_s")
+        quality = _verify(float_decoder, manifest, stage, texts, options, progress)
+        lap("verify_s")
+        report = _report(kv, plan, stats, manifest, quality, texts, options, targets, timings)
         write_report(report, stage)
 
     result = CompileResult(out_dir=out_dir, report=report)

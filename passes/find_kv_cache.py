@@ -309,28 +309,30 @@ def _producer_chain(new_entries: ir.Value | None) -> tuple[tuple[str, ...], str 
     return tuple(chain), projection, rope
 
 
-def _layer_groups(found: list[_Found], graph: ir.Graph) -> list[list[_Found]]:
-    """Group entries by block (one attention each), then ordered layers of blocks."""
+def _layers(found: list[_Found], graph: ir.Graph) -> list[list[list[_Found]]]:
+    """Layers as lists of blocks (one attention op or Softmax each) of cache entries.
+
+    Blocks are ordered by the first number in their cache names, then by graph order. Blocks
+    whose caches hold one head each (rank 3) and share that number form one layer.
+    """
     order = {id(node): i for i, node in enumerate(graph)}
     blocks: dict[int, list[_Found]] = {}
     for entry in found:
         blocks.setdefault(id(entry.block), []).append(entry)
-    groups = list(blocks.values())
-    groups.sort(key=lambda g: (min(_first_number(e.past.name) for e in g), order.get(id(g[0].block), 0)))
-    return groups
 
+    def number(block: list[_Found]) -> int:
+        return min(_first_number(e.past.name) for e in block)
 
-def _per_head_layers(groups: list[list[_Found]]) -> list[list[list[_Found]]]:
-    """Blocks whose caches are per head (rank 3) are grouped into layers by their name number."""
+    def per_head(block: list[_Found]) -> bool:
+        return all(len(e.past.shape) == 3 for e in block)
+
     layers: list[list[list[_Found]]] = []
-    for group in groups:
-        per_head = all(len(e.past.shape) == 3 for e in group)
-        number = min(_first_number(e.past.name) for e in group)
-        if per_head and layers and all(len(e.past.shape) == 3 for g in layers[-1] for e in g) and \
-                min(_first_number(e.past.name) for e in layers[-1][0]) == number and number >= 0:
-            layers[-1].append(group)
+    for block in sorted(blocks.values(), key=lambda b: (number(b), order.get(id(b[0].block), 0))):
+        previous = layers[-1][-1] if layers else None
+        if previous is not None and per_head(block) and per_head(previous) and number(block) == number(previous) >= 0:
+            layers[-1].append(block)
         else:
-            layers.append([group])
+            layers.append([block])
     return layers
 
 
@@ -398,26 +400,30 @@ def _tensor(entry: _Found, layer: int, head: int | None) -> KVTensor:
     )
 
 
+def _feeds_embedding(value: ir.Value) -> bool:
+    """True for token ids: integers that index (Gather input 1) a weight table."""
+    return any(node.op_type == "Gather" and index == 1 and _is_constant(node.inputs[0])
+               for node, index in _through_layout(value, max_nodes=8))
+
+
 def _model_inputs(graph: ir.Graph, kv_inputs: set[str]) -> tuple[ModelInput, ...]:
+    """Roles of the non-cache inputs: token ids by structure, mask and positions by name."""
     inputs = []
     for value in graph.inputs:
         if value.name in kv_inputs:
             continue
         name = value.name.lower()
         dtype = value.dtype.name.lower() if value.dtype is not None else "unknown"
-        consumers = {u.node.op_type for u in value.uses()}
-        if "embed" in name and value.dtype in FLOAT_TYPES:
+        if value.dtype in FLOAT_TYPES and "embed" in name:
             raise UnsupportedModelError(
                 f"input {value.name!r} feeds embeddings directly; kvcompile drives decoders by "
                 "token ids: export the model with an input_ids input"
             )
-        if "Gather" in consumers and ("ids" in name or "token" in name or "input" in name) and "position" not in name:
-            role = "input_ids"
+        if "position" in name:
+            role = "position_ids"
         elif "mask" in name:
             role = "attention_mask"
-        elif "position" in name:
-            role = "position_ids"
-        elif name in ("input_ids", "ids", "tokens"):
+        elif _feeds_embedding(value) or name in ("input_ids", "ids", "tokens"):
             role = "input_ids"
         else:
             raise UnsupportedModelError(
@@ -426,9 +432,9 @@ def _model_inputs(graph: ir.Graph, kv_inputs: set[str]) -> tuple[ModelInput, ...
                 "describe the cache with --kv-map if it is one"
             )
         inputs.append(ModelInput(value.name, role, dtype))
-    if not any(i.role == "input_ids" for i in inputs):
+    if sum(i.role == "input_ids" for i in inputs) != 1:
         raise UnsupportedModelError(
-            "found no input_ids input (an integer input feeding the token embedding Gather); "
+            "expected exactly one input_ids input (integers indexing the token embedding); "
             f"inputs are {[i.name for i in graph.inputs if i.name not in kv_inputs]}"
         )
     return tuple(inputs)
@@ -474,7 +480,7 @@ def find_kv_cache(model: ir.Model) -> KVGraph:
             f"this model's inputs are: {_describe_inputs(graph)}"
         )
     tensors: list[KVTensor] = []
-    for layer, blocks in enumerate(_per_head_layers(_layer_groups(found, graph))):
+    for layer, blocks in enumerate(_layers(found, graph)):
         per_head = len(blocks) > 1 or all(len(e.past.shape) == 3 for e in blocks[0])
         for head, block in enumerate(blocks):
             for entry in block:

@@ -1,0 +1,176 @@
+"""End-to-end compiles of the fixtures through the CLI and the pipeline (ORT CPU target)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import DYNAMO, FP16, GENAI, OUTLIERS, TOKENIZER
+from kvcompile.errors import QualityGateError
+from kvcompile.manifest import read_manifest
+from kvcompile.pipeline import CompileOptions, compile_model
+from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.session import cpu_session
+
+pytestmark = pytest.mark.slow
+FAST = dict(calib_tokens=2048, eval_tokens=2048)  # for tests that do not assert quality figures
+
+
+def kvcompile(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvcompile.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def fixture_compile(tmp_path_factory):
+    """`kvcompile MODEL --kv-bits 4 -o OUT --json`, exactly as a user types it (defaults)."""
+    out = tmp_path_factory.mktemp("compile") / "fixture.kvcompiled"
+    result = kvcompile(str(DYNAMO), "--kv-bits", "4", "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    return out, json.loads(result.stdout)
+
+
+def test_acceptance_memory_and_quality(fixture_compile):
+    out, report = fixture_compile
+    assert report["memory"]["ratio_vs_fp16"] >= 3.8
+    assert report["memory"]["fp16_bytes_per_token"] == 2048
+    assert report["memory"]["quantized_bytes_per_token"] == 512
+    assert report["quality"]["ppl_delta_pct"] <= 1.0
+    assert report["quality"]["top1_agreement"] > 0.85
+    assert report["quality"]["eval_tokens"] == 48 * (256 - 32 - 1)
+    assert report["quality"]["passed"] and report["status"] == "passed"
+    assert report == json.loads((out / "report.json").read_text()), "--json prints report.json"
+
+
+def test_report_fields(fixture_compile):
+    _, report = fixture_compile
+    assert report["kv"]["layers"] == 4 and len(report["kv"]["tensors"]) == 8
+    for key in ("fp16_bytes_per_token", "quantized_bytes_per_token", "ratio_vs_fp16"):
+        assert key in report["memory"]
+    for key in ("float_ppl", "quantized_ppl", "ppl_delta_pct", "top1_agreement", "eval_tokens"):
+        assert key in report["quality"]
+    assert report["targets"]["ort-cpu"] == {
+        "artifact": "ort-cpu/model.onnx", "ran": True,
+        "kv_storage": "uint8, 2 x 4-bit codes per byte along head_dim"}
+    assert all(row["sqnr_db"] > 10 for row in report["kv"]["tensors"])
+
+
+def test_artifacts_and_manifest(fixture_compile):
+    out, _ = fixture_compile
+    assert sorted(p.name for p in out.iterdir()) == [
+        "kvcompile.json", "ort-cpu", "report.json", "report.md", "tokenizer.json"]
+    model = out / "ort-cpu" / "model.onnx"
+    onnx.checker.check_model(model, full_check=True)
+    manifest = read_manifest(out)
+    assert manifest.schema == 1 and manifest.tokenizer == "tokenizer.json"
+    io = manifest.targets["ort-cpu"]
+    key = io.kv[0]
+    assert (key.input, key.output, key.bits, key.stored_dtype) == (
+        "past_key_values.0.key", "present.0.key", 4, "uint8")
+    assert key.stored_shape == ["batch", 2, "seq", 32] and key.logical_shape == ["batch", 2, "seq", 64]
+    assert key.packing.axis == 3 and key.packing.codes_per_byte == 2
+    assert np.asarray(key.scale).shape == (2, 64)
+    # The manifest alone is enough to drive the artifact.
+    decoder = Decoder(cpu_session(out / io.model), io)
+    cache = decoder.new_cache(1)
+    decoder.step(cache, np.array([[1, 2, 3]]))
+    logits, _ = decoder.step(cache, np.array([[4]]))
+    assert logits.shape == (1, 1, 2048) and cache.nbytes() == 8 * 2 * 4 * 32
+    assert "PASSED" in (out / "report.md").read_text()
+
+
+def test_deterministic_artifacts(tmp_path):
+    reports = []
+    for name in ("a", "b"):
+        result = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / name, **FAST))
+        reports.append({k: v for k, v in result.report.items() if k != "timings"})
+    for relative in ("ort-cpu/model.onnx", "kvcompile.json", "report.md"):
+        assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes(), relative
+    assert reports[0] == reports[1]
+
+
+def test_float16_export_compiles(tmp_path):
+    report = compile_model(CompileOptions(model=FP16, out_dir=tmp_path / "fp16")).report
+    assert report["kv"]["tensors"][0]["dtype"] == "float16"
+    assert report["quality"]["ppl_delta_pct"] <= 1.0
+
+
+def test_outliers_per_tensor_fails_gate_per_channel_passes(tmp_path):
+    out = tmp_path / "pt"
+    result = kvcompile(str(OUTLIERS), "--kv-bits", "4", "--scheme", "per-tensor", "-o", str(out))
+    assert result.returncode == 3, result.stderr
+    assert "perplexity rose" in result.stderr and "gate" in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed-quality-gate" and not report["quality"]["passed"]
+    assert (out / "ort-cpu" / "model.onnx").is_file(), "artifacts are kept, marked failed"
+    assert "FAILED" in (out / "report.md").read_text()
+    passing = compile_model(CompileOptions(model=OUTLIERS, out_dir=tmp_path / "pc", scheme="per-channel"))
+    assert passing.report["quality"]["ppl_delta_pct"] <= 1.0
+
+
+def test_default_output_folder_is_next_to_the_model(tmp_path):
+    model_dir = tmp_path / "m"
+    shutil.copytree(DYNAMO.parent, model_dir)
+    result = kvcompile("compile", str(model_dir / "model.onnx"), "--calib-tokens", "1024", "--eval-tokens", "1024")
+    assert result.returncode == 0, result.stderr
+    assert (model_dir / "model.kvcompiled" / "kvcompile.json").is_file()
+    assert (model_dir / "model.onnx").read_bytes() == DYNAMO.read_bytes(), "the input is never modified"
+
+
+def test_calibration_from_token_ids_without_tokenizer(tmp_path, heldout_ids):
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    shutil.copyfile(DYNAMO, model_dir / "model.onnx")  # no tokenizer.json next to it
+    np.save(tmp_path / "calib.npy", heldout_ids[:2048])
+    np.save(tmp_path / "eval.npy", heldout_ids[2048:4096])
+    result = compile_model(CompileOptions(model=model_dir / "model.onnx", out_dir=tmp_path / "out",
+                                          calib=tmp_path / "calib.npy", eval_text=tmp_path / "eval.npy",
+                                          calib_tokens=2048, eval_tokens=2048))
+    assert result.report["calibration"]["text"] == "calib.npy"
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    text_without_tokenizer = kvcompile(str(model_dir / "model.onnx"), "-o", str(tmp_path / "out2"))
+    assert text_without_tokenizer.returncode == 2
+    assert "--tokenizer" in text_without_tokenizer.stderr
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_other_bit_widths(tmp_path, bits):
+    report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / str(bits), kv_bits=bits,
+                                          quality_gate_pct=1000, **FAST)).report
+    assert report["memory"]["quantized_bytes_per_token"] == 2048 * bits / 16
+    if bits == 8:
+        assert abs(report["quality"]["ppl_delta_pct"]) < 0.2
+
+
+def test_group_query_attention_is_refused_clearly(tmp_path):
+    result = kvcompile(str(GENAI), "-o", str(tmp_path / "g"))
+    assert result.returncode == 2
+    assert "GroupQueryAttention" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("target", ["qnn-htp", "nnapi", "tflite", "bogus"])
+def test_unbuilt_targets_are_refused(tmp_path, target):
+    result = kvcompile(str(DYNAMO), "--target", target, "-o", str(tmp_path / "t"))
+    assert result.returncode == 2 and target in result.stderr
+    assert not (tmp_path / "t").exists()
+
+
+def test_quality_gate_error_carries_the_result(tmp_path):
+    with pytest.raises(QualityGateError) as info:
+        compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "g", quality_gate_pct=-50, **FAST))
+    assert info.value.result.report["status"] == "failed-quality-gate"
+
+
+def test_inspect_json():
+    result = kvcompile("inspect", str(GENAI), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["layers"] == 4 and info["attention_forms"] == ["com.microsoft.GroupQueryAttention"]
+    assert info["fp16_bytes_per_token"] == 2048 and info["tensors"][0]["layout"] == "bhsd"
+    assert TOKENIZER.is_file()
