@@ -1,98 +1,166 @@
-"""`make bench`: compile the fixtures with each scheme and record memory, quality and time.
+"""`make bench`: every figure in the README's tables, measured in one run on this machine.
 
-Every figure in bench/results.json is measured by this script in one run on this machine; the
-README table is printed from it (`python -m bench.run --table` reprints it without rerunning).
+Quality: kvcompile's schemes on the fixture and the outlier fixture, and the peers (the
+onnxruntime-genai builder's int4 KV cache, HF QuantizedCache int4) on the same model and the
+same held-out windows, all scored through the decode path. Compile: wall time and peak RSS of
+the default compile in a fresh process. Results go to bench/results.json; `--table` reprints
+the README tables from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.peers import genai_int4_scores, hf_quantized_cache_scores
 from kvcompile.errors import QualityGateError
 from kvcompile.pipeline import CompileOptions, compile_model
+from kvcompile.tokens import bundled_text, load_token_ids, make_windows
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results.json"
 FIXTURES = {
     "fixture": REPO / "models/fixture/onnx-dynamo/model.onnx",
-    "fixture-fp16": REPO / "models/fixture/onnx-fp16/model.onnx",
     "fixture-outliers": REPO / "models/fixture-outliers/onnx-dynamo/model.onnx",
 }
+TOKENIZER = REPO / "models/fixture/hf/tokenizer.json"
+EVAL_WINDOWS, WINDOW, PREFILL = 48, 256, 32  # kvcompile's default verification
+
+# (fixture, extra CLI flags); every case also gets --kv-bits from the flags or 4.
 CASES = [
-    ("fixture", "per-channel"),
-    ("fixture", "per-tensor"),
-    ("fixture-fp16", "per-channel"),
-    ("fixture-outliers", "per-channel"),
-    ("fixture-outliers", "per-tensor"),
+    ("fixture", []),
+    ("fixture", ["--scheme", "per-channel"]),
+    ("fixture", ["--scheme", "per-channel", "--clip", "mse"]),
+    ("fixture", ["--scheme", "per-channel", "--clip", "minmax"]),
+    ("fixture", ["--scheme", "per-tensor"]),
+    ("fixture", ["--scheme", "kivi"]),
+    ("fixture", ["--scheme", "per-token"]),
+    ("fixture", ["--scheme", "per-token", "--rotate", "hadamard"]),
+    ("fixture", ["--scheme", "per-channel", "--rotate", "hadamard"]),
+    ("fixture", ["--kv-bits", "4.25"]),
+    ("fixture", ["--kv-bits", "4.5"]),
+    ("fixture-outliers", ["--scheme", "per-tensor"]),
+    ("fixture-outliers", ["--scheme", "per-tensor", "--rotate", "hadamard"]),
+    ("fixture-outliers", ["--scheme", "per-channel", "--fold-scales"]),
+    ("fixture-outliers", []),
 ]
 
 
-def compile_case(fixture: str, scheme: str, work: Path) -> dict:
-    options = CompileOptions(model=FIXTURES[fixture], out_dir=work / f"{fixture}-{scheme}", scheme=scheme)
+def options_for(fixture: str, flags: list[str], out_dir: Path) -> CompileOptions:
+    values = dict(zip(flags[::2], flags[1::2]))
+    flag_set = set(flags)
+    return CompileOptions(
+        model=FIXTURES[fixture], out_dir=out_dir,
+        kv_bits=float(values.get("--kv-bits", 4)),
+        scheme=values.get("--scheme", "auto"),
+        clip=values.get("--clip", "wmse"),
+        rotate=values.get("--rotate"),
+        fold_scales="--fold-scales" in flag_set,
+    )
+
+
+def compile_case(fixture: str, flags: list[str], work: Path, index: int) -> dict:
+    options = options_for(fixture, flags, work / f"case{index}")
     started = time.perf_counter()
     try:
         report = compile_model(options).report
     except QualityGateError as exc:
         report = exc.result.report
-    seconds = time.perf_counter() - started
+    quality, memory = report["quality"], report["memory"]
     return {
-        "fixture": fixture,
-        "scheme": scheme,
-        "command": f"kvcompile {options.model.relative_to(REPO)} --kv-bits 4 --scheme {scheme}",
-        "compile_seconds": round(seconds, 2),
-        "ratio_vs_fp16": report["memory"]["ratio_vs_fp16"],
-        "bytes_per_token_fp16": report["memory"]["fp16_bytes_per_token"],
-        "bytes_per_token": report["memory"]["quantized_bytes_per_token"],
-        "float_ppl": report["quality"]["float_ppl"],
-        "ppl": report["quality"]["quantized_ppl"],
-        "ppl_delta_pct": report["quality"]["ppl_delta_pct"],
-        "top1_agreement": report["quality"]["top1_agreement"],
-        "gate": "pass" if report["quality"]["passed"] else "FAIL",
+        "model": fixture,
+        "method": "kvcompile " + (" ".join(flags) if flags else "(default: --scheme auto)"),
+        "command": f"kvcompile {options.model.relative_to(REPO)} --kv-bits 4 {' '.join(flags)}".replace(
+            "--kv-bits 4 --kv-bits", "--kv-bits"),
+        "bits_per_element": memory["avg_bits_per_element"],
+        "ratio_vs_fp16": memory["ratio_vs_fp16"],
+        "float_ppl": quality["float_ppl"],
+        "ppl": quality["quantized_ppl"],
+        "ppl_delta_pct": quality["ppl_delta_pct"],
+        "top1_agreement": quality["top1_agreement"],
+        "mean_kl": quality["mean_kl"],
+        "gate": "pass" if quality["passed"] else "FAIL",
+        "stored_as": sorted(set(report["plan"]["choices"].values())),
+        "compile_seconds": round(time.perf_counter() - started, 1),
     }
 
 
-def table(results: dict) -> str:
+def peer_row(method: str, bits: str, float_score, score) -> dict:
+    return {
+        "model": "fixture", "method": method, "command": "bench/peers.py", "bits_per_element": bits,
+        "ratio_vs_fp16": None, "float_ppl": round(float_score.ppl, 4), "ppl": round(score.ppl, 4),
+        "ppl_delta_pct": round(100 * (score.ppl / float_score.ppl - 1), 4),
+        "top1_agreement": round(score.top1_agreement, 5), "mean_kl": round(score.mean_kl, 6),
+        "gate": "pass" if 100 * (score.ppl / float_score.ppl - 1) <= 2 else "FAIL", "stored_as": [],
+        "compile_seconds": None,
+    }
+
+
+def default_compile_cost(work: Path) -> dict:
+    """Wall time and peak RSS of `kvcompile MODEL --kv-bits 4` in a fresh process."""
+    command = [sys.executable, "-m", "kvcompile.cli", str(FIXTURES["fixture"]), "--kv-bits", "4", "-o", str(work / "cost")]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return {"command": "kvcompile models/fixture/onnx-dynamo/model.onnx --kv-bits 4",
+            "seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+
+
+def quality_table(results: dict) -> str:
     lines = [
-        "| model | scheme | KV bytes/token fp16 -> 4-bit | ratio | float PPL | 4-bit PPL | delta | top-1 agree | gate | compile s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | method | bits/element | PPL (float -> quantized) | delta | top-1 agree | mean KL | gate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["quality"]:
+        bits = r["bits_per_element"] if isinstance(r["bits_per_element"], str) else f"{r['bits_per_element']:.3f}"
         lines.append(
-            f"| {r['fixture']} | {r['scheme']} | {r['bytes_per_token_fp16']} -> {r['bytes_per_token']:.0f} | "
-            f"{r['ratio_vs_fp16']:.2f}x | {r['float_ppl']:.3f} | {r['ppl']:.3f} | {r['ppl_delta_pct']:+.2f}% | "
-            f"{100 * r['top1_agreement']:.1f}% | {r['gate']} | {r['compile_seconds']:.1f} |"
+            f"| {r['model']} | {r['method']} | {bits} | {r['float_ppl']:.3f} -> {r['ppl']:.3f} | "
+            f"{r['ppl_delta_pct']:+.2f}% | {100 * r['top1_agreement']:.1f}% | {r['mean_kl']:.4f} | {r['gate']} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", action="store_true", help="reprint the table from results.json")
+    parser.add_argument("--table", action="store_true", help="reprint the tables from results.json")
     args = parser.parse_args()
     if args.table:
-        print(table(json.loads(RESULTS.read_text())))
+        print(quality_table(json.loads(RESULTS.read_text())))
         return
-    with tempfile.TemporaryDirectory() as work:
+    windows = make_windows(load_token_ids(bundled_text("heldout.txt"), TOKENIZER), WINDOW, EVAL_WINDOWS, "held-out")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
         quality = []
-        for fixture, scheme in CASES:
-            print(f"compiling {fixture} {scheme} ...", file=sys.stderr, flush=True)
-            quality.append(compile_case(fixture, scheme, Path(work)))
+        for index, (fixture, flags) in enumerate(CASES):
+            print(f"[{index + 1}/{len(CASES)}] {fixture} {' '.join(flags)}", file=sys.stderr, flush=True)
+            quality.append(compile_case(fixture, flags, work, index))
+        print("peer: onnxruntime-genai int4_per_channel", file=sys.stderr, flush=True)
+        quality.append(peer_row("onnxruntime-genai builder int4_per_channel (its calibration)", "4.000",
+                                *genai_int4_scores(work, bundled_text("calib.txt"), windows, PREFILL)))
+        for residual in (128, 1):
+            print(f"peer: HF QuantizedCache quanto int4 residual {residual}", file=sys.stderr, flush=True)
+            quality.append(peer_row(f"HF QuantizedCache quanto int4, residual_length={residual}",
+                                    f"4.5 + {residual} float tokens",
+                                    *hf_quantized_cache_scores(windows, PREFILL, residual)))
+        cost = default_compile_cost(work)
     results = {
-        "machine": {"python": platform.python_version(), "processor": platform.machine(),
-                    "cpus": __import__("os").cpu_count()},
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "machine": {"python": platform.python_version(), "processor": platform.machine(), "cpus": os.cpu_count()},
+        "eval": {"windows": EVAL_WINDOWS, "window": WINDOW, "prefill": PREFILL, "text": "models/data/heldout.txt"},
         "quality": quality,
+        "default_compile": cost,
     }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
-    print(f"\nwritten to {RESULTS.relative_to(REPO)}")
+    print(quality_table(results))
+    print(f"\ndefault compile: {cost['seconds']} s, peak RSS {cost['peak_rss_mib']} MiB")
+    print(f"written to {RESULTS.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,13 @@ def _summary_table(report: dict) -> Table:
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_row("KV layers / tensors", f"{report['kv']['layers']} / {len(report['kv']['tensors'])}")
-    table.add_row("scheme", f"{report['plan']['bits']}-bit {report['plan']['scheme']}")
+    plan = report["plan"]
+    table.add_row("scheme", f"{plan['scheme']} (budget {plan['bits']:g} bits/element)")
+    counts: dict[str, int] = {}
+    for choice in plan["choices"].values():
+        counts[choice] = counts.get(choice, 0) + 1
+    table.add_row("stored as", ", ".join(f"{name} x{n}" for name, n in sorted(counts.items())))
+    table.add_row("average stored bits per element", f"{memory['avg_bits_per_element']:.3f}")
     table.add_row("KV bytes per token (fp16 -> compiled)",
                   f"{memory['fp16_bytes_per_token']} -> {memory['quantized_bytes_per_token']:.1f}")
     table.add_row(f"memory ratio vs fp16 @ {memory['reference_context']} tokens", f"{memory['ratio_vs_fp16']:.2f}x")
@@ -84,11 +90,21 @@ def _summary_table(report: dict) -> Table:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: MODEL-STEM.kvcompiled next to the model].")
-@click.option("--kv-bits", type=int, default=4, show_default=True, help="Bits per stored KV element.")
-@click.option("--scheme", default="per-channel", show_default=True,
-              help="Scale granularity: per-tensor or per-channel (per KV head and channel).")
-@click.option("--clip", default="mse", show_default=True,
-              help="How calibration picks ranges: minmax, percentile or mse (error-minimising).")
+@click.option("--kv-bits", type=float, default=4, show_default=True,
+              help="Budget: average stored bits per KV element, scales included.")
+@click.option("--scheme", default="auto", show_default=True,
+              help="auto (chosen per tensor by measurement), per-tensor, per-channel, per-token, "
+                   "per-group, or kivi (keys per-channel, values per-token).")
+@click.option("--group-size", type=int, default=32, show_default=True,
+              help="head_dim channels per scale for --scheme per-group (32, 64, 128).")
+@click.option("--asymmetric", is_flag=True, help="Zero points for per-token/per-group scales.")
+@click.option("--uniform", is_flag=True, help="auto: keep every tensor at --kv-bits (choose scales only).")
+@click.option("--rotate", type=click.Choice(["hadamard"]), default=None,
+              help="Rotate K and V (after RoPE) by a Hadamard transform of head_dim before storing.")
+@click.option("--fold-scales", is_flag=True,
+              help="Fold per-channel scales into the attention so the cache takes one per-tensor scale.")
+@click.option("--clip", default="wmse", show_default=True,
+              help="How calibration picks ranges: minmax, percentile, mse, or wmse (error weighted by magnitude).")
 @click.option("--target", "targets", multiple=True, default=("ort-cpu",), show_default=True,
               help="Artifact to build (repeatable, or 'all').")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
@@ -105,13 +121,16 @@ def _summary_table(report: dict) -> Table:
 @click.option("--quality-gate", type=float, default=2.0, show_default=True,
               help="Fail (exit 3) if perplexity rises more than this many percent.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
-def compile_command(model, out_dir, kv_bits, scheme, clip, targets, calib, calib_tokens, eval_text,
+def compile_command(model, out_dir, kv_bits, scheme, group_size, asymmetric, uniform, rotate, fold_scales, clip,
+                    targets, calib, calib_tokens, eval_text,
                     eval_tokens, tokenizer, kv_map, quality_gate, as_json) -> None:
     """Compile MODEL so its KV cache is stored in --kv-bits bits, and verify it."""
     from kvcompile.pipeline import CompileOptions, compile_model
 
     options = CompileOptions(
-        model=model, out_dir=out_dir, kv_bits=kv_bits, scheme=scheme, clip=clip, targets=tuple(targets),
+        model=model, out_dir=out_dir, kv_bits=kv_bits, scheme=scheme, group_size=group_size,
+        asymmetric=asymmetric, uniform=uniform, rotate=rotate, fold_scales=fold_scales, clip=clip,
+        targets=tuple(targets),
         calib=calib, calib_tokens=calib_tokens, eval_text=eval_text, eval_tokens=eval_tokens,
         tokenizer=tokenizer, kv_map=kv_map, quality_gate_pct=quality_gate,
     )

@@ -56,6 +56,10 @@ class KVTensor:
     producer_chain: tuple[str, ...] = ()
     projection: str | None = None
     rope: bool = False
+    # Decomposed attention: the MatMul that reads the cache (Q.K^T for keys, P.V for values)
+    # and which of its inputs carries the cache.
+    reader: str | None = None
+    reader_operand: int | None = None
 
     @property
     def label(self) -> str:

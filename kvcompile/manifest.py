@@ -31,6 +31,17 @@ class Packing:
 
 
 @dataclass(frozen=True)
+class StoredParam:
+    """Per-token quantization parameters stored next to a cache tensor (dynamic scales)."""
+
+    kind: str  # "scale" | "zero_point"
+    input: str
+    output: str
+    stored_dtype: str  # float16 | uint8
+    stored_shape: list[int | str]
+
+
+@dataclass(frozen=True)
 class KVIO:
     """One cache tensor as a runner sees it."""
 
@@ -47,13 +58,15 @@ class KVIO:
     heads_axis: int | None  # None when the model keeps one cache tensor per head
     head: int | None = None
     bits: int | None = None  # None: stored in float
-    granularity: str | None = None  # per-tensor | per-channel | per-head | ...
+    granularity: str | None = None  # per-tensor | per-channel | per-token | per-group
     symmetric: bool | None = None
+    group: int | None = None  # dynamic scales: head_dim channels per scale
     packing: Packing | None = None
     # Static scales in the logical layout's broadcast shape (e.g. [1, H, 1, D]) and zero point.
     scale: list | float | None = None
     scale_shape: list[int] | None = None
     zero_point: list | int | None = None
+    params: list[StoredParam] = field(default_factory=list)
 
     @property
     def quantized(self) -> bool:
@@ -127,7 +140,8 @@ def float_model_io(kv: KVGraph, model_path: str) -> TargetIO:
 
 def _kvio_from_dict(data: dict) -> KVIO:
     packing = data.get("packing")
-    return KVIO(**{**data, "packing": Packing(**packing) if packing else None})
+    params = [StoredParam(**p) for p in data.get("params", [])]
+    return KVIO(**{**data, "packing": Packing(**packing) if packing else None, "params": params})
 
 
 def _target_from_dict(data: dict) -> TargetIO:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,15 +18,31 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 import onnxscript.version_converter
 
 from kvcompile import __version__
 from kvcompile.errors import BadInputError, QualityGateError, TargetError, UnsupportedModelError
 from kvcompile.kvgraph import DECOMPOSED, KVGraph
-from kvcompile.manifest import KVIO, Manifest, Packing, TargetIO, float_model_io
-from kvcompile.model_io import check_output_dir, input_hash, load_model, save_model, staged_output_dir
+from kvcompile.manifest import KVIO, Manifest, Packing, StoredParam, TargetIO, float_model_io
+from kvcompile.model_io import (
+    check_output_dir,
+    input_hash,
+    load_model,
+    model_files,
+    save_model,
+    staged_output_dir,
+)
 from kvcompile.passes.find_kv_cache import find_kv_cache, load_kv_map
-from kvcompile.passes.quantize_kv_boundary import QuantizeKVBoundaryPass, packed_dims
+from kvcompile.passes.transform_kv import KVTransform, TransformKVPass
+from kvcompile.passes.quantize_kv_boundary import (
+    QuantizeKVBoundaryPass,
+    packed_dims,
+    param_shape,
+    scale_name,
+    zero_point_name,
+)
+from kvcompile.autoplan import auto_plan
 from kvcompile.plan import QuantPlan, check_options, make_plan
 from kvcompile.quant import codes_per_byte
 from kvcompile.report import memory_figures, tensor_rows, write_report
@@ -47,9 +64,14 @@ Progress = Callable[[str, int], Callable[[int], None]]
 class CompileOptions:
     model: Path
     out_dir: Path | None = None
-    kv_bits: int = 4
-    scheme: str = "per-channel"
-    clip: str = "mse"
+    kv_bits: float = 4
+    scheme: str = "auto"
+    clip: str = "wmse"
+    group_size: int = 32
+    asymmetric: bool = False
+    uniform: bool = False
+    rotate: str | None = None  # "hadamard"
+    fold_scales: bool = False
     targets: tuple[str, ...] = ("ort-cpu",)
     calib: Path | None = None
     calib_tokens: int = 8192
@@ -140,11 +162,35 @@ def quantize_graph(model: ir.Model, kv: KVGraph, plan: QuantPlan) -> ir.Model:
     return model
 
 
+def fold_scales(model: ir.Model, kv: KVGraph, plan: QuantPlan) -> QuantPlan:
+    """--fold-scales: move per-channel scales into the graph (TransformKVPass) so the cache
+    needs one per-tensor scale of 1.0; returns the plan as the target now stores it."""
+    transforms, tensors = {}, []
+    for tensor_plan in plan.tensors:
+        if tensor_plan.granularity == "per-channel" and tensor_plan.bits is not None:
+            transforms[tensor_plan.past_input] = KVTransform.scaling(tensor_plan.scale)
+            tensor_plan = dataclasses.replace(
+                tensor_plan, granularity="per-tensor", scale=np.ones((1, 1), np.float32),
+                reason=tensor_plan.reason + "; per-channel scales folded into the attention "
+                "(cache holds k/s, one per-tensor scale 1.0)")
+        tensors.append(tensor_plan)
+    TransformKVPass(kv, transforms)(model)
+    return dataclasses.replace(plan, tensors=tuple(tensors))
+
+
 def quantized_kvio(float_io: KVIO, plan: QuantPlan) -> KVIO:
+    """The manifest entry of a cache tensor stored as the plan says."""
     tensor_plan = plan.for_input(float_io.input)
     if tensor_plan.bits is None:
         return float_io
     bits = tensor_plan.bits
+    params = []
+    if tensor_plan.dynamic:
+        shape = param_shape(float_io.logical_shape, float_io.head_dim_axis, tensor_plan.group)
+        params.append(StoredParam("scale", scale_name(float_io.input), scale_name(float_io.output), "float16", shape))
+        if not tensor_plan.symmetric:
+            params.append(StoredParam("zero_point", zero_point_name(float_io.input),
+                                      zero_point_name(float_io.output), "uint8", shape))
     return dataclasses.replace(
         float_io,
         stored_dtype="uint8",
@@ -152,10 +198,12 @@ def quantized_kvio(float_io: KVIO, plan: QuantPlan) -> KVIO:
         bits=bits,
         granularity=tensor_plan.granularity,
         symmetric=tensor_plan.symmetric,
+        group=tensor_plan.group,
         packing=Packing(axis=float_io.head_dim_axis, codes_per_byte=codes_per_byte(bits)),
-        scale=tensor_plan.scale.tolist(),
-        scale_shape=list(tensor_plan.scale.shape),
-        zero_point=tensor_plan.zero_point.tolist(),
+        scale=None if tensor_plan.dynamic else tensor_plan.scale.tolist(),
+        scale_shape=None if tensor_plan.dynamic else list(tensor_plan.scale.shape),
+        zero_point=None if tensor_plan.dynamic else tensor_plan.zero_point.tolist(),
+        params=params,
     )
 
 
@@ -183,8 +231,75 @@ def _score_summary(float_score: DecodeScore, score: DecodeScore, gate: float, te
     }
 
 
+def stage_float_model(model: ir.Model, kv: KVGraph, rotate: str | None, work: Path, model_path: Path) -> Path:
+    """The float model to calibrate and to build auto's variants from.
+
+    --rotate is applied here (in place: the compiled model is built from the rotated graph).
+    The input itself is used when it is self-contained and unrotated; otherwise one copy is
+    written to `work` with its weights in `work/float.onnx.data`, which every variant then
+    references (onnxruntime refuses external data outside a model's folder, so links will not do).
+    """
+    if rotate is not None:
+        if rotate != "hadamard":
+            raise BadInputError(f"--rotate {rotate!r} is not supported; use hadamard")
+        TransformKVPass(kv, {t.past_input: KVTransform.rotation(t) for t in kv.tensors})(model)
+    has_external = len(model_files(model_path)) > 1
+    if rotate is None and not has_external:
+        return model_path
+    path = work / "float.onnx"
+    if has_external:  # the in-memory model keeps reading the input's own data files
+        ir.save(model, path, external_data="float.onnx.data", size_threshold_bytes=1024)
+    else:
+        ir.save(model, path)
+    return path
+
+
+class VariantBuilder:
+    """Builds and loads the model compiled with a given plan, for auto's measurements.
+
+    Variants are written to the compile's private temporary folder (where external-data files
+    are linked, never copied or written next to the input) and loaded without graph
+    optimizations, which only slow session creation and do not change results."""
+
+    def __init__(self, model_path: Path, kv: KVGraph, work: Path):
+        self.model_path = model_path
+        self.kv = kv
+        self.work = work
+        self.float_io = float_model_io(kv, str(model_path))
+
+    def __call__(self, plan: QuantPlan) -> Decoder:
+        model = load_model(self.model_path)
+        quantize_graph(model, self.kv, plan)
+        path = self.work / "variant.onnx"
+        ir.save(model, path)
+        io = dataclasses.replace(self.float_io, kv=[quantized_kvio(k, plan) for k in self.float_io.kv])
+        return Decoder(cpu_session(path, optimize=False), io)
+
+
+def _plan(kv: KVGraph, stats: KVStats, float_decoder: Decoder, texts: _Texts, options: CompileOptions,
+          float_path: Path, work: Path, progress: Progress) -> QuantPlan:
+    if options.scheme == "auto":
+        variant = VariantBuilder(float_path, kv, work)
+        return auto_plan(kv, stats, float_decoder, variant, texts.calib_windows, options.kv_bits,
+                         options.clip, options.uniform, progress)
+    return make_plan(kv, stats, options.kv_bits, options.scheme, options.clip, options.group_size,
+                     options.asymmetric)
+
+
 def _kv_storage(plan: QuantPlan) -> str:
-    return f"uint8, {8 // plan.bits} x {plan.bits}-bit codes per byte along head_dim" if plan.bits < 8 else "uint8 codes"
+    """What the artifact stores, e.g. "uint8 codes packed along head_dim: 4-bit x8 (2 per byte)"."""
+    counts: dict[str, int] = {}
+    for t in plan.tensors:
+        if t.bits is None:
+            key = "float"
+        else:
+            per_byte = 8 // t.bits
+            key = f"{t.bits}-bit" + (f" ({per_byte} per byte)" if per_byte > 1 else "")
+        counts[key] = counts.get(key, 0) + 1
+    parts = ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
+    dynamic = sum(t.dynamic for t in plan.tensors)
+    extra = f"; float16 per-token scales next to {dynamic} tensor(s)" if dynamic else ""
+    return f"uint8 codes packed along head_dim: {parts}{extra}"
 
 
 @dataclass(frozen=True)
@@ -248,7 +363,10 @@ def _report(kv: KVGraph, plan: QuantPlan, stats: KVStats, manifest: Manifest, qu
             "attention_forms": list(kv.attention_forms),
             "tensors": tensor_rows(kv, plan, stats),
         },
-        "plan": {"bits": plan.bits, "scheme": plan.scheme, "clip": plan.clip, "storage": plan.storage},
+        "plan": {"bits": plan.bits, "scheme": plan.scheme, "clip": plan.clip, "storage": plan.storage,
+                 "rotate": options.rotate, "fold_scales": options.fold_scales,
+                 "bit_widths": list(plan.bit_widths),
+                 "choices": {t.label: t.name for t in plan.tensors}},
         "calibration": {"tokens": int(texts.calib_windows.size), "text": texts.calib_name,
                         "window": options.window},
         "memory": memory_figures(kv, plan),
@@ -273,7 +391,7 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
         timings[name] = now - clock
         clock = now
 
-    check_options(options.kv_bits, options.scheme, options.clip)
+    check_options(options.kv_bits, options.scheme, options.clip, options.group_size)
     targets = resolve_targets(options.targets)
     model_path = Path(options.model)
     out_dir = Path(options.out_dir) if options.out_dir is not None else default_out_dir(model_path)
@@ -287,11 +405,18 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
     float_decoder = Decoder(cpu_session(model_path), float_model_io(kv, str(model_path)))
     lap("load_analyze_s")
 
-    stats = collect_kv_stats(float_decoder, texts.calib_windows,
-                             progress=progress("calibrating", int(texts.calib_windows.size)))
-    plan = make_plan(kv, stats, options.kv_bits, options.scheme, options.clip)
-    lap("calibrate_plan_s")
+    with tempfile.TemporaryDirectory(prefix="kvcompile-") as work_dir:
+        work = Path(work_dir)
+        float_path = stage_float_model(model, kv, options.rotate, work, model_path)
+        calib_decoder = float_decoder if float_path == model_path else Decoder(
+            cpu_session(float_path), float_model_io(kv, str(float_path)))
+        stats = collect_kv_stats(calib_decoder, texts.calib_windows,
+                                 progress=progress("calibrating", int(texts.calib_windows.size)))
+        plan = _plan(kv, stats, calib_decoder, texts, options, float_path, work, progress)
+        lap("calibrate_plan_s")
 
+    if options.fold_scales:
+        plan = fold_scales(model, kv, plan)
     quantize_graph(model, kv, plan)
     lap("rewrite_s")
 
@@ -308,7 +433,7 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
         raise QualityGateError(
             f"perplexity rose {quality['ppl_delta_pct']:+.2f}% (gate {options.quality_gate_pct}%): "
             f"{quality['float_ppl']:.3f} -> {quality['quantized_ppl']:.3f}; artifacts written to "
-            f"{out_dir} and marked failed. Try --scheme per-channel or more bits",
+            f"{out_dir} and marked failed. Try --scheme auto or more --kv-bits",
             result=result,
         )
     return result

@@ -1,13 +1,23 @@
 """QuantPlan: how each KV cache tensor is stored, decided from the KVGraph and calibration stats.
 
-A plan holds, per cache tensor, the bit width (or float), the granularity of its scales, the
-scales and zero points (in canonical [heads, head_dim] shape) and the reason for the choice.
-`TensorPlan.codec` turns that into a `kvcompile.quant.Codec` in the tensor's own layout.
+A plan holds, per cache tensor, the bit width (or float), the granularity of its scales and
+either static scales (canonical [heads, head_dim] shape, calibrated) or a dynamic group size
+(scales computed in the graph for every token when it enters the cache and stored next to it),
+plus the reason for the choice. `TensorPlan.codec` turns it into a `kvcompile.quant.Codec` in
+the tensor's own layout.
+
+Granularities:
+  per-tensor   static, one scale                              (no stored parameters)
+  per-channel  static, one scale per KV head and channel      (no stored parameters)
+  per-token    dynamic, one scale (+ zero point) per token and head   (16 (+8) bits / head_dim)
+  per-group    dynamic, one per token and `group` head_dim channels    (16 (+8) bits / group)
+Explicit schemes apply one choice to every tensor ("kivi": keys per-channel, values per-token
+asymmetric); "auto" (kvcompile.autoplan) chooses per tensor.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,8 +27,12 @@ from kvcompile.quant import Codec, SUPPORTED_BITS, symmetric_scale, symmetric_ze
 from kvcompile.ranges import CLIP_METHODS, channel_ranges, rope_pairs, tensor_range
 from kvcompile.runtimes.calibrate import KVStats
 
-SCHEMES = ("per-tensor", "per-channel")
+SCHEMES = ("auto", "per-tensor", "per-channel", "per-token", "per-group", "kivi")
+GRANULARITIES = ("per-tensor", "per-channel", "per-token", "per-group")
+GROUP_SIZES = (32, 64, 128)
 STORAGE = "uint8-packed"
+DYNAMIC_SCALE_BITS = 16  # float16
+DYNAMIC_ZERO_POINT_BITS = 8  # uint8
 
 
 @dataclass(frozen=True)
@@ -28,26 +42,52 @@ class TensorPlan:
     bits: int | None  # None keeps the tensor in float
     granularity: str | None
     symmetric: bool
-    scale: np.ndarray  # float32, canonical [H, D] or [1, 1]
-    zero_point: np.ndarray  # uint8, broadcastable to scale
+    scale: np.ndarray | None  # static: float32, canonical [H, D] or [1, 1]; dynamic: None
+    zero_point: np.ndarray | None  # static: uint8, broadcastable to scale
     reason: str
+    group: int | None = None  # dynamic: head_dim channels per scale
+    evidence: dict = field(default_factory=dict, compare=False)  # what auto measured
+
+    @property
+    def dynamic(self) -> bool:
+        return self.group is not None
+
+    @property
+    def name(self) -> str:
+        if self.bits is None:
+            return "float"
+        detail = self.granularity + (f"{self.group}" if self.granularity == "per-group" else "")
+        return f"{self.bits}-bit {detail}" + ("" if self.symmetric else " asym")
 
     def codec(self, tensor: KVTensor) -> Codec | None:
-        """The codec in the tensor's logical layout (scales broadcast over batch and seq)."""
+        """The codec in the tensor's logical layout (static scales broadcast over batch and seq)."""
         if self.bits is None:
             return None
-        return Codec(self.bits, _to_layout(self.scale, tensor), _to_layout(self.zero_point, tensor),
+        if self.dynamic:
+            return Codec(self.bits, None, None, tensor.axes.head_dim, group=self.group, symmetric=self.symmetric)
+        return Codec(self.bits, to_layout(self.scale, tensor), to_layout(self.zero_point, tensor),
                      pack_axis=tensor.axes.head_dim)
 
+    def canonical_codec(self) -> Codec | None:
+        """The codec for canonical samples [tokens, heads, head_dim] (calibration layout)."""
+        if self.bits is None:
+            return None
+        if self.dynamic:
+            return Codec(self.bits, None, None, 2, group=self.group, symmetric=self.symmetric)
+        return Codec(self.bits, self.scale[None], self.zero_point[None], pack_axis=2)
+
     def stored_bits_per_element(self, tensor: KVTensor) -> float:
-        """Bits stored per cache element that grow with the context (codes; later per-token scales)."""
+        """Bits stored per cache element that grow with the context: codes and dynamic parameters."""
         if self.bits is None:
             return 16.0 if tensor.dtype == "float16" else 32.0
-        return float(self.bits)
+        if not self.dynamic:
+            return float(self.bits)
+        per_group = DYNAMIC_SCALE_BITS + (0 if self.symmetric else DYNAMIC_ZERO_POINT_BITS)
+        return self.bits + per_group / self.group
 
     def static_bytes(self) -> int:
         """Bytes of scales and zero points that do not grow with the context."""
-        if self.bits is None:
+        if self.bits is None or self.dynamic:
             return 0
         zero_point_bytes = 0 if self.symmetric else self.zero_point.size
         return int(self.scale.size * 4 + zero_point_bytes)
@@ -57,9 +97,10 @@ class TensorPlan:
 class QuantPlan:
     tensors: tuple[TensorPlan, ...]
     scheme: str
-    bits: int
-    clip: str = "mse"
+    bits: float  # the budget: average stored bits per element, scales included
+    clip: str = "wmse"
     storage: str = STORAGE
+    notes: tuple[str, ...] = ()
 
     def for_input(self, past_input: str) -> TensorPlan:
         return next(t for t in self.tensors if t.past_input == past_input)
@@ -72,8 +113,12 @@ class QuantPlan:
                 out[tensor.past_input] = codec
         return out
 
+    @property
+    def bit_widths(self) -> tuple[int, ...]:
+        return tuple(sorted({t.bits for t in self.tensors if t.bits is not None}))
 
-def _to_layout(canonical: np.ndarray, tensor: KVTensor) -> np.ndarray:
+
+def to_layout(canonical: np.ndarray, tensor: KVTensor) -> np.ndarray:
     """[H, D] (or [1, 1]) -> the broadcast shape of the tensor's layout, e.g. [1, H, 1, D]."""
     if canonical.size == 1:
         return canonical.reshape(())
@@ -84,37 +129,59 @@ def _to_layout(canonical: np.ndarray, tensor: KVTensor) -> np.ndarray:
     return canonical.reshape(shape)
 
 
-def check_options(bits: int, scheme: str, clip: str = "mse") -> None:
-    if bits not in SUPPORTED_BITS:
-        raise BadInputError(f"--kv-bits {bits} is not supported; use one of {SUPPORTED_BITS}")
+def check_options(bits: float, scheme: str, clip: str = "wmse", group_size: int = 32) -> None:
+    if not min(SUPPORTED_BITS) <= bits <= 16:
+        raise BadInputError(f"--kv-bits {bits} is outside {min(SUPPORTED_BITS)}..16 (the average "
+                            f"stored bits per element; codes are {'/'.join(map(str, SUPPORTED_BITS))} bits)")
     if scheme not in SCHEMES:
         raise BadInputError(f"--scheme {scheme!r} is not supported; use one of {', '.join(SCHEMES)}")
     if clip not in CLIP_METHODS:
         raise BadInputError(f"--clip {clip!r} is not supported; use one of {', '.join(CLIP_METHODS)}")
+    if group_size not in GROUP_SIZES:
+        raise BadInputError(f"--group-size {group_size} is not supported; use one of {GROUP_SIZES}")
+    if scheme != "auto" and float(bits) not in SUPPORTED_BITS:
+        raise BadInputError(f"--scheme {scheme} stores every tensor at one bit width: --kv-bits must be "
+                            f"one of {SUPPORTED_BITS} (fractional budgets need --scheme auto)")
 
 
-def make_plan(kv: KVGraph, stats: KVStats, bits: int, scheme: str, clip: str = "mse") -> QuantPlan:
-    """Static symmetric scales for every cache tensor, per tensor or per channel, clipped by `clip`.
+def tensor_plan(tensor: KVTensor, stats: KVStats, bits: int, granularity: str, clip: str,
+                group: int | None = None, symmetric: bool = True) -> TensorPlan:
+    """One way to store one tensor: static scales from calibration, or a dynamic group size."""
+    if granularity in ("per-token", "per-group"):
+        group = tensor.head_dim if granularity == "per-token" else group
+        if tensor.head_dim % group:
+            raise BadInputError(f"{tensor.label}: head_dim {tensor.head_dim} is not a multiple of --group-size {group}")
+        kind = "asymmetric" if not symmetric else "symmetric"
+        return TensorPlan(tensor.past_input, tensor.label, bits, granularity, symmetric, None, None,
+                          reason=f"{kind} scale computed for every {group} channels of each token", group=group)
+    samples = stats.tensors[tensor.past_input].samples
+    absmax = stats.tensors[tensor.past_input].absmax
+    pairs = rope_pairs(tensor.head_dim) if tensor.kind == "key" and tensor.rope else None
+    if granularity == "per-tensor":
+        scale = symmetric_scale(tensor_range(samples, bits, clip), bits)
+        reason = f"one {clip} scale for the whole tensor (absmax {absmax.max():.3g})"
+    else:
+        scale = symmetric_scale(channel_ranges(samples, bits, clip, pairs), bits)
+        ratio = float(absmax.max() / max(np.median(absmax), 1e-12))
+        tied = " (RoPE pairs tied)" if pairs is not None else ""
+        reason = f"{clip} scale per head and channel{tied}; channel absmax max/median {ratio:.1f}"
+    return TensorPlan(tensor.past_input, tensor.label, bits, granularity, True, scale,
+                      np.full((1, 1), symmetric_zero_point(bits), np.uint8), reason=reason)
 
-    RoPE keys get one range per rotary channel pair, so the scales hold at every position.
-    """
-    check_options(bits, scheme, clip)
+
+def make_plan(kv: KVGraph, stats: KVStats, bits: int, scheme: str, clip: str = "wmse",
+              group_size: int = 32, asymmetric: bool = False) -> QuantPlan:
+    """One explicit scheme for every tensor (see module docstring); "auto" is in autoplan."""
+    check_options(bits, scheme, clip, group_size)
+    if scheme == "auto":
+        raise ValueError("scheme auto is planned by kvcompile.autoplan.auto_plan")
+    bits = int(bits)
     plans = []
     for tensor in kv.tensors:
-        tensor_stats = stats.tensors[tensor.past_input]
-        absmax = tensor_stats.absmax
-        pairs = rope_pairs(tensor.head_dim) if tensor.kind == "key" and tensor.rope else None
-        tied = " (RoPE pairs tied)" if pairs is not None else ""
-        if scheme == "per-tensor":
-            scale = symmetric_scale(tensor_range(tensor_stats.samples, bits, clip), bits)
-            reason = f"one {clip} scale for the whole tensor (absmax {absmax.max():.3g})"
+        if scheme == "kivi":
+            granularity = "per-channel" if tensor.kind == "key" else "per-token"
+            symmetric = tensor.kind == "key"
         else:
-            scale = symmetric_scale(channel_ranges(tensor_stats.samples, bits, clip, pairs), bits)
-            ratio = float(absmax.max() / max(np.median(absmax), 1e-12))
-            reason = f"{clip} scale per head and channel{tied}; channel absmax max/median {ratio:.1f}"
-        plans.append(TensorPlan(
-            past_input=tensor.past_input, label=tensor.label, bits=bits, granularity=scheme,
-            symmetric=True, scale=scale,
-            zero_point=np.full((1, 1), symmetric_zero_point(bits), np.uint8), reason=reason,
-        ))
-    return QuantPlan(tuple(plans), scheme=scheme, bits=bits, clip=clip)
+            granularity, symmetric = scheme, not asymmetric
+        plans.append(tensor_plan(tensor, stats, bits, granularity, clip, group_size, symmetric))
+    return QuantPlan(tuple(plans), scheme=scheme, bits=float(bits), clip=clip)

@@ -129,29 +129,116 @@ def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
     return 10.0 * np.log10(signal / noise)
 
 
-class Codec:
-    """How one cache tensor is stored: a ``bits`` grid, its scale and zero point, and packing.
+# Dynamic scales are stored in float16 and never smaller than this (an all-zero group of a
+# token quantizes to its zero point). The floor is per group, so a token's scale depends on
+# that token alone: prefill and token-by-token decoding store identical values.
+DYNAMIC_SCALE_FLOOR = np.float32(1e-5)
 
-    ``scale`` and ``zero_point`` broadcast against the tensor in its logical layout (a scalar
-    for per-tensor, e.g. [1, H, 1, D] for per-channel); codes are packed along ``pack_axis``
-    (the head_dim axis), so appending tokens along the sequence axis never splits a byte.
+
+def split_groups(x: np.ndarray, axis: int, group: int) -> np.ndarray:
+    """View `axis` (length D) as two axes (D // group, group) at positions axis, axis + 1."""
+    axis = axis % x.ndim
+    if x.shape[axis] % group:
+        raise ValueError(f"axis length {x.shape[axis]} is not a multiple of group size {group}")
+    return x.reshape(*x.shape[:axis], x.shape[axis] // group, group, *x.shape[axis + 1 :])
+
+
+def merge_groups(x: np.ndarray, axis: int) -> np.ndarray:
+    """Inverse of split_groups."""
+    return x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2 :])
+
+
+def to_float16_grid(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to float16 (how dynamic scales are stored) and back."""
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
+def dynamic_params(x: np.ndarray, axis: int, group: int, bits: int, symmetric: bool
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group scale (float16-exact float32) and zero point of each token's head_dim vector.
+
+    Shapes are x's with `axis` replaced by D // group. Symmetric: absmax / qmax, zero point
+    2**(bits-1). Asymmetric: (max - min) / (2**bits - 1), zero point round(-min / scale).
+    """
+    grouped = split_groups(np.asarray(x, dtype=np.float32), axis, group)
+    inner = (axis % x.ndim) + 1
+    if symmetric:
+        absmax = np.abs(grouped).max(axis=inner)
+        scale = to_float16_grid(np.maximum(absmax / np.float32(symmetric_zero_point(bits) - 1), DYNAMIC_SCALE_FLOOR))
+        zero_point = np.full(scale.shape, symmetric_zero_point(bits), np.uint8)
+    else:
+        low, high = grouped.min(axis=inner), grouped.max(axis=inner)
+        scale = to_float16_grid(np.maximum((high - low) / np.float32(code_max(bits)), DYNAMIC_SCALE_FLOOR))
+        zero_point = np.clip(np.rint(-low / scale), 0, code_max(bits)).astype(np.uint8)
+    return scale, zero_point
+
+
+class Codec:
+    """How one cache tensor is stored: a ``bits`` grid, its scales and zero points, and packing.
+
+    Static codecs carry ``scale`` and ``zero_point`` that broadcast against the tensor in its
+    logical layout (a scalar for per-tensor, e.g. [1, H, 1, D] for per-channel). Dynamic codecs
+    (``group`` set) compute a scale (and, asymmetric, a zero point) for every ``group``
+    consecutive head_dim channels of every token when it enters the cache; these are stored next
+    to the cache, with the head_dim axis holding D // group entries. Codes are packed along
+    ``pack_axis`` (the head_dim axis), so appending tokens never splits a byte.
     """
 
-    def __init__(self, bits: int, scale: np.ndarray | float, zero_point: np.ndarray | int, pack_axis: int):
+    def __init__(self, bits: int, scale: np.ndarray | float | None, zero_point: np.ndarray | int | None,
+                 pack_axis: int, group: int | None = None, symmetric: bool = True):
         check_bits(bits)
         self.bits = bits
-        self.scale = np.asarray(scale, dtype=np.float32)
-        self.zero_point = np.asarray(zero_point, dtype=np.uint8)
         self.pack_axis = pack_axis
+        self.group = group
+        self.symmetric = symmetric
+        self.scale = None if scale is None else np.asarray(scale, dtype=np.float32)
+        self.zero_point = None if zero_point is None else np.asarray(zero_point, dtype=np.uint8)
+
+    @property
+    def dynamic(self) -> bool:
+        return self.group is not None
 
     @property
     def per_tensor(self) -> bool:
-        return self.scale.size == 1 and self.zero_point.size == 1
+        return not self.dynamic and self.scale.size == 1 and self.zero_point.size == 1
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """Float tensor -> packed uint8 codes."""
-        return pack(quantize(x, self.scale, self.zero_point, self.bits), self.bits, self.pack_axis)
+    def params(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point for x, broadcastable against x (dynamic ones computed from x)."""
+        if not self.dynamic:
+            return self.scale, self.zero_point
+        scale, zero_point = dynamic_params(x, self.pack_axis, self.group, self.bits, self.symmetric)
+        return scale, zero_point
 
-    def decode(self, packed: np.ndarray) -> np.ndarray:
-        """Packed uint8 codes -> float32 tensor."""
-        return dequantize(unpack(packed, self.bits, self.pack_axis), self.scale, self.zero_point)
+    def _grouped(self, x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray):
+        axis = self.pack_axis % x.ndim
+        return (split_groups(x, axis, self.group), np.expand_dims(scale, axis + 1),
+                np.expand_dims(zero_point, axis + 1), axis)
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Float tensor -> (packed uint8 codes, stored scales, stored zero points).
+
+        Static codecs store no per-token parameters (None, None); symmetric dynamic codecs store
+        scales only."""
+        x = np.asarray(x, dtype=np.float32)
+        if not self.dynamic:
+            return pack(quantize(x, self.scale, self.zero_point, self.bits), self.bits, self.pack_axis), None, None
+        scale, zero_point = self.params(x)
+        grouped, s, z, axis = self._grouped(x, scale, zero_point)
+        codes = merge_groups(quantize(grouped, s, z, self.bits), axis)
+        return pack(codes, self.bits, self.pack_axis), scale.astype(np.float16), None if self.symmetric else zero_point
+
+    def decode(self, packed: np.ndarray, scale: np.ndarray | None = None,
+               zero_point: np.ndarray | None = None) -> np.ndarray:
+        """(packed codes, stored scales, stored zero points) -> float32 tensor."""
+        codes = unpack(packed, self.bits, self.pack_axis)
+        if not self.dynamic:
+            return dequantize(codes, self.scale, self.zero_point)
+        scale = np.asarray(scale, dtype=np.float32)
+        if zero_point is None:
+            zero_point = np.full(scale.shape, symmetric_zero_point(self.bits), np.uint8)
+        grouped, s, z, axis = self._grouped(codes, scale, zero_point)
+        return merge_groups(dequantize(grouped, s, z), axis)
+
+    def fake_quantize(self, x: np.ndarray) -> np.ndarray:
+        """What x reads back as after it was stored."""
+        return self.decode(*self.encode(x))

@@ -4,6 +4,11 @@
 - percentile: the range is a high percentile of the magnitudes (outliers beyond it saturate).
 - mse: per channel (or per tensor), the clipping fraction of the largest magnitude that
   minimises the mean squared quantize/dequantize error on the samples, searched on a grid.
+- wmse (default): the same search with every sample's squared error weighted by its squared
+  magnitude. Large keys produce the large attention logits that decide where attention goes,
+  and large values dominate what it returns, so their errors cost more than small entries'
+  errors; plain MSE clips them too hard. On the fixture this cut the next-token KL by a third
+  against plain MSE (README).
 
 Keys are cached after RoPE, which rotates channel pairs (i, j) together: a range that holds
 for one position holds for all only if both channels of a pair share it. `rope_pairs` gives the
@@ -19,7 +24,7 @@ import numpy as np
 
 from kvcompile.quant import fake_quantize, symmetric_scale, symmetric_zero_point
 
-CLIP_METHODS = ("minmax", "percentile", "mse")
+CLIP_METHODS = ("minmax", "percentile", "mse", "wmse")
 MSE_GRID = np.linspace(0.3, 1.0, 36)
 PERCENTILE = 99.9
 
@@ -37,9 +42,10 @@ def tie_pairs(per_channel: np.ndarray, pairs: np.ndarray | None, reduce=np.maxim
     return reduce(per_channel, per_channel[:, pairs])
 
 
-def _error(samples: np.ndarray, ranges: np.ndarray, bits: int, axis) -> np.ndarray:
+def _error(samples: np.ndarray, ranges: np.ndarray, bits: int, axis, weighted: bool) -> np.ndarray:
     scale = symmetric_scale(ranges, bits)
-    return ((fake_quantize(samples, scale, symmetric_zero_point(bits), bits) - samples) ** 2).mean(axis=axis)
+    squared = (fake_quantize(samples, scale, symmetric_zero_point(bits), bits) - samples) ** 2
+    return (squared * samples**2 if weighted else squared).mean(axis=axis)
 
 
 def channel_ranges(samples: np.ndarray, bits: int, method: str, pairs: np.ndarray | None = None) -> np.ndarray:
@@ -50,12 +56,12 @@ def channel_ranges(samples: np.ndarray, bits: int, method: str, pairs: np.ndarra
         return absmax
     if method == "percentile":
         return tie_pairs(np.percentile(magnitudes, PERCENTILE, axis=0).astype(np.float32), pairs)
-    if method != "mse":
+    if method not in ("mse", "wmse"):
         raise ValueError(f"unknown clipping method {method!r}")
     best_error = best_range = None
     for fraction in MSE_GRID:
         candidate = absmax * np.float32(fraction)
-        error = tie_pairs(_error(samples, candidate, bits, axis=0), pairs, reduce=np.add)
+        error = tie_pairs(_error(samples, candidate, bits, axis=0, weighted=method == "wmse"), pairs, reduce=np.add)
         if best_error is None:
             best_error, best_range = error, candidate
         else:
@@ -73,8 +79,9 @@ def tensor_range(samples: np.ndarray, bits: int, method: str) -> np.ndarray:
         chosen = absmax
     elif method == "percentile":
         chosen = np.percentile(magnitudes, PERCENTILE)
-    elif method == "mse":
-        errors = [float(_error(samples, absmax * np.float32(f), bits, axis=None)) for f in MSE_GRID]
+    elif method in ("mse", "wmse"):
+        errors = [float(_error(samples, absmax * np.float32(f), bits, axis=None, weighted=method == "wmse"))
+                  for f in MSE_GRID]
         chosen = absmax * MSE_GRID[int(np.argmin(errors))]
     else:
         raise ValueError(f"unknown clipping method {method!r}")

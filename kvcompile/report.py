@@ -1,8 +1,10 @@
 """The compile report (`report.json`, `report.md`): what was done, memory and quality figures.
 
 Memory figures count every stored byte: packed codes plus scales and zero points. Per-token
-figures are what one more token adds to the cache; `ratio_vs_fp16` compares the whole cache at
-`reference_context` tokens, static scales included, against the same cache in float16.
+figures are what one more token adds to the cache (codes and per-token scales);
+`avg_bits_per_element` is the same per cache element (what --kv-bits budgets); static scales
+are a fixed `static_bytes`; `ratio_vs_fp16` compares the whole cache at `reference_context`
+tokens, static scales included, against the same cache in float16.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from kvcompile.kvgraph import KVGraph
 from kvcompile.plan import QuantPlan
-from kvcompile.quant import fake_quantize, sqnr_db
+from kvcompile.quant import sqnr_db
 from kvcompile.runtimes.calibrate import KVStats
 
 REFERENCE_CONTEXT = 1024
@@ -48,7 +50,8 @@ def memory_figures(kv: KVGraph, plan: QuantPlan, context: int = REFERENCE_CONTEX
         "fp16_bytes_at_reference": fp16_per_token * context,
         "quantized_bytes_at_reference": quantized_per_token * context + static_bytes,
         "ratio_vs_fp16": round(fp16_per_token * context / (quantized_per_token * context + static_bytes), 4),
-        "avg_bits_per_element": round((stored_bits + 8 * static_bytes / context) / elements, 4),
+        # what --kv-bits budgets: bits per cache element that grow with the context
+        "avg_bits_per_element": round(stored_bits / elements, 4),
     }
 
 
@@ -58,10 +61,8 @@ def tensor_rows(kv: KVGraph, plan: QuantPlan, stats: KVStats) -> list[dict[str, 
     for tensor in kv.tensors:
         tensor_plan = plan.for_input(tensor.past_input)
         samples = stats.tensors[tensor.past_input].samples
-        sqnr = None
-        if tensor_plan.bits is not None:
-            approx = fake_quantize(samples, tensor_plan.scale, tensor_plan.zero_point, tensor_plan.bits)
-            sqnr = round(sqnr_db(samples, approx), 2)
+        codec = tensor_plan.canonical_codec()
+        sqnr = None if codec is None else round(sqnr_db(samples, codec.fake_quantize(samples)), 2)
         rows.append({
             "label": tensor.label,
             "layer": tensor.layer,
@@ -76,8 +77,13 @@ def tensor_rows(kv: KVGraph, plan: QuantPlan, stats: KVStats) -> list[dict[str, 
             "rope": tensor.rope,
             "bits": tensor_plan.bits,
             "granularity": tensor_plan.granularity,
+            "group": tensor_plan.group,
+            "symmetric": tensor_plan.symmetric,
+            "scheme": tensor_plan.name,
+            "stored_bits_per_element": round(tensor_plan.stored_bits_per_element(tensor), 4),
             "reason": tensor_plan.reason,
             "sqnr_db": sqnr,
+            "measured_kl": tensor_plan.evidence or None,
             "calib_absmax": round(float(np.max(stats.tensors[tensor.past_input].absmax)), 4),
         })
     return rows
@@ -127,14 +133,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"## KV cache ({report['kv']['layers']} layers, found by {report['kv']['discovery']} analysis)",
         "",
-        "| tensor | input -> output | layout | heads x dim | attention | bits | scales | SQNR dB | why |",
+        "| tensor | input -> output | layout | heads x dim | attention | stored as | bits/elem | SQNR dB | why |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["kv"]["tensors"]:
         lines.append(
             f"| {row['label']} | {row['input']} -> {row['output']} | {row['layout']} | "
-            f"{row['kv_heads']}x{row['head_dim']} | {row['attention']} | {_fmt(row['bits'])} | "
-            f"{_fmt(row['granularity'])} | {_fmt(row['sqnr_db'], 1)} | {row['reason']} |"
+            f"{row['kv_heads']}x{row['head_dim']} | {row['attention']} | {row['scheme']} | "
+            f"{row['stored_bits_per_element']:.3f} | {_fmt(row['sqnr_db'], 1)} | {row['reason']} |"
         )
     lines += ["", "## Targets", "", "| target | artifact | ran | stores the cache as |", "| --- | --- | --- | --- |"]
     for name, target in report["targets"].items():

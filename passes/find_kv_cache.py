@@ -83,6 +83,8 @@ class _Found:
     concat: ir.Node | None = None
     new_entries: ir.Value | None = None
     attention_op: ir.Node | None = None
+    reader: ir.Node | None = None  # decomposed: the MatMul that reads the cache (Q.K^T or P.V)
+    reader_operand: int | None = None
 
 
 def _op_key(node: ir.Node) -> tuple[str, str]:
@@ -182,19 +184,20 @@ def _classify_matmul(matmul: ir.Node, cache_index: int) -> tuple[str, ir.Node] |
     return None
 
 
-def _classify_cache(value: ir.Value) -> tuple[str, ir.Node, str] | None:
-    """(kind, block node, attention form) for a full cache tensor, from what it feeds."""
+def _classify_cache(value: ir.Value) -> tuple[str, ir.Node, str, ir.Node | None, int | None] | None:
+    """(kind, block node, attention form, reading MatMul, its cache operand) for a full cache
+    tensor, from what it feeds."""
     for node, index in _through_layout(value):
         if node.op_type == "MatMul" and index in (0, 1):
             found = _classify_matmul(node, index)
             if found is not None:
-                return found[0], found[1], DECOMPOSED
+                return found[0], found[1], DECOMPOSED, node, index
         spec = ATTENTION_OPS.get(_op_key(node))
         if spec is not None:
             if index in spec["key_in"]:
-                return "key", node, spec["form"]
+                return "key", node, spec["form"], None, None
             if index in spec["value_in"]:
-                return "value", node, spec["form"]
+                return "value", node, spec["form"], None, None
     return None
 
 
@@ -217,13 +220,14 @@ def _find_entries(graph: ir.Graph) -> tuple[list[_Found], list[str]]:
                 classified = _classify_cache(node.outputs[0])
                 if classified is None:
                     continue
-                kind, block, form = classified
+                kind, block, form, reader, operand = classified
                 axis = node.attributes["axis"].as_int()
                 rank = len(past.shape)
                 others = [v for v in node.inputs if v is not None and v is not past]
                 entry = _Found(past, present, kind, form, block, axis % rank, concat=node,
                                new_entries=others[0] if len(others) == 1 else None,
-                               attention_op=block if form != DECOMPOSED else None)
+                               attention_op=block if form != DECOMPOSED else None,
+                               reader=reader, reader_operand=operand)
                 break
             spec = ATTENTION_OPS.get(_op_key(node))
             if spec is not None and index in spec["past"]:
@@ -397,6 +401,8 @@ def _tensor(entry: _Found, layer: int, head: int | None) -> KVTensor:
         producer_chain=chain,
         projection=projection,
         rope=rope,
+        reader=entry.reader.name if entry.reader is not None else None,
+        reader_operand=entry.reader_operand,
     )
 
 

@@ -1,13 +1,16 @@
 """Graph fragments that encode a float KV tensor to packed codes and decode it back.
 
-Both follow `kvcompile.quant` exactly:
-- encode: per-tensor scales use ONNX QuantizeLinear (uint8, zero point) and a Clip onto the
-  ``bits`` grid; other scales use the same arithmetic spelled out (Div, Round half-to-even, Add
-  zero point, Clip, Cast), because QuantizeLinear's per-axis form takes one axis only while
-  per-channel KV scales span heads and head_dim. Codes are then packed ``8 // bits`` per byte
-  along the head_dim axis with Slice (stride) + BitShift + BitwiseOr.
-- decode: the inverse: BitShift/BitwiseAnd unpack, interleave (Unsqueeze, Concat, Reshape),
-  then DequantizeLinear (per-tensor) or Cast/Sub/Mul.
+Both follow `kvcompile.quant.Codec` exactly (tested element for element):
+- encode, static scales: per-tensor scales use ONNX QuantizeLinear (uint8 with the zero point)
+  and a Clip onto the ``bits`` grid; other scales use the same arithmetic spelled out (Div, Round
+  half-to-even, Add zero point, Clip, Cast), because QuantizeLinear's per-axis form takes one
+  axis only while per-channel KV scales span heads and head_dim.
+- encode, dynamic scales: head_dim is split into groups (Reshape), each token's group gets
+  absmax / qmax (symmetric) or (max - min) / (2**bits - 1) and a zero point (asymmetric),
+  rounded to float16 (how they are stored), then the same arithmetic quantizes.
+- codes are packed ``8 // bits`` per byte along the head_dim axis with Slice (stride) +
+  BitShift + BitwiseOr; decode unpacks with BitShift/BitwiseAnd and interleaves them back
+  (Unsqueeze, Concat, Reshape), then DequantizeLinear (per-tensor) or Cast/Sub/Mul.
 uint8 is used instead of ONNX INT4/UINT4 because Concat (which appends the new token to the
 cache) has no 4-bit type, and because every target (ORT GroupQueryAttention, NNAPI, TFLite)
 can carry uint8.
@@ -15,10 +18,12 @@ can carry uint8.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
-from kvcompile.quant import Codec, code_max, codes_per_byte
+from kvcompile.quant import DYNAMIC_SCALE_FLOOR, Codec, code_max, codes_per_byte, symmetric_zero_point
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -44,6 +49,9 @@ class FragmentBuilder:
         self.graph.register_initializer(value)
         return value
 
+    def ints(self, *values: int) -> ir.Value:
+        return self.const(np.array(values, np.int64), "ints")
+
     def op(self, op_type: str, inputs: list[ir.Value | None], **attributes) -> ir.Value:
         name = self._name(op_type)
         node = ir.Node("", op_type, inputs, attributes=ir.convenience.convert_attributes(attributes),
@@ -53,39 +61,93 @@ class FragmentBuilder:
         return node.outputs[0]
 
 
+@dataclass
+class Encoded:
+    """What encoding appends to the cache: packed codes, and for dynamic codecs the per-group
+    float16 scales and (asymmetric) uint8 zero points, head_dim axis holding D // group."""
+
+    codes: ir.Value
+    scale: ir.Value | None = None
+    zero_point: ir.Value | None = None
+
+
 def _uint8(value: int) -> np.ndarray:
     return np.array(value, dtype=np.uint8)
 
 
-def emit_encode(b: FragmentBuilder, x: ir.Value, codec: Codec, float_dtype: ir.DataType) -> ir.Value:
-    """Float tensor -> packed uint8 codes, following kvcompile.quant.Codec.encode."""
+def _shape_after_split(logical_shape: list[int | str], axis: int, parts: list[int]) -> np.ndarray:
+    """Reshape target that replaces the dim at `axis` by `parts`, copying the dims before it."""
+    after = logical_shape[axis + 1 :]
+    if sum(not isinstance(d, int) for d in after) > 1:
+        raise ValueError(f"cannot regroup a cache of shape {logical_shape}: more than one symbolic dim after head_dim")
+    return np.array([0] * axis + parts + [d if isinstance(d, int) else -1 for d in after], np.int64)
+
+
+def _to_codes(b: FragmentBuilder, x: ir.Value, scale: ir.Value, zero_point: ir.Value, bits: int) -> ir.Value:
+    """clip(round(x / scale) + zero_point, 0, 2**bits - 1) as uint8 (float zero point)."""
+    rounded = b.op("Round", [b.op("Div", [x, scale])])
+    shifted = b.op("Add", [rounded, zero_point])
+    clipped = b.op("Clip", [shifted, b.const(np.float32(0), "code_min"), b.const(np.float32(code_max(bits)), "code_max")])
+    return b.op("Cast", [clipped], to=ir.DataType.UINT8)
+
+
+def emit_encode(b: FragmentBuilder, x: ir.Value, codec: Codec, float_dtype: ir.DataType,
+                logical_shape: list[int | str]) -> Encoded:
+    """Float tensor -> packed uint8 codes (+ dynamic parameters), following Codec.encode."""
     if float_dtype != ir.DataType.FLOAT:
         x = b.op("Cast", [x], to=ir.DataType.FLOAT)
-    top = code_max(codec.bits)
+    if codec.dynamic:
+        return _emit_encode_dynamic(b, x, codec, logical_shape)
     if codec.per_tensor:
         codes = b.op("QuantizeLinear", [x, b.const(codec.scale.reshape(()), "scale"),
                                         b.const(codec.zero_point.reshape(()), "zero_point")])
-        if top < 255:
-            codes = b.op("Clip", [codes, b.const(_uint8(0), "code_min"), b.const(_uint8(top), "code_max")])
+        if code_max(codec.bits) < 255:
+            codes = b.op("Clip", [codes, b.const(_uint8(0), "code_min"), b.const(_uint8(code_max(codec.bits)), "code_max")])
     else:
-        scaled = b.op("Div", [x, b.const(codec.scale, "scale")])
-        rounded = b.op("Round", [scaled])
-        shifted = b.op("Add", [rounded, b.const(codec.zero_point.astype(np.float32), "zero_point")])
-        clipped = b.op("Clip", [shifted, b.const(np.float32(0), "code_min"), b.const(np.float32(top), "code_max")])
-        codes = b.op("Cast", [clipped], to=ir.DataType.UINT8)
-    return emit_pack(b, codes, codec)
+        codes = _to_codes(b, x, b.const(codec.scale, "scale"),
+                          b.const(codec.zero_point.astype(np.float32), "zero_point"), codec.bits)
+    return Encoded(emit_pack(b, codes, codec))
+
+
+def _emit_encode_dynamic(b: FragmentBuilder, x: ir.Value, codec: Codec, logical_shape: list[int | str]) -> Encoded:
+    a = codec.pack_axis
+    head_dim = logical_shape[a]
+    grouped = b.op("Reshape", [x, b.const(_shape_after_split(logical_shape, a, [head_dim // codec.group, codec.group]), "shape")])
+    inner = b.ints(a + 1)
+    floor = b.const(DYNAMIC_SCALE_FLOOR, "scale_floor")
+
+    def stored_scale(raw: ir.Value) -> tuple[ir.Value, ir.Value]:
+        half = b.op("Cast", [b.op("Max", [raw, floor])], to=ir.DataType.FLOAT16)
+        return half, b.op("Cast", [half], to=ir.DataType.FLOAT)
+
+    if codec.symmetric:
+        absmax = b.op("ReduceMax", [b.op("Abs", [grouped]), inner], keepdims=1)
+        qmax = np.float32(symmetric_zero_point(codec.bits) - 1)
+        half, scale = stored_scale(b.op("Div", [absmax, b.const(qmax, "qmax")]))
+        zero_point = b.const(np.float32(symmetric_zero_point(codec.bits)), "zero_point")
+        stored_zero_point = None
+    else:
+        low = b.op("ReduceMin", [grouped, inner], keepdims=1)
+        high = b.op("ReduceMax", [grouped, inner], keepdims=1)
+        half, scale = stored_scale(b.op("Div", [b.op("Sub", [high, low]), b.const(np.float32(code_max(codec.bits)), "levels")]))
+        zero_point = b.op("Clip", [b.op("Round", [b.op("Div", [b.op("Neg", [low]), scale])]),
+                                   b.const(np.float32(0), "zp_min"), b.const(np.float32(code_max(codec.bits)), "zp_max")])
+        stored_zero_point = b.op("Squeeze", [b.op("Cast", [zero_point], to=ir.DataType.UINT8), inner])
+    codes = _to_codes(b, grouped, scale, zero_point, codec.bits)
+    merged = b.op("Reshape", [codes, b.const(_shape_after_split(logical_shape, a, [head_dim]), "shape")])
+    return Encoded(emit_pack(b, merged, codec), b.op("Squeeze", [half, inner]), stored_zero_point)
 
 
 def emit_pack(b: FragmentBuilder, codes: ir.Value, codec: Codec) -> ir.Value:
     n = codes_per_byte(codec.bits)
     if n == 1:
         return codes
-    axis = b.const(np.array([codec.pack_axis], np.int64), "axis")
-    step = b.const(np.array([n], np.int64), "step")
-    end = b.const(np.array([_INT64_MAX], np.int64), "end")
+    axis = b.ints(codec.pack_axis)
+    step = b.ints(n)
+    end = b.ints(_INT64_MAX)
     packed = None
     for j in range(n):
-        part = b.op("Slice", [codes, b.const(np.array([j], np.int64), "start"), end, axis, step])
+        part = b.op("Slice", [codes, b.ints(j), end, axis, step])
         if j:
             part = b.op("BitShift", [part, b.const(_uint8(j * codec.bits), "shift")], direction="LEFT")
         packed = part if packed is None else b.op("BitwiseOr", [packed, part])
@@ -98,7 +160,7 @@ def emit_unpack(b: FragmentBuilder, packed: ir.Value, codec: Codec, logical_shap
         return packed
     a = codec.pack_axis
     mask = b.const(_uint8(code_max(codec.bits)), "mask")
-    unsqueeze_axis = b.const(np.array([a + 1], np.int64), "axis")
+    unsqueeze_axis = b.ints(a + 1)
     parts = []
     for j in range(n):
         part = packed
@@ -107,25 +169,26 @@ def emit_unpack(b: FragmentBuilder, packed: ir.Value, codec: Codec, logical_shap
         part = b.op("BitwiseAnd", [part, mask])
         parts.append(b.op("Unsqueeze", [part, unsqueeze_axis]))
     interleaved = b.op("Concat", parts, axis=a + 1)
-    return b.op("Reshape", [interleaved, b.const(_merge_shape(logical_shape, a), "shape")])
+    return b.op("Reshape", [interleaved, b.const(_shape_after_split(logical_shape, a, [logical_shape[a]]), "shape")])
 
 
-def _merge_shape(logical_shape: list[int | str], axis: int) -> np.ndarray:
-    """Reshape target that merges the (bytes, codes) pair of axes back into the head_dim axis."""
-    target = [0] * axis + [logical_shape[axis]]
-    after = logical_shape[axis + 1 :]
-    if sum(not isinstance(d, int) for d in after) > 1:
-        raise ValueError(f"cannot unpack a cache of shape {logical_shape}: more than one symbolic "
-                         "dim after head_dim")
-    target += [d if isinstance(d, int) else -1 for d in after]
-    return np.array(target, dtype=np.int64)
-
-
-def emit_decode(b: FragmentBuilder, packed: ir.Value, codec: Codec, logical_shape: list[int | str],
+def emit_decode(b: FragmentBuilder, stored: Encoded, codec: Codec, logical_shape: list[int | str],
                 float_dtype: ir.DataType) -> ir.Value:
-    """Packed uint8 codes -> float tensor, following kvcompile.quant.Codec.decode."""
-    codes = emit_unpack(b, packed, codec, logical_shape)
-    if codec.per_tensor:
+    """Packed uint8 codes (+ dynamic parameters) -> float tensor, following Codec.decode."""
+    codes = emit_unpack(b, stored.codes, codec, logical_shape)
+    if codec.dynamic:
+        a = codec.pack_axis
+        head_dim = logical_shape[a]
+        grouped = b.op("Reshape", [codes, b.const(_shape_after_split(logical_shape, a, [head_dim // codec.group, codec.group]), "shape")])
+        inner = b.ints(a + 1)
+        scale = b.op("Cast", [b.op("Unsqueeze", [stored.scale, inner])], to=ir.DataType.FLOAT)
+        if stored.zero_point is None:
+            zero_point = b.const(np.float32(symmetric_zero_point(codec.bits)), "zero_point")
+        else:
+            zero_point = b.op("Cast", [b.op("Unsqueeze", [stored.zero_point, inner])], to=ir.DataType.FLOAT)
+        centered = b.op("Sub", [b.op("Cast", [grouped], to=ir.DataType.FLOAT), zero_point])
+        x = b.op("Reshape", [b.op("Mul", [centered, scale]), b.const(_shape_after_split(logical_shape, a, [head_dim]), "shape")])
+    elif codec.per_tensor:
         x = b.op("DequantizeLinear", [codes, b.const(codec.scale.reshape(()), "scale"),
                                       b.const(codec.zero_point.reshape(()), "zero_point")])
     else:

@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from kvcompile.errors import BadInputError
 from kvcompile.manifest import TargetIO
-from kvcompile.runtimes.kvcache import GrowingCache
+from kvcompile.runtimes.kvcache import GrowingCache, stored_tensors
 
 _INT_DTYPES = {"int64": np.int64, "int32": np.int32}
 
@@ -23,7 +23,7 @@ class Decoder:
     def __init__(self, session: ort.InferenceSession, io: TargetIO):
         self.session = session
         self.io = io
-        self.output_names = [io.logits] + [kv.output for kv in io.kv]
+        self.output_names = [io.logits] + [output for _, output, _, _ in stored_tensors(io)]
         self._dtypes = {i.name: _INT_DTYPES.get(i.dtype, np.int64) for i in io.inputs}
 
     def new_cache(self, batch: int) -> GrowingCache:

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvcompile.manifest import KVIO, TargetIO
+from kvcompile.manifest import TargetIO
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "int8": np.int8}
 
 
-def stored_numpy_dtype(kv: KVIO) -> np.dtype:
-    return np.dtype(_NUMPY_DTYPES[kv.stored_dtype])
+def stored_numpy_dtype(stored_dtype: str) -> np.dtype:
+    return np.dtype(_NUMPY_DTYPES[stored_dtype])
+
+
+def stored_tensors(io: TargetIO) -> list[tuple[str, str, str, list[int | str]]]:
+    """Every tensor the cache keeps: (input, output, dtype, shape) for codes and stored params."""
+    out = []
+    for kv in io.kv:
+        out.append((kv.input, kv.output, kv.stored_dtype, kv.stored_shape))
+        out += [(p.input, p.output, p.stored_dtype, p.stored_shape) for p in kv.params]
+    return out
 
 
 def concrete_shape(shape: list[int | str], batch: int, seq: int) -> tuple[int, ...]:
@@ -40,17 +49,24 @@ class GrowingCache:
         self.batch = batch
         self.length = 0
         self.tensors: dict[str, np.ndarray] = {
-            kv.input: np.zeros(concrete_shape(kv.stored_shape, batch, 0), stored_numpy_dtype(kv))
-            for kv in io.kv
+            name: np.zeros(concrete_shape(shape, batch, 0), stored_numpy_dtype(dtype))
+            for name, _, dtype, shape in stored_tensors(io)
         }
 
     def feeds(self) -> dict[str, np.ndarray]:
         return dict(self.tensors)
 
     def update(self, presents: dict[str, np.ndarray], new_tokens: int) -> None:
-        for kv in self.io.kv:
-            self.tensors[kv.input] = presents[kv.output]
+        for name, output, _, _ in stored_tensors(self.io):
+            self.tensors[name] = presents[output]
         self.length += new_tokens
+
+    def replaced(self, tensors: dict[str, np.ndarray]) -> "GrowingCache":
+        """A copy of this cache with some tensors swapped (same length); this one is unchanged."""
+        copy = GrowingCache.__new__(GrowingCache)
+        copy.io, copy.batch, copy.length = self.io, self.batch, self.length
+        copy.tensors = {**self.tensors, **tensors}
+        return copy
 
     def nbytes(self) -> int:
         """Bytes the cache occupies now (everything stored: codes and float parts)."""

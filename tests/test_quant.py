@@ -132,6 +132,53 @@ def test_codec_per_channel_broadcast_round_trip():
     x = rng.normal(size=(2, 3, 5, 8)).astype(np.float32)
     absmax = np.abs(x).max(axis=(0, 2), keepdims=True)
     codec = quant.Codec(4, quant.symmetric_scale(absmax, 4), 8, pack_axis=3)
-    packed = codec.encode(x)
+    packed, scale, zero_point = codec.encode(x)
     assert packed.shape == (2, 3, 5, 4) and packed.dtype == np.uint8
+    assert scale is None and zero_point is None, "static codecs store no per-token parameters"
     np.testing.assert_allclose(codec.decode(packed), x, atol=float(codec.scale.max()) / 2 + 1e-6)
+
+
+def reference_dynamic(x: np.ndarray, group: int, bits: int, symmetric: bool) -> np.ndarray:
+    """A plain-loop reference of per-group dynamic quantization along the last axis."""
+    out = np.empty_like(x)
+    levels = (1 << bits) - 1
+    for index in np.ndindex(*x.shape[:-1]):
+        for start in range(0, x.shape[-1], group):
+            chunk = x[index][start : start + group].astype(np.float32)
+            if symmetric:
+                scale = np.float32(max(np.float32(np.abs(chunk).max() / np.float32((1 << (bits - 1)) - 1)), quant.DYNAMIC_SCALE_FLOOR))
+                zero_point = 1 << (bits - 1)
+            else:
+                scale = np.float32(max(np.float32((chunk.max() - chunk.min()) / np.float32(levels)), quant.DYNAMIC_SCALE_FLOOR))
+            scale = np.float32(np.float16(scale))
+            if not symmetric:
+                zero_point = int(np.clip(np.rint(-chunk.min() / scale), 0, levels))
+            codes = np.clip(np.rint(chunk / scale) + zero_point, 0, levels)
+            out[index][start : start + group] = (codes - zero_point) * scale
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [8, 16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dynamic_codec_matches_loop_reference(bits, group, symmetric):
+    x = np.random.default_rng(bits + group).normal(size=(2, 3, 5, 16)).astype(np.float32) * 3
+    codec = quant.Codec(bits, None, None, pack_axis=3, group=group, symmetric=symmetric)
+    packed, scale, zero_point = codec.encode(x)
+    assert scale.dtype == np.float16 and scale.shape == (2, 3, 5, 16 // group)
+    assert (zero_point is None) == symmetric
+    np.testing.assert_array_equal(codec.decode(packed, scale, zero_point), reference_dynamic(x, group, bits, symmetric))
+
+
+def test_dynamic_scales_depend_on_each_token_alone():
+    """Quantizing a sequence at once or token by token stores identical codes and scales."""
+    x = np.random.default_rng(3).normal(size=(1, 2, 9, 16)).astype(np.float32)
+    x[:, :, 4] = 0.0  # an all-zero token gets the floor scale, not a neighbour's
+    for symmetric in (True, False):
+        codec = quant.Codec(4, None, None, pack_axis=3, group=8, symmetric=symmetric)
+        whole = codec.encode(x)
+        pieces = [codec.encode(x[:, :, t : t + 1]) for t in range(9)]
+        for i, part in enumerate(whole):
+            if part is None:
+                continue
+            np.testing.assert_array_equal(part, np.concatenate([p[i] for p in pieces], axis=2))

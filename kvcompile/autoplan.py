@@ -1,0 +1,188 @@
+"""`--scheme auto`: choose how to store each cache tensor, under a bit budget, by measurement.
+
+1. Candidates per tensor: bits 2/4/8 (`--uniform`: only the budget's width) x per-tensor,
+   per-channel (static, calibrated), per-token and per-group (dynamic, symmetric or asymmetric).
+2. Cost in quality: the next-token KL on calibration windows, fed as decoding feeds them, of
+   the model compiled with only that tensor stored that way (the real rewrite, run by
+   onnxruntime: `runtimes.sensitivity`).
+   Cost in memory: stored bits per cache element, per-token scales and zero points included
+   (they grow with the context). Static scales are a fixed few KB, whatever the context: they
+   are counted in the memory figures but not against the per-element budget.
+3. Choice: minimise the summed KL with the average stored bits per element at most the budget
+   (`--kv-bits`), by walking each tensor up the lower convex hull of its (bits, KL) candidates,
+   best KL saved per bit first (the classic multiple-choice knapsack heuristic), then taking any
+   single swap that still fits and lowers the KL. 2-bit candidates are used only where they are
+   harmless (KL <= 0.0005 nats: single-tensor KLs do not add up exactly, and a 2-bit tensor's
+   real cost was seen to exceed its measured one); float is never chosen.
+The report records every tensor's choice, its KL and the alternatives it beat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from kvcompile.errors import BadInputError
+from kvcompile.kvgraph import KVGraph, KVTensor
+from kvcompile.plan import QuantPlan, TensorPlan, tensor_plan
+from kvcompile.runtimes.calibrate import KVStats
+from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.sensitivity import mean_kl, reference_log_probs
+
+HARMLESS_KL = 0.0005  # nats: where 2-bit storage is allowed
+SENSITIVITY_WINDOWS = 8
+SENSITIVITY_WINDOW = 128
+SENSITIVITY_PREFILL = 32
+SENSITIVITY_CHUNK = 4
+REFERENCE_BUDGET = 1 << 24  # float32 reference log-probabilities kept: 64 MiB
+
+VariantFactory = Callable[["QuantPlan"], Decoder]
+
+
+@dataclass(frozen=True)
+class Option:
+    plan: TensorPlan
+    bits_per_element: float  # stored per cache element: codes and per-token parameters
+    kl: float
+
+
+def candidate_plans(tensor: KVTensor, stats: KVStats, widths: tuple[int, ...], clip: str) -> list[TensorPlan]:
+    """4-bit: every granularity; 8-bit: per-channel and per-token; 2-bit: the dynamic ones
+    (static 2-bit scales are never competitive)."""
+    group = 32 if tensor.head_dim > 32 and tensor.head_dim % 32 == 0 else None
+    plans = []
+    for bits in widths:
+        if bits != 2 or len(widths) == 1:
+            plans.append(tensor_plan(tensor, stats, bits, "per-channel", clip))
+        if bits == 4 or len(widths) == 1:
+            plans.append(tensor_plan(tensor, stats, bits, "per-tensor", clip))
+            plans.append(tensor_plan(tensor, stats, bits, "per-token", clip, symmetric=True))
+            if group:
+                plans.append(tensor_plan(tensor, stats, bits, "per-group", clip, group, True))
+        plans.append(tensor_plan(tensor, stats, bits, "per-token", clip, symmetric=False))
+        if group and bits != 8:
+            plans.append(tensor_plan(tensor, stats, bits, "per-group", clip, group, False))
+    return plans
+
+
+def _lower_hull(options: list[Option]) -> list[Option]:
+    """Options on the lower convex hull of (bits, KL), cheapest first."""
+    best_at: dict[float, Option] = {}
+    for option in options:
+        current = best_at.get(option.bits_per_element)
+        if current is None or option.kl < current.kl:
+            best_at[option.bits_per_element] = option
+    hull: list[Option] = []
+    for option in sorted(best_at.values(), key=lambda o: o.bits_per_element):
+        if hull and option.kl >= hull[-1].kl:
+            continue  # costs more and is no better
+        while len(hull) >= 2:
+            (a, b) = hull[-2], hull[-1]
+            # b lies above the segment a -> option: drop it
+            slope_ab = (b.kl - a.kl) / (b.bits_per_element - a.bits_per_element)
+            slope_ao = (option.kl - a.kl) / (option.bits_per_element - a.bits_per_element)
+            if slope_ab <= slope_ao:
+                break
+            hull.pop()
+        hull.append(option)
+    return hull
+
+
+def choose(options: list[list[Option]], weights: list[int], budget: float) -> list[Option]:
+    """One option per tensor, minimising summed KL with mean bits per element <= budget."""
+    capacity = budget * sum(weights)
+    hulls = [_lower_hull(o) for o in options]
+    chosen = [h[0] for h in hulls]
+    used = sum(c.bits_per_element * w for c, w in zip(chosen, weights))
+    if used > capacity + 1e-9:
+        cheapest = used / sum(weights)
+        raise BadInputError(f"--kv-bits {budget:g} is below the cheapest storage kvcompile has for "
+                            f"this model ({cheapest:.3f} bits per element); raise --kv-bits")
+    position = [0] * len(hulls)
+    while True:
+        best, best_ratio = None, 0.0
+        for i, hull in enumerate(hulls):
+            if position[i] + 1 >= len(hull):
+                continue
+            current, step = hull[position[i]], hull[position[i] + 1]
+            extra = (step.bits_per_element - current.bits_per_element) * weights[i]
+            if used + extra > capacity + 1e-9:
+                continue
+            ratio = (current.kl - step.kl) / extra
+            if ratio > best_ratio:
+                best, best_ratio = i, ratio
+        if best is None:
+            break
+        hull = hulls[best]
+        used += (hull[position[best] + 1].bits_per_element - hull[position[best]].bits_per_element) * weights[best]
+        position[best] += 1
+        chosen[best] = hull[position[best]]
+    improved = True
+    while improved:  # any single swap that fits and lowers the KL
+        improved = False
+        for i, candidates in enumerate(options):
+            for option in sorted(candidates, key=lambda o: o.kl):
+                extra = (option.bits_per_element - chosen[i].bits_per_element) * weights[i]
+                if option.kl < chosen[i].kl and used + extra <= capacity + 1e-9:
+                    used += extra
+                    chosen[i] = option
+                    improved = True
+                    break
+    return chosen
+
+
+def _reason(chosen: Option, alternatives: list[Option], budget: float) -> str:
+    others = sorted((o for o in alternatives if o is not chosen and o.plan.bits == chosen.plan.bits),
+                    key=lambda o: o.kl)[:2]
+    beaten = ", ".join(f"{o.plan.name} {o.kl:.4f}" for o in others)
+    return (f"auto: least next-token KL within {budget:g} bits/element: {chosen.kl:.4f} nats at "
+            f"{chosen.bits_per_element:.3f} bits (vs {beaten})")
+
+
+def _windows(windows: np.ndarray, vocab: int) -> np.ndarray:
+    """At most 8 windows of 128 tokens, fewer for large vocabularies (reference kept in memory)."""
+    length = min(SENSITIVITY_WINDOW, windows.shape[1])
+    count = int(max(1, min(SENSITIVITY_WINDOWS, REFERENCE_BUDGET // (length * vocab))))
+    return windows[:count, :length]
+
+
+def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, variant: VariantFactory, windows: np.ndarray,
+              budget: float, clip: str, uniform: bool,
+              progress: Callable[[str, int], Callable[[int], None]]) -> QuantPlan:
+    """`variant(plan)` returns a Decoder for the model compiled with that (partial) plan."""
+    if uniform:
+        if float(budget) not in (2.0, 4.0, 8.0):
+            raise BadInputError("--uniform stores every tensor at --kv-bits: use 2, 4 or 8")
+        widths: tuple[int, ...] = (int(budget),)
+    else:
+        widths = (2, 4, 8)
+    plans = {t.past_input: candidate_plans(t, stats, widths, clip) for t in kv.tensors}
+    reference_logits, _ = decoder.step(decoder.new_cache(1), windows[:1, :2])
+    windows = _windows(windows, reference_logits.shape[-1])
+    reference = reference_log_probs(decoder, windows, SENSITIVITY_PREFILL)
+    advance = progress("measuring sensitivity", sum(len(p) for p in plans.values()))
+    options = []
+    for tensor in kv.tensors:
+        tensor_options = []
+        for plan in plans[tensor.past_input]:
+            kl = mean_kl(variant(_only(kv, tensor, plan, budget, clip)), windows, reference,
+                         SENSITIVITY_PREFILL, SENSITIVITY_CHUNK)
+            tensor_options.append(Option(plan, plan.stored_bits_per_element(tensor), kl))
+            advance(1)
+        if not uniform:
+            tensor_options = [o for o in tensor_options if o.plan.bits != 2 or o.kl <= HARMLESS_KL]
+        options.append(tensor_options)
+    chosen = choose(options, [t.elements_per_token for t in kv.tensors], float(budget))
+    tensors = []
+    for option, alternatives in zip(chosen, options):
+        evidence = {o.plan.name: round(o.kl, 6) for o in alternatives}
+        tensors.append(replace(option.plan, reason=_reason(option, alternatives, budget), evidence=evidence))
+    return QuantPlan(tuple(tensors), scheme="auto", bits=float(budget), clip=clip)
+
+
+def _only(kv: KVGraph, tensor: KVTensor, plan: TensorPlan, budget: float, clip: str) -> QuantPlan:
+    """A plan that stores `tensor` as `plan` and every other tensor in float."""
+    keep = [TensorPlan(t.past_input, t.label, None, None, True, None, None, "float") for t in kv.tensors if t is not tensor]
+    return QuantPlan(tuple([plan, *keep]), scheme="probe", bits=budget, clip=clip)

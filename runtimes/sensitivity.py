@@ -1,0 +1,35 @@
+"""Sensitivity: how far a model variant's next-token distributions are from the float model's.
+
+A compiled variant stores every token in the cache as it is fed, and later tokens read it back
+from storage, while the tokens of one step attend to each other in float. So each window is fed
+the way decoding feeds it: a prefill of `prefill` tokens, then short chunks of `chunk` tokens
+(a chunk of 1 is exact decoding; a few tokens keep the cost down while every scored position
+reads all but at most chunk - 1 recent entries from storage). The mean KL(reference || variant)
+over the positions after the prefill is the variant's cost in quality.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.perplexity import log_softmax
+
+
+def reference_log_probs(decoder: Decoder, windows: np.ndarray, prefill: int) -> np.ndarray:
+    """Log-probabilities of the reference (float) model after the prefill: [N, W - prefill, vocab]."""
+    logits, _ = decoder.step(decoder.new_cache(windows.shape[0]), windows)
+    return log_softmax(logits[:, prefill:]).astype(np.float32)
+
+
+def mean_kl(decoder: Decoder, windows: np.ndarray, reference: np.ndarray, prefill: int, chunk: int) -> float:
+    """Mean KL(reference || variant) in nats per position after the prefill."""
+    cache = decoder.new_cache(windows.shape[0])
+    decoder.step(cache, windows[:, :prefill])
+    pieces = []
+    for start in range(prefill, windows.shape[1], chunk):
+        logits, _ = decoder.step(cache, windows[:, start : start + chunk])
+        pieces.append(logits)
+    variant = log_softmax(np.concatenate(pieces, axis=1))
+    kl = (np.exp(reference) * (reference - variant)).sum(axis=-1)
+    return float(kl.mean())

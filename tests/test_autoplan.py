@@ -1,0 +1,77 @@
+"""--scheme auto: the budgeted choice (unit) and the whole planner on a synthetic decoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from kvcompile.autoplan import Option, auto_plan, choose
+from kvcompile.errors import BadInputError
+from kvcompile.manifest import float_model_io
+from kvcompile.passes.find_kv_cache import find_kv_cache
+from kvcompile.pipeline import VariantBuilder
+from kvcompile.plan import TensorPlan
+from kvcompile.runtimes.calibrate import collect_kv_stats
+from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.session import cpu_session
+from synthetic import build_decoder
+
+
+def option(name: str, bits: float, kl: float) -> Option:
+    plan = TensorPlan("x", "x", int(bits) if bits < 9 else None, name, True, None, None, name)
+    return Option(plan, bits, kl)
+
+
+def test_choose_spends_the_budget_where_it_saves_most_kl():
+    sensitive = [option("2", 2, 0.5), option("4", 4, 0.1), option("8", 8, 0.0)]
+    robust = [option("2", 2, 0.011), option("4", 4, 0.01), option("8", 8, 0.0)]
+    chosen = choose([sensitive, robust], [1, 1], budget=5.0)
+    assert [c.bits_per_element for c in chosen] == [8, 2], "8 bits where they matter, 2 where harmless"
+    assert sum(c.bits_per_element for c in chosen) / 2 <= 5.0
+
+
+def test_choose_never_exceeds_the_budget_and_takes_the_best_fitting():
+    options = [[option("a", 4, 0.3), option("b", 4.25, 0.2), option("c", 4.5, 0.1)] for _ in range(4)]
+    chosen = choose(options, [64] * 4, budget=4.25)
+    mean = sum(c.bits_per_element for c in chosen) / 4
+    assert mean <= 4.25 + 1e-9
+    assert sum(c.kl for c in chosen) == pytest.approx(0.8), "two at 4.5 and two at 4.0 beat four at 4.25"
+
+
+def test_choose_refuses_an_impossible_budget():
+    with pytest.raises(BadInputError, match="below the cheapest"):
+        choose([[option("a", 4, 0.1)]], [1], budget=3.0)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    proto = build_decoder("llama", layers=2, heads=4, kv_heads=2, head_dim=64)
+    path = tmp_path_factory.mktemp("auto") / "model.onnx"
+    path.write_bytes(proto.SerializeToString())
+    kv = find_kv_cache(ir.serde.deserialize_model(proto))
+    decoder = Decoder(cpu_session(path), float_model_io(kv, str(path)))
+    windows = np.random.default_rng(0).integers(0, 32, (8, 128))
+    stats = collect_kv_stats(decoder, windows, chunk=32)
+    return path, kv, decoder, windows, stats
+
+
+def no_progress(_description, _total):
+    return lambda _units: None
+
+
+@pytest.mark.parametrize("budget,uniform", [(4.0, False), (4.5, False), (4.0, True), (8.0, True)])
+def test_auto_plan_respects_budget_and_explains(synthetic, tmp_path, budget, uniform):
+    path, kv, decoder, windows, stats = synthetic
+    plan = auto_plan(kv, stats, decoder, VariantBuilder(path, kv, tmp_path), windows, budget, "wmse",
+                     uniform, no_progress)
+    elements = [t.elements_per_token for t in kv.tensors]
+    bits = [plan.for_input(t.past_input).stored_bits_per_element(t) for t in kv.tensors]
+    assert np.dot(elements, bits) / sum(elements) <= budget + 1e-9
+    if uniform:
+        assert {t.bits for t in plan.tensors} == {int(budget)}
+    for tensor_plan in plan.tensors:
+        assert tensor_plan.reason.startswith("auto: least next-token KL")
+        assert tensor_plan.name in tensor_plan.evidence, "the choice is among the measured candidates"
+        best_affordable = min(kl for name, kl in tensor_plan.evidence.items())
+        assert tensor_plan.evidence[tensor_plan.name] >= best_affordable
