@@ -1,6 +1,7 @@
 """`--scheme auto`: choose how to store each cache tensor, under a bit budget, by measurement.
 
-1. Candidates per tensor: bits 2/4/8 (`--uniform`: only the budget's width) x per-tensor,
+1. Candidates per tensor (per layer for GroupQueryAttention, which stores K and V alike):
+   bits 2/4/8 (`--uniform`: only the budget's width) x per-tensor,
    per-channel (static, calibrated), per-token and per-group (dynamic, symmetric or asymmetric).
 2. Cost in quality: the next-token KL on calibration windows, fed as decoding feeds them, of
    the model compiled with only that tensor stored that way (the real rewrite, run by
@@ -25,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from kvcompile.errors import BadInputError
-from kvcompile.kvgraph import KVGraph, KVTensor
+from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph, KVTensor
 from kvcompile.plan import QuantPlan, TensorPlan, tensor_plan
 from kvcompile.runtimes.calibrate import KVStats
 from kvcompile.runtimes.decoder import Decoder
@@ -43,14 +44,40 @@ VariantFactory = Callable[["QuantPlan"], Decoder]
 
 @dataclass(frozen=True)
 class Option:
-    plan: TensorPlan
+    plans: tuple[TensorPlan, ...]  # one per tensor of the unit
     bits_per_element: float  # stored per cache element: codes and per-token parameters
     kl: float
 
+    @property
+    def name(self) -> str:
+        return self.plans[0].name
 
-def candidate_plans(tensor: KVTensor, stats: KVStats, widths: tuple[int, ...], clip: str) -> list[TensorPlan]:
+
+def units(kv: KVGraph) -> list[tuple[KVTensor, ...]]:
+    """What auto chooses for together: one tensor, or both tensors of a GroupQueryAttention layer
+    (the fused CPU kernel stores K and V at one bit width with one kind of scale)."""
+    out: list[tuple[KVTensor, ...]] = []
+    for tensor in kv.tensors:
+        if tensor.attention == GROUP_QUERY_ATTENTION and tensor.kind == "value":
+            continue
+        if tensor.attention == GROUP_QUERY_ATTENTION:
+            value = next(t for t in kv.tensors if t.layer == tensor.layer and t.kind == "value")
+            out.append((tensor, value))
+        else:
+            out.append((tensor,))
+    return out
+
+
+def candidate_plans(unit: tuple[KVTensor, ...], stats: KVStats, widths: tuple[int, ...], clip: str
+                    ) -> list[tuple[TensorPlan, ...]]:
     """4-bit: every granularity; 8-bit: per-channel and per-token; 2-bit: the dynamic ones
-    (static 2-bit scales are never competitive)."""
+    (static 2-bit scales are never competitive). A GroupQueryAttention layer can only be stored
+    the ways the fused kernel stores it: 4 bits (its 8-bit cache is int8, which kvcompile does not
+    emit), static symmetric scales, K and V alike."""
+    tensor = unit[0]
+    if tensor.attention == GROUP_QUERY_ATTENTION:
+        return [tuple(tensor_plan(t, stats, 4, granularity, clip) for t in unit)
+                for granularity in ("per-tensor", "per-channel")]
     group = 32 if tensor.head_dim > 32 and tensor.head_dim % 32 == 0 else None
     plans = []
     for bits in widths:
@@ -64,7 +91,7 @@ def candidate_plans(tensor: KVTensor, stats: KVStats, widths: tuple[int, ...], c
         plans.append(tensor_plan(tensor, stats, bits, "per-token", clip, symmetric=False))
         if group and bits != 8:
             plans.append(tensor_plan(tensor, stats, bits, "per-group", clip, group, False))
-    return plans
+    return [(plan,) for plan in plans]
 
 
 def _lower_hull(options: list[Option]) -> list[Option]:
@@ -134,11 +161,12 @@ def choose(options: list[list[Option]], weights: list[int], budget: float) -> li
 
 
 def _reason(chosen: Option, alternatives: list[Option], budget: float) -> str:
-    others = sorted((o for o in alternatives if o is not chosen and o.plan.bits == chosen.plan.bits),
+    others = sorted((o for o in alternatives if o is not chosen and o.plans[0].bits == chosen.plans[0].bits),
                     key=lambda o: o.kl)[:2]
-    beaten = ", ".join(f"{o.plan.name} {o.kl:.4f}" for o in others)
+    beaten = ", ".join(f"{o.name} {o.kl:.4f}" for o in others)
+    together = " (K and V together: GroupQueryAttention)" if len(chosen.plans) > 1 else ""
     return (f"auto: least next-token KL within {budget:g} bits/element: {chosen.kl:.4f} nats at "
-            f"{chosen.bits_per_element:.3f} bits (vs {beaten})")
+            f"{chosen.bits_per_element:.3f} bits{together} (vs {beaten})")
 
 
 def _windows(windows: np.ndarray, vocab: int) -> np.ndarray:
@@ -158,31 +186,39 @@ def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, variant: VariantFac
         widths: tuple[int, ...] = (int(budget),)
     else:
         widths = (2, 4, 8)
-    plans = {t.past_input: candidate_plans(t, stats, widths, clip) for t in kv.tensors}
+    unit_list = units(kv)
+    candidates = [candidate_plans(unit, stats, widths, clip) for unit in unit_list]
     reference_logits, _ = decoder.step(decoder.new_cache(1), windows[:1, :2])
     windows = _windows(windows, reference_logits.shape[-1])
     reference = reference_log_probs(decoder, windows, SENSITIVITY_PREFILL)
-    advance = progress("measuring sensitivity", sum(len(p) for p in plans.values()))
+    advance = progress("measuring sensitivity", sum(len(c) for c in candidates))
     options = []
-    for tensor in kv.tensors:
-        tensor_options = []
-        for plan in plans[tensor.past_input]:
-            kl = mean_kl(variant(_only(kv, tensor, plan, budget, clip)), windows, reference,
+    for unit, unit_candidates in zip(unit_list, candidates):
+        elements = [t.elements_per_token for t in unit]
+        unit_options = []
+        for plans in unit_candidates:
+            kl = mean_kl(variant(_only(kv, plans, budget, clip)), windows, reference,
                          SENSITIVITY_PREFILL, SENSITIVITY_CHUNK)
-            tensor_options.append(Option(plan, plan.stored_bits_per_element(tensor), kl))
+            bits = np.dot(elements, [p.stored_bits_per_element(t) for p, t in zip(plans, unit)]) / sum(elements)
+            unit_options.append(Option(plans, float(bits), kl))
             advance(1)
         if not uniform:
-            tensor_options = [o for o in tensor_options if o.plan.bits != 2 or o.kl <= HARMLESS_KL]
-        options.append(tensor_options)
-    chosen = choose(options, [t.elements_per_token for t in kv.tensors], float(budget))
+            unit_options = [o for o in unit_options if o.plans[0].bits != 2 or o.kl <= HARMLESS_KL]
+        options.append(unit_options)
+    chosen = choose(options, [sum(t.elements_per_token for t in unit) for unit in unit_list], float(budget))
     tensors = []
     for option, alternatives in zip(chosen, options):
-        evidence = {o.plan.name: round(o.kl, 6) for o in alternatives}
-        tensors.append(replace(option.plan, reason=_reason(option, alternatives, budget), evidence=evidence))
+        evidence = {o.name: round(o.kl, 6) for o in alternatives}
+        reason = _reason(option, alternatives, budget)
+        tensors += [replace(plan, reason=reason, evidence=evidence) for plan in option.plans]
+    order = {t.past_input: i for i, t in enumerate(kv.tensors)}
+    tensors.sort(key=lambda p: order[p.past_input])
     return QuantPlan(tuple(tensors), scheme="auto", bits=float(budget), clip=clip)
 
 
-def _only(kv: KVGraph, tensor: KVTensor, plan: TensorPlan, budget: float, clip: str) -> QuantPlan:
-    """A plan that stores `tensor` as `plan` and every other tensor in float."""
-    keep = [TensorPlan(t.past_input, t.label, None, None, True, None, None, "float") for t in kv.tensors if t is not tensor]
-    return QuantPlan(tuple([plan, *keep]), scheme="probe", bits=budget, clip=clip)
+def _only(kv: KVGraph, plans: tuple[TensorPlan, ...], budget: float, clip: str) -> QuantPlan:
+    """A plan that stores the unit's tensors as `plans` and every other tensor in float."""
+    chosen = {p.past_input for p in plans}
+    others = [TensorPlan(t.past_input, t.label, None, None, True, None, None, "float")
+              for t in kv.tensors if t.past_input not in chosen]
+    return QuantPlan(tuple([*plans, *others]), scheme="probe", bits=budget, clip=clip)

@@ -101,6 +101,9 @@ def _summary_table(report: dict) -> Table:
 @click.option("--uniform", is_flag=True, help="auto: keep every tensor at --kv-bits (choose scales only).")
 @click.option("--rotate", type=click.Choice(["hadamard"]), default=None,
               help="Rotate K and V (after RoPE) by a Hadamard transform of head_dim before storing.")
+@click.option("--fuse-attention", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Fuse decomposed attention into GroupQueryAttention with a 4-bit cache (auto: when "
+                   "possible and faster).")
 @click.option("--fold-scales", is_flag=True,
               help="Fold per-channel scales into the attention so the cache takes one per-tensor scale.")
 @click.option("--clip", default="wmse", show_default=True,
@@ -121,15 +124,16 @@ def _summary_table(report: dict) -> Table:
 @click.option("--quality-gate", type=float, default=2.0, show_default=True,
               help="Fail (exit 3) if perplexity rises more than this many percent.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
-def compile_command(model, out_dir, kv_bits, scheme, group_size, asymmetric, uniform, rotate, fold_scales, clip,
-                    targets, calib, calib_tokens, eval_text,
+def compile_command(model, out_dir, kv_bits, scheme, group_size, asymmetric, uniform, rotate, fuse_attention,
+                    fold_scales, clip, targets, calib, calib_tokens, eval_text,
                     eval_tokens, tokenizer, kv_map, quality_gate, as_json) -> None:
     """Compile MODEL so its KV cache is stored in --kv-bits bits, and verify it."""
     from kvcompile.pipeline import CompileOptions, compile_model
 
     options = CompileOptions(
         model=model, out_dir=out_dir, kv_bits=kv_bits, scheme=scheme, group_size=group_size,
-        asymmetric=asymmetric, uniform=uniform, rotate=rotate, fold_scales=fold_scales, clip=clip,
+        asymmetric=asymmetric, uniform=uniform, rotate=rotate, fuse_attention=fuse_attention,
+        fold_scales=fold_scales, clip=clip,
         targets=tuple(targets),
         calib=calib, calib_tokens=calib_tokens, eval_text=eval_text, eval_tokens=eval_tokens,
         tokenizer=tokenizer, kv_map=kv_map, quality_gate_pct=quality_gate,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcompile.errors import BadInputError
-from kvcompile.kvgraph import KVGraph, KVTensor
+from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph, KVTensor
 
 SCHEMA_VERSION = 1
 PACKING_ORDER = "first-code-in-lowest-bits"
@@ -130,11 +130,14 @@ def float_kvio(tensor: KVTensor) -> KVIO:
 
 def float_model_io(kv: KVGraph, model_path: str) -> TargetIO:
     """Describe an unmodified float model so the runtimes can drive it like a compiled one."""
+    # onnxruntime's GroupQueryAttention takes several tokens per step only for batch 1.
+    options = {"chunks_one_row_at_a_time": True} if GROUP_QUERY_ATTENTION in kv.attention_forms else {}
     return TargetIO(
         model=model_path,
         inputs=[ModelInputIO(i.name, i.role, i.dtype) for i in kv.inputs],
         logits=kv.logits_output,
         kv=[float_kvio(t) for t in kv.tensors],
+        options=options,
     )
 
 

@@ -16,35 +16,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 import onnxscript.version_converter
 
 from kvcompile import __version__
-from kvcompile.errors import BadInputError, QualityGateError, TargetError, UnsupportedModelError
-from kvcompile.kvgraph import DECOMPOSED, KVGraph
-from kvcompile.manifest import KVIO, Manifest, Packing, StoredParam, TargetIO, float_model_io
+from kvcompile.errors import BadInputError, KvCompileError, QualityGateError, TargetError, UnsupportedModelError
+from kvcompile.kvgraph import DECOMPOSED, GROUP_QUERY_ATTENTION, KVGraph
+from kvcompile.manifest import Manifest, float_model_io
 from kvcompile.model_io import (
     check_output_dir,
     input_hash,
     load_model,
     model_files,
-    save_model,
     staged_output_dir,
 )
 from kvcompile.passes.find_kv_cache import find_kv_cache, load_kv_map
+from kvcompile.passes.quantize_gqa import QuantizeGQACachePass
 from kvcompile.passes.transform_kv import KVTransform, TransformKVPass
 from kvcompile.passes.quantize_kv_boundary import (
     QuantizeKVBoundaryPass,
-    packed_dims,
-    param_shape,
-    scale_name,
-    zero_point_name,
 )
 from kvcompile.autoplan import auto_plan
-from kvcompile.plan import QuantPlan, check_options, make_plan
-from kvcompile.quant import codes_per_byte
+from kvcompile.fusion import decide as decide_fusion
+from kvcompile.plan import QuantPlan, check_options, make_plan, stored_kvio
+from kvcompile.targets import ort_cpu
 from kvcompile.report import memory_figures, tensor_rows, write_report
 from kvcompile.runtimes.calibrate import KVStats, collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
@@ -72,6 +68,7 @@ class CompileOptions:
     uniform: bool = False
     rotate: str | None = None  # "hadamard"
     fold_scales: bool = False
+    fuse_attention: str = "auto"  # auto | on | off
     targets: tuple[str, ...] = ("ort-cpu",)
     calib: Path | None = None
     calib_tokens: int = 8192
@@ -122,15 +119,18 @@ def analyze(model: ir.Model, kv_map: Path | None) -> KVGraph:
 
 
 def refuse_unsupported_attention(kv: KVGraph) -> None:
-    """Until the fused lowering exists, only decomposed attention can be rewritten."""
-    others = sorted(set(kv.attention_forms) - {DECOMPOSED})
+    """Decomposed attention gets the Q/DQ boundary; GroupQueryAttention its own quantized cache."""
+    others = sorted(set(kv.attention_forms) - {DECOMPOSED, GROUP_QUERY_ATTENTION})
     if others:
         raise UnsupportedModelError(
             f"the KV cache is read by {', '.join(others)}; kvcompile {__version__} rewrites "
-            "decomposed attention (Concat + MatMul/Softmax) only, the fused quantized-KV "
-            "lowering for attention ops is not built yet. Export with decomposed attention "
-            "(torch.onnx / optimum) to compile now"
+            "decomposed attention (Concat + MatMul/Softmax) and com.microsoft.GroupQueryAttention. "
+            "Export with decomposed attention (torch.onnx / optimum) or the onnxruntime-genai builder"
         )
+
+
+def _input_ids_name(kv: KVGraph) -> str:
+    return next(i.name for i in kv.inputs if i.role == "input_ids")
 
 
 def _no_progress(_: str, __: int) -> Callable[[int], None]:
@@ -151,15 +151,34 @@ def _upgrade_opset(model: ir.Model) -> None:
 
 
 def quantize_graph(model: ir.Model, kv: KVGraph, plan: QuantPlan) -> ir.Model:
-    """Apply the rewrite passes for the plan (in place) and clean up."""
+    """Apply the rewrite passes for the plan (in place) and clean up: the Q/DQ boundary for
+    decomposed attention, the fused kernel's own quantized cache for GroupQueryAttention."""
     _upgrade_opset(model)
+    codecs = plan.codecs(kv)
+    forms = {t.past_input: t.attention for t in kv.tensors}
+    decomposed = {name: c for name, c in codecs.items() if forms[name] == DECOMPOSED}
+    fused = {name: c for name, c in codecs.items() if forms[name] == GROUP_QUERY_ATTENTION}
     passes = ir.passes.PassManager([
-        QuantizeKVBoundaryPass(kv, plan.codecs(kv)),
+        QuantizeKVBoundaryPass(kv, decomposed),
+        QuantizeGQACachePass(kv, fused),
         ir.passes.common.RemoveUnusedNodesPass(),
         ir.passes.common.TopologicalSortPass(),
     ])
-    passes(model)
+    run_passes(passes, model)
     return model
+
+
+def run_passes(passes: ir.passes.PassManager, model: ir.Model) -> None:
+    """Run passes; a refusal inside one surfaces as the KvCompileError it is, not a PassError."""
+    try:
+        passes(model)
+    except ir.passes.PassError as exc:
+        cause = exc.__cause__
+        while isinstance(cause, ir.passes.PassError):
+            cause = cause.__cause__
+        if isinstance(cause, KvCompileError):
+            raise cause from None
+        raise
 
 
 def fold_scales(model: ir.Model, kv: KVGraph, plan: QuantPlan) -> QuantPlan:
@@ -176,44 +195,6 @@ def fold_scales(model: ir.Model, kv: KVGraph, plan: QuantPlan) -> QuantPlan:
         tensors.append(tensor_plan)
     TransformKVPass(kv, transforms)(model)
     return dataclasses.replace(plan, tensors=tuple(tensors))
-
-
-def quantized_kvio(float_io: KVIO, plan: QuantPlan) -> KVIO:
-    """The manifest entry of a cache tensor stored as the plan says."""
-    tensor_plan = plan.for_input(float_io.input)
-    if tensor_plan.bits is None:
-        return float_io
-    bits = tensor_plan.bits
-    params = []
-    if tensor_plan.dynamic:
-        shape = param_shape(float_io.logical_shape, float_io.head_dim_axis, tensor_plan.group)
-        params.append(StoredParam("scale", scale_name(float_io.input), scale_name(float_io.output), "float16", shape))
-        if not tensor_plan.symmetric:
-            params.append(StoredParam("zero_point", zero_point_name(float_io.input),
-                                      zero_point_name(float_io.output), "uint8", shape))
-    return dataclasses.replace(
-        float_io,
-        stored_dtype="uint8",
-        stored_shape=packed_dims(float_io.logical_shape, float_io.head_dim_axis, bits),
-        bits=bits,
-        granularity=tensor_plan.granularity,
-        symmetric=tensor_plan.symmetric,
-        group=tensor_plan.group,
-        packing=Packing(axis=float_io.head_dim_axis, codes_per_byte=codes_per_byte(bits)),
-        scale=None if tensor_plan.dynamic else tensor_plan.scale.tolist(),
-        scale_shape=None if tensor_plan.dynamic else list(tensor_plan.scale.shape),
-        zero_point=None if tensor_plan.dynamic else tensor_plan.zero_point.tolist(),
-        params=params,
-    )
-
-
-def emit_ort_cpu(model: ir.Model, kv: KVGraph, plan: QuantPlan, stage: Path) -> TargetIO:
-    folder = stage / "ort-cpu"
-    folder.mkdir()
-    save_model(model, folder / "model.onnx")
-    onnx.checker.check_model(folder / "model.onnx", full_check=True)
-    float_io = float_model_io(kv, "ort-cpu/model.onnx")
-    return dataclasses.replace(float_io, kv=[quantized_kvio(k, plan) for k in float_io.kv])
 
 
 def _score_summary(float_score: DecodeScore, score: DecodeScore, gate: float, text: str) -> dict[str, Any]:
@@ -254,26 +235,32 @@ def stage_float_model(model: ir.Model, kv: KVGraph, rotate: str | None, work: Pa
     return path
 
 
+def build_variant(float_path: Path, kv: KVGraph, plan: QuantPlan, work: Path, optimize: bool = False,
+                  name: str = "variant.onnx") -> Decoder:
+    """Compile the float model at `float_path` with `plan` into `work` and load it."""
+    model = load_model(float_path)
+    quantize_graph(model, kv, plan)
+    path = work / name
+    ir.save(model, path)
+    float_io = float_model_io(kv, str(float_path))
+    io = dataclasses.replace(float_io, kv=[stored_kvio(k, plan) for k in float_io.kv])
+    return Decoder(cpu_session(path, optimize=optimize), io)
+
+
 class VariantBuilder:
     """Builds and loads the model compiled with a given plan, for auto's measurements.
 
-    Variants are written to the compile's private temporary folder (where external-data files
-    are linked, never copied or written next to the input) and loaded without graph
-    optimizations, which only slow session creation and do not change results."""
+    Variants are written to the compile's private temporary folder (next to any weights copy
+    there) and loaded without graph optimizations, which only slow session creation and do not
+    change results."""
 
     def __init__(self, model_path: Path, kv: KVGraph, work: Path):
         self.model_path = model_path
         self.kv = kv
         self.work = work
-        self.float_io = float_model_io(kv, str(model_path))
 
     def __call__(self, plan: QuantPlan) -> Decoder:
-        model = load_model(self.model_path)
-        quantize_graph(model, self.kv, plan)
-        path = self.work / "variant.onnx"
-        ir.save(model, path)
-        io = dataclasses.replace(self.float_io, kv=[quantized_kvio(k, plan) for k in self.float_io.kv])
-        return Decoder(cpu_session(path, optimize=False), io)
+        return build_variant(self.model_path, self.kv, plan, self.work)
 
 
 def _plan(kv: KVGraph, stats: KVStats, float_decoder: Decoder, texts: _Texts, options: CompileOptions,
@@ -324,8 +311,9 @@ def _load_texts(options: CompileOptions, tokenizer: Path | None) -> _Texts:
 
 
 def _emit(model: ir.Model, kv: KVGraph, plan: QuantPlan, stage: Path, model_path: Path,
-          tokenizer: Path | None) -> Manifest:
-    target_ios = {"ort-cpu": emit_ort_cpu(model, kv, plan, stage)}
+          tokenizer: Path | None) -> tuple[Manifest, dict[str, dict]]:
+    target_ios, notes = {}, {}
+    target_ios["ort-cpu"], notes["ort-cpu"] = ort_cpu.emit(model, kv, plan, stage, model_path.parent)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, stage / "tokenizer.json")
     manifest = Manifest(
@@ -335,7 +323,7 @@ def _emit(model: ir.Model, kv: KVGraph, plan: QuantPlan, stage: Path, model_path
         tokenizer="tokenizer.json" if tokenizer is not None else None,
     )
     manifest.write(stage)
-    return manifest
+    return manifest, notes
 
 
 def _verify(float_decoder: Decoder, manifest: Manifest, stage: Path, texts: _Texts,
@@ -408,6 +396,13 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
     with tempfile.TemporaryDirectory(prefix="kvcompile-") as work_dir:
         work = Path(work_dir)
         float_path = stage_float_model(model, kv, options.rotate, work, model_path)
+        fusion = decide_fusion(options.fuse_attention, options.scheme, options.kv_bits, options.fold_scales,
+                               model_path, float_path, kv, _input_ids_name(kv), texts.calib_windows[:2, :24], work,
+                               lambda path, graph, plan: build_variant(path, graph, plan, work, optimize=True,
+                                                                       name="latency.onnx"))
+        if fusion.fused:
+            model, kv, float_path = fusion.model, fusion.kv, fusion.path
+        lap("fuse_s")
         calib_decoder = float_decoder if float_path == model_path else Decoder(
             cpu_session(float_path), float_model_io(kv, str(float_path)))
         stats = collect_kv_stats(calib_decoder, texts.calib_windows,
@@ -415,18 +410,22 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
         plan = _plan(kv, stats, calib_decoder, texts, options, float_path, work, progress)
         lap("calibrate_plan_s")
 
-    if options.fold_scales:
-        plan = fold_scales(model, kv, plan)
-    quantize_graph(model, kv, plan)
-    lap("rewrite_s")
+        if options.fold_scales:
+            plan = fold_scales(model, kv, plan)
+        quantize_graph(model, kv, plan)
+        lap("rewrite_s")
 
-    with staged_output_dir(out_dir) as stage:
-        manifest = _emit(model, kv, plan, stage, model_path, tokenizer)
-        lap("emit_s")
-        quality = _verify(float_decoder, manifest, stage, texts, options, progress)
-        lap("verify_s")
-        report = _report(kv, plan, stats, manifest, quality, texts, options, targets, timings)
-        write_report(report, stage)
+        with staged_output_dir(out_dir) as stage:
+            manifest, target_notes = _emit(model, kv, plan, stage, model_path, tokenizer)
+            lap("emit_s")
+            quality = _verify(float_decoder, manifest, stage, texts, options, progress)
+            lap("verify_s")
+            report = _report(kv, plan, stats, manifest, quality, texts, options, targets, timings)
+            for name, note in target_notes.items():
+                report["targets"][name].update(note)
+            report["fusion"] = fusion.report()
+            report["timings"].update(fusion.timings())
+            write_report(report, stage)
 
     result = CompileResult(out_dir=out_dir, report=report)
     if not result.passed:

@@ -17,13 +17,16 @@ asymmetric); "auto" (kvcompile.autoplan) chooses per tensor.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvcompile.errors import BadInputError
 from kvcompile.kvgraph import KVGraph, KVTensor
-from kvcompile.quant import Codec, SUPPORTED_BITS, symmetric_scale, symmetric_zero_point
+from kvcompile.manifest import KVIO, Packing, StoredParam
+from kvcompile.passes.quantize_kv_boundary import packed_dims, param_shape, scale_name, zero_point_name
+from kvcompile.quant import Codec, SUPPORTED_BITS, codes_per_byte, symmetric_scale, symmetric_zero_point
 from kvcompile.ranges import CLIP_METHODS, channel_ranges, rope_pairs, tensor_range
 from kvcompile.runtimes.calibrate import KVStats
 
@@ -185,3 +188,32 @@ def make_plan(kv: KVGraph, stats: KVStats, bits: int, scheme: str, clip: str = "
             granularity, symmetric = scheme, not asymmetric
         plans.append(tensor_plan(tensor, stats, bits, granularity, clip, group_size, symmetric))
     return QuantPlan(tuple(plans), scheme=scheme, bits=float(bits), clip=clip)
+
+
+def stored_kvio(float_io: KVIO, plan: QuantPlan) -> KVIO:
+    """The manifest entry of a cache tensor stored as the plan says."""
+    tensor_plan = plan.for_input(float_io.input)
+    if tensor_plan.bits is None:
+        return float_io
+    bits = tensor_plan.bits
+    params = []
+    if tensor_plan.dynamic:
+        shape = param_shape(float_io.logical_shape, float_io.head_dim_axis, tensor_plan.group)
+        params.append(StoredParam("scale", scale_name(float_io.input), scale_name(float_io.output), "float16", shape))
+        if not tensor_plan.symmetric:
+            params.append(StoredParam("zero_point", zero_point_name(float_io.input),
+                                      zero_point_name(float_io.output), "uint8", shape))
+    return dataclasses.replace(
+        float_io,
+        stored_dtype="uint8",
+        stored_shape=packed_dims(float_io.logical_shape, float_io.head_dim_axis, bits),
+        bits=bits,
+        granularity=tensor_plan.granularity,
+        symmetric=tensor_plan.symmetric,
+        group=tensor_plan.group,
+        packing=Packing(axis=float_io.head_dim_axis, codes_per_byte=codes_per_byte(bits)),
+        scale=None if tensor_plan.dynamic else tensor_plan.scale.tolist(),
+        scale_shape=None if tensor_plan.dynamic else list(tensor_plan.scale.shape),
+        zero_point=None if tensor_plan.dynamic else tensor_plan.zero_point.tolist(),
+        params=params,
+    )

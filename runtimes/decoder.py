@@ -49,7 +49,18 @@ class Decoder:
 
     def step(self, cache: GrowingCache, input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Feed `input_ids` [batch, n]; returns float32 logits [batch, n, vocab] and the presents."""
+        batch, new = input_ids.shape
+        if self.io.options.get("chunks_one_row_at_a_time") and batch > 1 and new > 1 and cache.length:
+            # GroupQueryAttention refuses several tokens per step on a batch with a past: run the
+            # rows one by one (batch is axis 0 of every cache tensor) and join their results.
+            rows = [self._run(cache.row(i), input_ids[i : i + 1]) for i in range(batch)]
+            logits = np.concatenate([r[0] for r in rows], axis=0)
+            presents = {name: np.concatenate([r[1][name] for r in rows], axis=0) for name in rows[0][1]}
+        else:
+            logits, presents = self._run(cache, input_ids)
+        cache.update(presents, new)
+        return logits, presents
+
+    def _run(self, cache: GrowingCache, input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         outputs = self.session.run(self.output_names, self._feeds(cache, input_ids))
-        presents = dict(zip(self.output_names[1:], outputs[1:]))
-        cache.update(presents, input_ids.shape[1])
-        return outputs[0].astype(np.float32, copy=False), presents
+        return outputs[0].astype(np.float32, copy=False), dict(zip(self.output_names[1:], outputs[1:]))

@@ -61,6 +61,12 @@ class GrowingCache:
             self.tensors[name] = presents[output]
         self.length += new_tokens
 
+    def row(self, index: int) -> "GrowingCache":
+        """A one-row view of this cache (batch is axis 0 of every stored tensor)."""
+        copy = self.replaced({name: t[index : index + 1] for name, t in self.tensors.items()})
+        copy.batch = 1
+        return copy
+
     def replaced(self, tensors: dict[str, np.ndarray]) -> "GrowingCache":
         """A copy of this cache with some tensors swapped (same length); this one is unchanged."""
         copy = GrowingCache.__new__(GrowingCache)

@@ -20,7 +20,7 @@ from synthetic import build_decoder
 
 def option(name: str, bits: float, kl: float) -> Option:
     plan = TensorPlan("x", "x", int(bits) if bits < 9 else None, name, True, None, None, name)
-    return Option(plan, bits, kl)
+    return Option((plan,), bits, kl)
 
 
 def test_choose_spends_the_budget_where_it_saves_most_kl():

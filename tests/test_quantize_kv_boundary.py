@@ -13,7 +13,7 @@ from kvcompile.errors import UnsupportedModelError
 from kvcompile.manifest import float_model_io
 from kvcompile.passes.find_kv_cache import find_kv_cache
 from kvcompile.passes.quantize_kv_boundary import QuantizeKVBoundaryPass
-from kvcompile.pipeline import quantized_kvio
+from kvcompile.plan import stored_kvio
 from kvcompile.plan import make_plan
 from kvcompile.quant import Codec
 from kvcompile.runtimes.calibrate import collect_kv_stats, to_canonical
@@ -41,7 +41,7 @@ def compile_synthetic(bits: int, scheme: str, asymmetric: bool = False, **kwargs
     QuantizeKVBoundaryPass(kv, plan.codecs(kv))(model)
     ir.passes.common.TopologicalSortPass()(model)
     quantized = ir.serde.serialize_model(model)
-    io = dataclasses.replace(float_io, kv=[quantized_kvio(k, plan) for k in float_io.kv])
+    io = dataclasses.replace(float_io, kv=[stored_kvio(k, plan) for k in float_io.kv])
     return kv, plan, float_decoder, quantized, io
 
 

@@ -1,0 +1,88 @@
+"""Target ort-cpu: the compiled ONNX model, its ORT-format twin, and an onnxruntime-genai config.
+
+Writes OUTDIR/ort-cpu/
+  model.onnx (+ model.onnx.data for large models)   checked with onnx.checker
+  model.ort                                         for ORT mobile builds (optimised for ARM)
+  genai_config.json + tokenizer files               when onnxruntime-genai can drive the cache
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from kvcompile.errors import TargetError
+from kvcompile.genai_config import write_genai_config
+from kvcompile.kvgraph import KVGraph
+from kvcompile.manifest import TargetIO, float_model_io
+from kvcompile.model_io import check_onnx, save_model
+from kvcompile.plan import QuantPlan, stored_kvio
+
+FOLDER = "ort-cpu"
+
+
+_CONVERT = """
+import sys
+from pathlib import Path
+from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+convert_onnx_models_to_ort(Path(sys.argv[1]), output_dir=Path(sys.argv[2]),
+                           optimization_styles=[OptimizationStyle.Fixed], target_platform="arm")
+"""
+_ADDR_NO_RANDOMIZE = 0x0040000
+
+
+def _without_address_randomization() -> None:
+    ctypes.CDLL(None, use_errno=True).personality(_ADDR_NO_RANDOMIZE)
+
+
+def write_ort_format(onnx_path: Path) -> Path:
+    """Convert to the ORT format next to the model (onnxruntime's converter, ARM target).
+
+    The converter writes some tables in the iteration order of pointer-keyed hash maps, so with
+    address-space randomization its output differs from run to run. It runs in a child process
+    with randomization off (Linux personality ADDR_NO_RANDOMIZE), which makes the file
+    byte-identical for the same model (tested)."""
+    target = onnx_path.with_suffix(".ort")
+    with tempfile.TemporaryDirectory(dir=onnx_path.parent) as tmp:
+        result = subprocess.run([sys.executable, "-c", _CONVERT, str(onnx_path), tmp], capture_output=True,
+                                text=True, preexec_fn=_without_address_randomization)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise TargetError(f"onnxruntime could not convert the ort-cpu model to the ORT format: {last}")
+        (Path(tmp) / target.name).replace(target)
+    return target
+
+
+def query_heads(model: ir.Model, kv: KVGraph) -> int:
+    """Query heads: GroupQueryAttention's num_heads, else the query's head axis at Q.K^T."""
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":
+            return node.attributes["num_heads"].as_int()
+    key = kv.tensors[0]
+    reader = next((n for n in model.graph if n.name == key.reader), None)
+    if reader is not None and key.reader_operand is not None:
+        dims = reader.inputs[1 - key.reader_operand].shape
+        if dims is not None and dims.rank() == 4 and isinstance(dims.dims[1], int):
+            return dims.dims[1]
+    return key.num_heads
+
+
+def emit(model: ir.Model, kv: KVGraph, plan: QuantPlan, stage: Path, source_dir: Path) -> tuple[TargetIO, dict]:
+    folder = stage / FOLDER
+    folder.mkdir()
+    onnx_path = folder / "model.onnx"
+    save_model(model, onnx_path)
+    checker = check_onnx(onnx_path)
+    ort_path = write_ort_format(onnx_path)
+    float_io = float_model_io(kv, f"{FOLDER}/model.onnx")
+    io_ = dataclasses.replace(float_io, kv=[stored_kvio(k, plan) for k in float_io.kv])
+    vocab = model.graph.outputs[[v.name for v in model.graph.outputs].index(kv.logits_output)].shape.dims[-1]
+    genai = write_genai_config(kv, io_, query_heads(model, kv), vocab, source_dir, folder)
+    note = {"ort_format": f"{FOLDER}/{ort_path.name}", "onnx_checker": checker, "onnxruntime_genai": genai}
+    return io_, note

@@ -1,0 +1,88 @@
+"""Fusing decomposed attention into GroupQueryAttention keeps the float model's function."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common
+import pytest
+
+from conftest import DYNAMO
+from kvcompile.errors import UnsupportedModelError
+from kvcompile.kvgraph import GROUP_QUERY_ATTENTION
+from kvcompile.manifest import float_model_io
+from kvcompile.model_io import load_model
+from kvcompile.passes.find_kv_cache import find_kv_cache
+from kvcompile.passes.fuse_gqa import FuseGroupQueryAttentionPass
+from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.session import cpu_session
+from synthetic import build_decoder
+
+
+def fuse(model: ir.Model) -> tuple[onnx.ModelProto, object]:
+    kv = find_kv_cache(model)
+    FuseGroupQueryAttentionPass(kv, "input_ids")(model)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    ir.passes.common.TopologicalSortPass()(model)
+    return ir.serde.serialize_model(model), kv
+
+
+def logits_through_cache(proto: onnx.ModelProto, tokens: np.ndarray, prefill: int = 6) -> np.ndarray:
+    kv = find_kv_cache(ir.serde.deserialize_model(proto))
+    decoder = Decoder(cpu_session(proto.SerializeToString()), float_model_io(kv, "m"))
+    cache = decoder.new_cache(tokens.shape[0])
+    out = [decoder.step(cache, tokens[:, :prefill])[0]] if prefill else []
+    out += [decoder.step(cache, tokens[:, t : t + 1])[0] for t in range(prefill, tokens.shape[1])]
+    return np.concatenate(out, axis=1)
+
+
+def test_fused_synthetic_llama_matches():
+    """The synthetic graphs are not causally masked, so they are compared one token at a time
+    (where masking changes nothing); a multi-token prefill differs, which is what the compile's
+    float check catches before it uses a fused model."""
+    proto = build_decoder("llama", layers=2, heads=4, kv_heads=2, head_dim=16)
+    fused, _ = fuse(ir.serde.deserialize_model(proto))
+    onnx.checker.check_model(fused, full_check=True)
+    assert sum(n.op_type == "GroupQueryAttention" for n in fused.graph.node) == 2
+    assert not any(n.op_type == "Softmax" for n in fused.graph.node), "the decomposed attention is gone"
+    tokens = np.random.default_rng(0).integers(0, 32, (1, 12))
+    np.testing.assert_allclose(logits_through_cache(fused, tokens, prefill=0),
+                               logits_through_cache(proto, tokens, prefill=0), atol=1e-5)
+    assert not np.allclose(logits_through_cache(fused, tokens), logits_through_cache(proto, tokens), atol=1e-3)
+
+
+def test_fused_fixture_matches_and_reads_as_gqa():
+    fused, _ = fuse(load_model(DYNAMO))
+    assert find_kv_cache(ir.serde.deserialize_model(fused)).attention_forms == (GROUP_QUERY_ATTENTION,)
+    node = next(n for n in fused.graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2 and attrs["do_rotary"] == 0
+    assert attrs["scale"] == pytest.approx(0.125), "1/sqrt(64) found on the score path"
+    tokens = np.random.default_rng(1).integers(0, 2048, (1, 14))
+    np.testing.assert_allclose(logits_through_cache(fused, tokens), logits_through_cache(onnx.load(DYNAMO), tokens),
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("form,message", [("gpt2", "laid out"), ("per_head", "one K and one V cache per layer")])
+def test_other_layouts_are_not_fused(form, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        fuse(ir.serde.deserialize_model(build_decoder(form, layers=1, heads=2, head_dim=16)))
+
+
+def test_decide_checks_the_fused_float_model(tmp_path):
+    """A model whose attention is not causal cannot be fused: auto keeps it, on refuses it."""
+    from kvcompile.fusion import decide
+
+    proto = build_decoder("llama", layers=1, heads=4, kv_heads=2, head_dim=16)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(proto.SerializeToString())
+    kv = find_kv_cache(ir.serde.deserialize_model(proto))
+    tokens = np.random.default_rng(0).integers(0, 32, (2, 24))
+    decision = decide("auto", "auto", 4, False, path, path, kv, "input_ids", tokens, tmp_path, None)
+    assert not decision.fused and "does not reproduce the model" in decision.reason
+    with pytest.raises(UnsupportedModelError, match="cannot fuse"):
+        decide("on", "auto", 4, False, path, path, kv, "input_ids", tokens, tmp_path, None)
+    for scheme, bits, fold, message in (("kivi", 4, False, "per-token scales"), ("per-channel", 8, False, "not 8-bit"),
+                                        ("per-channel", 4, True, "--fold-scales")):
+        assert message in decide("auto", scheme, bits, fold, path, path, kv, "input_ids", tokens, tmp_path, None).reason
