@@ -13,13 +13,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.latency import THREADS as LATENCY_THREADS
+from bench.latency import latency_rows, latency_table
 from bench.peers import genai_int4_scores, hf_quantized_cache_scores
 from kvcompile.errors import QualityGateError
 from kvcompile.pipeline import CompileOptions, compile_model
@@ -29,26 +30,29 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results.json"
 FIXTURES = {
     "fixture": REPO / "models/fixture/onnx-dynamo/model.onnx",
+    "fixture-genai": REPO / "models/fixture/onnx-genai/model.onnx",
     "fixture-outliers": REPO / "models/fixture-outliers/onnx-dynamo/model.onnx",
 }
 TOKENIZER = REPO / "models/fixture/hf/tokenizer.json"
 EVAL_WINDOWS, WINDOW, PREFILL = 48, 256, 32  # kvcompile's default verification
 
 # (fixture, extra CLI flags); every case also gets --kv-bits from the flags or 4.
+OFF = ["--fuse-attention", "off"]
 CASES = [
     ("fixture", []),
-    ("fixture", ["--scheme", "per-channel"]),
-    ("fixture", ["--scheme", "per-channel", "--clip", "mse"]),
-    ("fixture", ["--scheme", "per-channel", "--clip", "minmax"]),
-    ("fixture", ["--scheme", "per-tensor"]),
+    ("fixture-genai", []),
+    ("fixture", OFF),
+    ("fixture", OFF + ["--scheme", "per-channel", "--clip", "mse"]),
+    ("fixture", OFF + ["--scheme", "per-channel", "--clip", "minmax"]),
+    ("fixture", OFF + ["--scheme", "per-tensor"]),
     ("fixture", ["--scheme", "kivi"]),
     ("fixture", ["--scheme", "per-token"]),
     ("fixture", ["--scheme", "per-token", "--rotate", "hadamard"]),
-    ("fixture", ["--scheme", "per-channel", "--rotate", "hadamard"]),
-    ("fixture", ["--kv-bits", "4.25"]),
-    ("fixture", ["--kv-bits", "4.5"]),
+    ("fixture", OFF + ["--scheme", "per-channel", "--rotate", "hadamard"]),
+    ("fixture", OFF + ["--kv-bits", "4.25"]),
+    ("fixture", OFF + ["--kv-bits", "4.5"]),
     ("fixture-outliers", ["--scheme", "per-tensor"]),
-    ("fixture-outliers", ["--scheme", "per-tensor", "--rotate", "hadamard"]),
+    ("fixture-outliers", OFF + ["--scheme", "per-tensor", "--rotate", "hadamard"]),
     ("fixture-outliers", ["--scheme", "per-channel", "--fold-scales"]),
     ("fixture-outliers", []),
 ]
@@ -64,6 +68,7 @@ def options_for(fixture: str, flags: list[str], out_dir: Path) -> CompileOptions
         clip=values.get("--clip", "wmse"),
         rotate=values.get("--rotate"),
         fold_scales="--fold-scales" in flag_set,
+        fuse_attention=values.get("--fuse-attention", "auto"),
     )
 
 
@@ -89,6 +94,7 @@ def compile_case(fixture: str, flags: list[str], work: Path, index: int) -> dict
         "mean_kl": quality["mean_kl"],
         "gate": "pass" if quality["passed"] else "FAIL",
         "stored_as": sorted(set(report["plan"]["choices"].values())),
+        "form": "fused GroupQueryAttention" if report["fusion"]["fused"] or fixture == "fixture-genai" else "Q/DQ",
         "compile_seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -99,30 +105,38 @@ def peer_row(method: str, bits: str, float_score, score) -> dict:
         "ratio_vs_fp16": None, "float_ppl": round(float_score.ppl, 4), "ppl": round(score.ppl, 4),
         "ppl_delta_pct": round(100 * (score.ppl / float_score.ppl - 1), 4),
         "top1_agreement": round(score.top1_agreement, 5), "mean_kl": round(score.mean_kl, 6),
-        "gate": "pass" if 100 * (score.ppl / float_score.ppl - 1) <= 2 else "FAIL", "stored_as": [],
+        "gate": "pass" if 100 * (score.ppl / float_score.ppl - 1) <= 2 else "FAIL", "stored_as": [], "form": "",
         "compile_seconds": None,
     }
+
+
+# Runs the compile as the only child of a fresh process, so the peak RSS is the compile's own.
+_MEASURE = """
+import resource, subprocess, sys, time
+started = time.perf_counter()
+subprocess.run(sys.argv[1:], check=True, capture_output=True)
+print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
 
 
 def default_compile_cost(work: Path) -> dict:
     """Wall time and peak RSS of `kvcompile MODEL --kv-bits 4` in a fresh process."""
     command = [sys.executable, "-m", "kvcompile.cli", str(FIXTURES["fixture"]), "--kv-bits", "4", "-o", str(work / "cost")]
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
+    result = subprocess.run([sys.executable, "-c", _MEASURE, *command], check=True, capture_output=True, text=True)
+    seconds, rss_kib = result.stdout.split()
     return {"command": "kvcompile models/fixture/onnx-dynamo/model.onnx --kv-bits 4",
-            "seconds": round(time.perf_counter() - started, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+            "seconds": round(float(seconds), 1), "peak_rss_mib": round(int(rss_kib) / 1024, 1)}
 
 
 def quality_table(results: dict) -> str:
     lines = [
-        "| model | method | bits/element | PPL (float -> quantized) | delta | top-1 agree | mean KL | gate |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | method | form | bits/element | PPL (float -> quantized) | delta | top-1 agree | mean KL | gate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["quality"]:
         bits = r["bits_per_element"] if isinstance(r["bits_per_element"], str) else f"{r['bits_per_element']:.3f}"
         lines.append(
-            f"| {r['model']} | {r['method']} | {bits} | {r['float_ppl']:.3f} -> {r['ppl']:.3f} | "
+            f"| {r['model']} | {r['method']} | {r['form']} | {bits} | {r['float_ppl']:.3f} -> {r['ppl']:.3f} | "
             f"{r['ppl_delta_pct']:+.2f}% | {100 * r['top1_agreement']:.1f}% | {r['mean_kl']:.4f} | {r['gate']} |"
         )
     return "\n".join(lines)
@@ -133,7 +147,8 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="reprint the tables from results.json")
     args = parser.parse_args()
     if args.table:
-        print(quality_table(json.loads(RESULTS.read_text())))
+        results = json.loads(RESULTS.read_text())
+        print(quality_table(results), latency_table(results["latency"]), sep="\n\n")
         return
     windows = make_windows(load_token_ids(bundled_text("heldout.txt"), TOKENIZER), WINDOW, EVAL_WINDOWS, "held-out")
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,15 +165,19 @@ def main() -> None:
             quality.append(peer_row(f"HF QuantizedCache quanto int4, residual_length={residual}",
                                     f"4.5 + {residual} float tokens",
                                     *hf_quantized_cache_scores(windows, PREFILL, residual)))
+        print("latency", file=sys.stderr, flush=True)
+        latency = latency_rows(FIXTURES["fixture"], work)
         cost = default_compile_cost(work)
     results = {
         "machine": {"python": platform.python_version(), "processor": platform.machine(), "cpus": os.cpu_count()},
         "eval": {"windows": EVAL_WINDOWS, "window": WINDOW, "prefill": PREFILL, "text": "models/data/heldout.txt"},
         "quality": quality,
+        "latency": latency,
+        "latency_threads": LATENCY_THREADS,
         "default_compile": cost,
     }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(quality_table(results))
+    print(quality_table(results), latency_table(latency), sep="\n\n")
     print(f"\ndefault compile: {cost['seconds']} s, peak RSS {cost['peak_rss_mib']} MiB")
     print(f"written to {RESULTS.relative_to(REPO)}")
 
