@@ -110,6 +110,10 @@ def _summary_table(report: dict) -> Table:
               help="How calibration picks ranges: minmax, percentile, mse, or wmse (error weighted by magnitude).")
 @click.option("--target", "targets", multiple=True, default=("ort-cpu",), show_default=True,
               help="Artifact to build (repeatable, or 'all').")
+@click.option("--soc", "socs", multiple=True, default=("SM8650",), show_default=True,
+              help="qnn-htp: Snapdragon SoC(s) to compile for (SM8450, SM8550, SM8650, SM8750, SM8850).")
+@click.option("--max-context", type=click.IntRange(min=2), default=1024, show_default=True,
+              help="Static-shape targets (qnn-htp): tokens the fixed cache buffer holds.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration text, or token ids as .npy [default: bundled text].")
 @click.option("--calib-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
@@ -125,7 +129,7 @@ def _summary_table(report: dict) -> Table:
               help="Fail (exit 3) if perplexity rises more than this many percent.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 def compile_command(model, out_dir, kv_bits, scheme, group_size, asymmetric, uniform, rotate, fuse_attention,
-                    fold_scales, clip, targets, calib, calib_tokens, eval_text,
+                    fold_scales, clip, targets, socs, max_context, calib, calib_tokens, eval_text,
                     eval_tokens, tokenizer, kv_map, quality_gate, as_json) -> None:
     """Compile MODEL so its KV cache is stored in --kv-bits bits, and verify it."""
     from kvcompile.pipeline import CompileOptions, compile_model
@@ -134,7 +138,7 @@ def compile_command(model, out_dir, kv_bits, scheme, group_size, asymmetric, uni
         model=model, out_dir=out_dir, kv_bits=kv_bits, scheme=scheme, group_size=group_size,
         asymmetric=asymmetric, uniform=uniform, rotate=rotate, fuse_attention=fuse_attention,
         fold_scales=fold_scales, clip=clip,
-        targets=tuple(targets),
+        targets=tuple(targets), socs=tuple(socs), max_context=max_context,
         calib=calib, calib_tokens=calib_tokens, eval_text=eval_text, eval_tokens=eval_tokens,
         tokenizer=tokenizer, kv_map=kv_map, quality_gate_pct=quality_gate,
     )

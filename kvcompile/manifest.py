@@ -21,6 +21,10 @@ from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph, KVTensor
 
 SCHEMA_VERSION = 1
 PACKING_ORDER = "first-code-in-lowest-bits"
+# Static-shape targets take an `attention_bias` input [1, 1, 1, max_context]: 0 where a slot
+# holds a token (and for the new token, the last position), this value where it does not. Not
+# the float minimum: a 16-bit quantized score tensor must still resolve the real scores.
+MASKED_BIAS = -100.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ class KVIO:
 @dataclass(frozen=True)
 class ModelInputIO:
     name: str
-    role: str  # input_ids | attention_mask | position_ids
+    role: str  # input_ids | attention_mask | position_ids | attention_bias
     dtype: str
 
 

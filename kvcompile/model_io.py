@@ -153,6 +153,8 @@ def check_onnx(path: Path) -> str:
     for node in proto.graph.node:
         if node.domain == "" and node.op_type in ORT_OPS_IN_ONNX_DOMAIN:
             node.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     # Checked from a file next to the model so that its external data resolves.
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx") as patched:
         onnx.save(proto, patched.name)

@@ -40,7 +40,8 @@ from kvcompile.passes.quantize_kv_boundary import (
 from kvcompile.autoplan import auto_plan
 from kvcompile.fusion import decide as decide_fusion
 from kvcompile.plan import QuantPlan, check_options, make_plan, stored_kvio
-from kvcompile.targets import ort_cpu
+from kvcompile.targets import ort_cpu, qnn_htp
+from kvcompile.targets.qnn_htp import QnnOptions, check_socs
 from kvcompile.report import memory_figures, tensor_rows, write_report
 from kvcompile.runtimes.calibrate import KVStats, collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
@@ -48,8 +49,8 @@ from kvcompile.runtimes.perplexity import DecodeScore, decode_path_scores
 from kvcompile.runtimes.session import cpu_session
 from kvcompile.tokens import bundled_text, find_tokenizer, load_token_ids, make_windows
 
-AVAILABLE_TARGETS = ("ort-cpu",)
-PLANNED_TARGETS = ("qnn-htp", "nnapi", "tflite")
+AVAILABLE_TARGETS = ("ort-cpu", "qnn-htp")
+PLANNED_TARGETS = ("nnapi", "tflite")
 MIN_OPSET = 18  # BitwiseAnd/BitwiseOr used by the packing fragments
 
 # progress(stage description, total units) -> advance(units)
@@ -69,6 +70,8 @@ class CompileOptions:
     rotate: str | None = None  # "hadamard"
     fold_scales: bool = False
     fuse_attention: str = "auto"  # auto | on | off
+    socs: tuple[str, ...] = ("SM8650",)  # qnn-htp
+    max_context: int = 1024  # static-shape targets
     targets: tuple[str, ...] = ("ort-cpu",)
     calib: Path | None = None
     calib_tokens: int = 8192
@@ -96,7 +99,9 @@ def default_out_dir(model: Path) -> Path:
 
 
 def resolve_targets(requested: tuple[str, ...]) -> tuple[str, ...]:
-    targets: list[str] = []
+    """The targets to build. ort-cpu is always among them: every compile verifies it and the
+    other targets are checked against the same plan."""
+    targets: list[str] = ["ort-cpu"]
     for name in requested or ("ort-cpu",):
         names = AVAILABLE_TARGETS if name == "all" else (name,)
         for target in names:
@@ -393,9 +398,12 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
     float_decoder = Decoder(cpu_session(model_path), float_model_io(kv, str(model_path)))
     lap("load_analyze_s")
 
+    if "qnn-htp" in targets:
+        check_socs(options.socs)
     with tempfile.TemporaryDirectory(prefix="kvcompile-") as work_dir:
         work = Path(work_dir)
         float_path = stage_float_model(model, kv, options.rotate, work, model_path)
+        decomposed = (kv, float_path)  # static-shape targets are built from decomposed attention
         fusion = decide_fusion(options.fuse_attention, options.scheme, options.kv_bits, options.fold_scales,
                                model_path, float_path, kv, _input_ids_name(kv), texts.calib_windows[:2, :24], work,
                                lambda path, graph, plan: build_variant(path, graph, plan, work, optimize=True,
@@ -417,18 +425,36 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
 
         with staged_output_dir(out_dir) as stage:
             manifest, target_notes = _emit(model, kv, plan, stage, model_path, tokenizer)
+            if "qnn-htp" in targets:
+                qnn_io, target_notes["qnn-htp"] = qnn_htp.emit(
+                    decomposed[1], float_decoder, decomposed[0], plan, stats, stage,
+                    texts.calib_windows.reshape(-1), texts.eval_windows,
+                    QnnOptions(socs=options.socs, max_context=options.max_context,
+                               quality_gate_pct=options.quality_gate_pct))
+                manifest = dataclasses.replace(manifest, targets={**manifest.targets, "qnn-htp": qnn_io})
+                manifest.write(stage)
             lap("emit_s")
             quality = _verify(float_decoder, manifest, stage, texts, options, progress)
             lap("verify_s")
             report = _report(kv, plan, stats, manifest, quality, texts, options, targets, timings)
             for name, note in target_notes.items():
-                report["targets"][name].update(note)
+                report["targets"].setdefault(name, {}).update(note)
+            failed = [name for name, note in target_notes.items() if not note.get("quality", {}).get("passed", True)]
+            if failed:
+                report["status"] = "failed-quality-gate"
+                report["quality"]["passed"] = False
+                report["quality"]["failed_targets"] = failed
             report["fusion"] = fusion.report()
             report["timings"].update(fusion.timings())
             write_report(report, stage)
 
     result = CompileResult(out_dir=out_dir, report=report)
     if not result.passed:
+        failed = quality.get("failed_targets")
+        if failed:
+            raise QualityGateError(
+                f"target(s) {', '.join(failed)} lost more than the {options.quality_gate_pct}% gate; "
+                f"artifacts written to {out_dir} and marked failed (see report.md)", result=result)
         raise QualityGateError(
             f"perplexity rose {quality['ppl_delta_pct']:+.2f}% (gate {options.quality_gate_pct}%): "
             f"{quality['float_ppl']:.3f} -> {quality['quantized_ppl']:.3f}; artifacts written to "

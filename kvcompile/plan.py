@@ -62,14 +62,15 @@ class TensorPlan:
         detail = self.granularity + (f"{self.group}" if self.granularity == "per-group" else "")
         return f"{self.bits}-bit {detail}" + ("" if self.symmetric else " asym")
 
-    def codec(self, tensor: KVTensor) -> Codec | None:
+    def codec(self, tensor: KVTensor, packed: bool = True) -> Codec | None:
         """The codec in the tensor's logical layout (static scales broadcast over batch and seq)."""
         if self.bits is None:
             return None
         if self.dynamic:
-            return Codec(self.bits, None, None, tensor.axes.head_dim, group=self.group, symmetric=self.symmetric)
+            return Codec(self.bits, None, None, tensor.axes.head_dim, group=self.group, symmetric=self.symmetric,
+                         packed=packed)
         return Codec(self.bits, to_layout(self.scale, tensor), to_layout(self.zero_point, tensor),
-                     pack_axis=tensor.axes.head_dim)
+                     pack_axis=tensor.axes.head_dim, packed=packed)
 
     def canonical_codec(self) -> Codec | None:
         """The codec for canonical samples [tokens, heads, head_dim] (calibration layout)."""
@@ -108,10 +109,10 @@ class QuantPlan:
     def for_input(self, past_input: str) -> TensorPlan:
         return next(t for t in self.tensors if t.past_input == past_input)
 
-    def codecs(self, kv: KVGraph) -> dict[str, Codec]:
+    def codecs(self, kv: KVGraph, packed: bool = True) -> dict[str, Codec]:
         out = {}
         for tensor in kv.tensors:
-            codec = self.for_input(tensor.past_input).codec(tensor)
+            codec = self.for_input(tensor.past_input).codec(tensor, packed)
             if codec is not None:
                 out[tensor.past_input] = codec
         return out
@@ -190,12 +191,13 @@ def make_plan(kv: KVGraph, stats: KVStats, bits: int, scheme: str, clip: str = "
     return QuantPlan(tuple(plans), scheme=scheme, bits=float(bits), clip=clip)
 
 
-def stored_kvio(float_io: KVIO, plan: QuantPlan) -> KVIO:
+def stored_kvio(float_io: KVIO, plan: QuantPlan, packed: bool = True) -> KVIO:
     """The manifest entry of a cache tensor stored as the plan says."""
     tensor_plan = plan.for_input(float_io.input)
     if tensor_plan.bits is None:
         return float_io
     bits = tensor_plan.bits
+    per_byte = codes_per_byte(bits) if packed else 1
     params = []
     if tensor_plan.dynamic:
         shape = param_shape(float_io.logical_shape, float_io.head_dim_axis, tensor_plan.group)
@@ -206,12 +208,12 @@ def stored_kvio(float_io: KVIO, plan: QuantPlan) -> KVIO:
     return dataclasses.replace(
         float_io,
         stored_dtype="uint8",
-        stored_shape=packed_dims(float_io.logical_shape, float_io.head_dim_axis, bits),
+        stored_shape=packed_dims(float_io.logical_shape, float_io.head_dim_axis, per_byte),
         bits=bits,
         granularity=tensor_plan.granularity,
         symmetric=tensor_plan.symmetric,
         group=tensor_plan.group,
-        packing=Packing(axis=float_io.head_dim_axis, codes_per_byte=codes_per_byte(bits)),
+        packing=Packing(axis=float_io.head_dim_axis, codes_per_byte=per_byte),
         scale=None if tensor_plan.dynamic else tensor_plan.scale.tolist(),
         scale_shape=None if tensor_plan.dynamic else list(tensor_plan.scale.shape),
         zero_point=None if tensor_plan.dynamic else tensor_plan.zero_point.tolist(),

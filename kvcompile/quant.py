@@ -181,14 +181,17 @@ class Codec:
     (``group`` set) compute a scale (and, asymmetric, a zero point) for every ``group``
     consecutive head_dim channels of every token when it enters the cache; these are stored next
     to the cache, with the head_dim axis holding D // group entries. Codes are packed along
-    ``pack_axis`` (the head_dim axis), so appending tokens never splits a byte.
+    ``pack_axis`` (the head_dim axis), so appending tokens never splits a byte; ``packed=False``
+    keeps one code per byte (for accelerators that cannot unpack nibbles).
     """
 
     def __init__(self, bits: int, scale: np.ndarray | float | None, zero_point: np.ndarray | int | None,
-                 pack_axis: int, group: int | None = None, symmetric: bool = True):
+                 pack_axis: int, group: int | None = None, symmetric: bool = True, packed: bool = True):
         check_bits(bits)
         self.bits = bits
         self.pack_axis = pack_axis
+        # codes sharing a byte: 8 // bits when packed; 1 for targets that read one code per byte
+        self.per_byte = codes_per_byte(bits) if packed else 1
         self.group = group
         self.symmetric = symmetric
         self.scale = None if scale is None else np.asarray(scale, dtype=np.float32)
@@ -221,16 +224,22 @@ class Codec:
         scales only."""
         x = np.asarray(x, dtype=np.float32)
         if not self.dynamic:
-            return pack(quantize(x, self.scale, self.zero_point, self.bits), self.bits, self.pack_axis), None, None
+            return self._pack(quantize(x, self.scale, self.zero_point, self.bits)), None, None
         scale, zero_point = self.params(x)
         grouped, s, z, axis = self._grouped(x, scale, zero_point)
         codes = merge_groups(quantize(grouped, s, z, self.bits), axis)
-        return pack(codes, self.bits, self.pack_axis), scale.astype(np.float16), None if self.symmetric else zero_point
+        return self._pack(codes), scale.astype(np.float16), None if self.symmetric else zero_point
+
+    def _pack(self, codes: np.ndarray) -> np.ndarray:
+        return pack(codes, self.bits, self.pack_axis) if self.per_byte > 1 else codes
+
+    def unpack(self, stored: np.ndarray) -> np.ndarray:
+        return unpack(stored, self.bits, self.pack_axis) if self.per_byte > 1 else np.asarray(stored, np.uint8)
 
     def decode(self, packed: np.ndarray, scale: np.ndarray | None = None,
                zero_point: np.ndarray | None = None) -> np.ndarray:
         """(packed codes, stored scales, stored zero points) -> float32 tensor."""
-        codes = unpack(packed, self.bits, self.pack_axis)
+        codes = self.unpack(packed)
         if not self.dynamic:
             return dequantize(codes, self.scale, self.zero_point)
         scale = np.asarray(scale, dtype=np.float32)

@@ -1,8 +1,8 @@
 """Graph fragments that encode a float KV tensor to packed codes and decode it back.
 
 Both follow `kvcompile.quant.Codec` exactly (tested element for element):
-- encode, static scales: per-tensor scales use ONNX QuantizeLinear (uint8 with the zero point)
-  and a Clip onto the ``bits`` grid; other scales use the same arithmetic spelled out (Div, Round
+- encode, static scales: per-tensor scales use a Clip onto the grid's range in float, then ONNX
+  QuantizeLinear (uint8 with the zero point); other scales use the same arithmetic spelled out (Div, Round
   half-to-even, Add zero point, Clip, Cast), because QuantizeLinear's per-axis form takes one
   axis only while per-channel KV scales span heads and head_dim.
 - encode, dynamic scales: head_dim is split into groups (Reshape), each token's group gets
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from kvcompile.quant import DYNAMIC_SCALE_FLOOR, Codec, code_max, codes_per_byte, symmetric_zero_point
+from kvcompile.quant import DYNAMIC_SCALE_FLOOR, Codec, code_max, symmetric_zero_point
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -99,10 +99,12 @@ def emit_encode(b: FragmentBuilder, x: ir.Value, codec: Codec, float_dtype: ir.D
     if codec.dynamic:
         return _emit_encode_dynamic(b, x, codec, logical_shape)
     if codec.per_tensor:
-        codes = b.op("QuantizeLinear", [x, b.const(codec.scale.reshape(()), "scale"),
-                                        b.const(codec.zero_point.reshape(()), "zero_point")])
-        if code_max(codec.bits) < 255:
-            codes = b.op("Clip", [codes, b.const(_uint8(0), "code_min"), b.const(_uint8(code_max(codec.bits)), "code_max")])
+        scale, zero_point = codec.scale.reshape(()), codec.zero_point.reshape(())
+        if code_max(codec.bits) < 255:  # saturate in float: accelerators do not clamp 4-bit codes
+            low = np.float32((0 - int(zero_point)) * scale)
+            high = np.float32((code_max(codec.bits) - int(zero_point)) * scale)
+            x = b.op("Clip", [x, b.const(low, "range_min"), b.const(high, "range_max")])
+        codes = b.op("QuantizeLinear", [x, b.const(scale, "scale"), b.const(zero_point, "zero_point")])
     else:
         codes = _to_codes(b, x, b.const(codec.scale, "scale"),
                           b.const(codec.zero_point.astype(np.float32), "zero_point"), codec.bits)
@@ -139,7 +141,7 @@ def _emit_encode_dynamic(b: FragmentBuilder, x: ir.Value, codec: Codec, logical_
 
 
 def emit_pack(b: FragmentBuilder, codes: ir.Value, codec: Codec) -> ir.Value:
-    n = codes_per_byte(codec.bits)
+    n = codec.per_byte
     if n == 1:
         return codes
     axis = b.ints(codec.pack_axis)
@@ -155,7 +157,7 @@ def emit_pack(b: FragmentBuilder, codes: ir.Value, codec: Codec) -> ir.Value:
 
 
 def emit_unpack(b: FragmentBuilder, packed: ir.Value, codec: Codec, logical_shape: list[int | str]) -> ir.Value:
-    n = codes_per_byte(codec.bits)
+    n = codec.per_byte
     if n == 1:
         return packed
     a = codec.pack_axis

@@ -34,21 +34,24 @@ import onnx_ir as ir
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import DECOMPOSED, KVGraph, KVTensor
 from kvcompile.passes.kv_codec import Encoded, FragmentBuilder, emit_decode, emit_encode
-from kvcompile.quant import Codec, codes_per_byte
+from kvcompile.quant import Codec
 
 
-def packed_dims(dims, axis: int, bits: int) -> list:
+def packed_dims(dims, axis: int, per_byte: int) -> list:
     """The stored shape: the head_dim axis shrinks by the number of codes per byte."""
     out = list(dims)
-    out[axis] = out[axis] // codes_per_byte(bits)
+    out[axis] = out[axis] // per_byte
     return out
 
 
 class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
-    def __init__(self, kv: KVGraph, codecs: dict[str, Codec]):
+    def __init__(self, kv: KVGraph, codecs: dict[str, Codec], slot_outputs: bool = False):
+        """`slot_outputs`: the present outputs carry only the new tokens' entries (static NPU
+        graphs, where the runner writes them into its fixed buffer) instead of the whole cache."""
         super().__init__()
         self.kv = kv
         self.codecs = codecs
+        self.slot_outputs = slot_outputs
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -83,25 +86,32 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
         builder = FragmentBuilder(graph, f"kvcompile/{tensor.label}")
 
         past_stored = Encoded(_graph_value(f"{past.name}__packed", ir.DataType.UINT8,
-                                           packed_dims(past.shape.dims, tensor.axes.head_dim, codec.bits)))
+                                           packed_dims(past.shape.dims, tensor.axes.head_dim, codec.per_byte)))
         if codec.dynamic:
             param_dims = param_shape(past.shape.dims, tensor.axes.head_dim, codec.group)
             past_stored.scale = _graph_value(scale_name(past.name), ir.DataType.FLOAT16, param_dims)
             if not codec.symmetric:
                 past_stored.zero_point = _graph_value(zero_point_name(past.name), ir.DataType.UINT8, param_dims)
         new = emit_encode(builder, new_entries, codec, float_dtype, logical)
-        present_stored = Encoded(
-            builder.op("Concat", [past_stored.codes, new.codes], axis=seq),
-            None if new.scale is None else builder.op("Concat", [past_stored.scale, new.scale], axis=seq),
-            None if new.zero_point is None else builder.op("Concat", [past_stored.zero_point, new.zero_point], axis=seq),
-        )
+        if self.slot_outputs:
+            present_stored = new
+        else:
+            present_stored = Encoded(
+                builder.op("Concat", [past_stored.codes, new.codes], axis=seq),
+                None if new.scale is None else builder.op("Concat", [past_stored.scale, new.scale], axis=seq),
+                None if new.zero_point is None else builder.op("Concat", [past_stored.zero_point, new.zero_point],
+                                                               axis=seq),
+            )
         past_f = emit_decode(builder, past_stored, codec, logical, float_dtype)
         present_f = builder.op("Concat", [past_f, new_entries], axis=seq)
         graph.insert_before(concat, builder.nodes)
         self._redirect_other_readers(graph, past, past_stored, concat, tensor, codec)
 
+        present_dims = list(present.shape.dims)
+        if self.slot_outputs:
+            present_dims[seq] = new_entries.shape.dims[seq] if new_entries.shape is not None else 1
         present_stored.codes.type = ir.TensorType(ir.DataType.UINT8)
-        present_stored.codes.shape = ir.Shape(packed_dims(present.shape.dims, tensor.axes.head_dim, codec.bits))
+        present_stored.codes.shape = ir.Shape(packed_dims(present_dims, tensor.axes.head_dim, codec.per_byte))
         graph.outputs[graph.outputs.index(present)] = present_stored.codes
         present.replace_all_uses_with(present_f)
         graph.remove(concat, safe=True)
@@ -118,7 +128,7 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
                 continue
             present_param.name = f"{output_name}_{kind}"
             present_param.type = past_param.type
-            present_param.shape = ir.Shape(param_shape(present.shape.dims, tensor.axes.head_dim, codec.group))
+            present_param.shape = ir.Shape(param_shape(present_dims, tensor.axes.head_dim, codec.group))
             graph.inputs.append(past_param)
             graph.outputs.append(present_param)
 
@@ -133,7 +143,7 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
                 stored_shape = builder.op("Shape", [past_stored.codes], **{
                     k: a.as_int() for k, a in use.node.attributes.items() if k in ("start", "end")})
                 factor = np.ones(tensor.rank, np.int64)
-                factor[tensor.axes.head_dim] = codes_per_byte(codec.bits)
+                factor[tensor.axes.head_dim] = codec.per_byte
                 start = use.node.attributes["start"].as_int() if "start" in use.node.attributes else 0
                 end = use.node.attributes["end"].as_int() if "end" in use.node.attributes else None
                 logical_shape = builder.op("Mul", [stored_shape, builder.const(factor[start:end], "factor")])

@@ -12,9 +12,10 @@ import onnxruntime as ort
 
 from kvcompile.errors import BadInputError
 from kvcompile.manifest import TargetIO
-from kvcompile.runtimes.kvcache import GrowingCache, stored_tensors
+from kvcompile.runtimes.kvcache import GrowingCache, StaticCache, stored_tensors
 
-_INT_DTYPES = {"int64": np.int64, "int32": np.int32}
+_INPUT_DTYPES = {"int64": np.int64, "int32": np.int32, "float": np.float32, "float32": np.float32,
+               "float16": np.float16}
 
 
 class Decoder:
@@ -24,9 +25,12 @@ class Decoder:
         self.session = session
         self.io = io
         self.output_names = [io.logits] + [output for _, output, _, _ in stored_tensors(io)]
-        self._dtypes = {i.name: _INT_DTYPES.get(i.dtype, np.int64) for i in io.inputs}
+        self._dtypes = {i.name: _INPUT_DTYPES.get(i.dtype, np.int64) for i in io.inputs}
 
-    def new_cache(self, batch: int) -> GrowingCache:
+    def new_cache(self, batch: int) -> GrowingCache | StaticCache:
+        """A growing cache, or for static-shape targets (max_context set) fixed buffers."""
+        if self.io.max_context is not None:
+            return StaticCache(self.io, batch, sinks=self.io.options.get("attention_sinks", 4))
         return GrowingCache(self.io, batch)
 
     def _feeds(self, cache: GrowingCache, input_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -42,6 +46,8 @@ class Decoder:
             elif model_input.role == "position_ids":
                 positions = np.arange(cache.length, total, dtype=dtype)
                 feeds[model_input.name] = np.broadcast_to(positions, (batch, new)).copy()
+            elif model_input.role == "attention_bias":
+                feeds[model_input.name] = cache.bias(dtype)
             else:
                 raise BadInputError(f"no rule to feed model input {model_input.name!r} ({model_input.role})")
         feeds.update(cache.feeds())
@@ -50,6 +56,9 @@ class Decoder:
     def step(self, cache: GrowingCache, input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Feed `input_ids` [batch, n]; returns float32 logits [batch, n, vocab] and the presents."""
         batch, new = input_ids.shape
+        if isinstance(cache, StaticCache) and new > 1:  # the static graph takes one token per call
+            steps = [self.step(cache, input_ids[:, t : t + 1]) for t in range(new)]
+            return np.concatenate([s[0] for s in steps], axis=1), steps[-1][1]
         if self.io.options.get("chunks_one_row_at_a_time") and batch > 1 and new > 1 and cache.length:
             # GroupQueryAttention refuses several tokens per step on a batch with a past: run the
             # rows one by one (batch is axis 0 of every cache tensor) and join their results.

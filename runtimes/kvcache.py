@@ -2,14 +2,15 @@
 
 `GrowingCache` serves dynamic-shape targets (ORT CPU): it starts empty (sequence length 0) and
 each step's present outputs become the next step's past inputs, so a 4-bit cache stays packed
-uint8 on the host and is never unpacked or re-quantized.
+uint8 on the host and is never unpacked or re-quantized. `StaticCache` serves static-shape
+targets (NPUs): fixed buffers, an attention bias and a write position.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from kvcompile.manifest import TargetIO
+from kvcompile.manifest import MASKED_BIAS, TargetIO
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "int8": np.int8}
 
@@ -76,4 +77,70 @@ class GrowingCache:
 
     def nbytes(self) -> int:
         """Bytes the cache occupies now (everything stored: codes and float parts)."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _empty_value(dtype: str, zero_point, bits: int | None, per_byte: int) -> float | int:
+    """What an unused slot holds: the code that reads back as 0 (float caches: 0.0)."""
+    if bits is None or dtype != "uint8":
+        return 0
+    zero = int(np.asarray(zero_point).reshape(-1)[0])
+    return sum(zero << (bits * i) for i in range(per_byte))
+
+
+class StaticCache:
+    """Fixed-size buffers for static-shape targets (NPUs): `max_context - 1` slots per cache
+    tensor, an attention bias marking the filled ones, and a write position.
+
+    The graph takes one new token per call and returns only its entries (the "slot"); `update`
+    writes them into the next free slot. When every slot is full, the oldest entries are
+    overwritten in turn, except the first `sinks` tokens, which stay: attention sinks
+    (StreamingLLM) keep long generations stable. Keys carry their RoPE rotation from when they
+    were computed, and attention ignores slot order, so no entry ever moves.
+    """
+
+    def __init__(self, io: TargetIO, batch: int = 1, sinks: int = 4):
+        if batch != 1:
+            raise ValueError("static-shape targets run batch 1")
+        self.io = io
+        self.batch = 1
+        self.slots = io.max_context - 1
+        self.sinks = min(sinks, self.slots - 1)
+        self.length = 0  # tokens fed so far: the next token's position
+        self.filled = np.zeros(self.slots, dtype=bool)
+        self.tensors: dict[str, np.ndarray] = {}
+        self._slot_axis: dict[str, int] = {}
+        for kv in io.kv:
+            per_byte = kv.packing.codes_per_byte if kv.packing else 1
+            empty = _empty_value(kv.stored_dtype, kv.zero_point, kv.bits, per_byte)
+            self.tensors[kv.input] = np.full(concrete_shape(kv.stored_shape, 1, self.slots), empty,
+                                             stored_numpy_dtype(kv.stored_dtype))
+            self._slot_axis[kv.input] = kv.seq_axis
+
+    def next_slot(self) -> int:
+        if self.length < self.slots:
+            return self.length
+        window = self.slots - self.sinks
+        return self.sinks + (self.length - self.slots) % window
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return dict(self.tensors)
+
+    def bias(self, dtype=np.float32) -> np.ndarray:
+        """The attention_bias input: 0 for filled slots and the new token (last), masked otherwise."""
+        bias = np.where(np.append(self.filled, True), 0.0, MASKED_BIAS).astype(dtype)
+        return bias.reshape(1, 1, 1, -1)
+
+    def update(self, presents: dict[str, np.ndarray], new_tokens: int) -> None:
+        if new_tokens != 1:
+            raise ValueError("static-shape targets take one token per step")
+        slot = self.next_slot()
+        for kv in self.io.kv:
+            index = [slice(None)] * self.tensors[kv.input].ndim
+            index[self._slot_axis[kv.input]] = slot
+            self.tensors[kv.input][tuple(index)] = np.take(presents[kv.output], 0, axis=self._slot_axis[kv.input])
+        self.filled[slot] = True
+        self.length += 1
+
+    def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())

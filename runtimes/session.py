@@ -6,6 +6,10 @@ with a fixed thread count, so measurements are comparable between runs.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnxruntime as ort
@@ -21,3 +25,62 @@ def cpu_session(model: Path | bytes, threads: int = 0, optimize: bool = True) ->
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+# Qualcomm SoCs kvcompile compiles for: (QNN soc_model id, HTP architecture).
+QNN_SOCS = {
+    "SM8450": (42, 69),  # Snapdragon 8 Gen 1
+    "SM8550": (43, 73),  # Snapdragon 8 Gen 2
+    "SM8650": (57, 75),  # Snapdragon 8 Gen 3
+    "SM8750": (69, 79),  # Snapdragon 8 Elite
+    "SM8850": (87, 81),  # Snapdragon 8 Elite Gen 5
+}
+QNN_EP = "QNNExecutionProvider"
+_qnn_registered = False
+
+
+def qnn_provider_options(soc: str) -> dict[str, str]:
+    soc_model, htp_arch = QNN_SOCS[soc]
+    # Graph I/O quantization stays on the HTP (not offloaded to the CPU EP), so a model loaded
+    # with CPU fallback disabled proves that every node runs on the HTP.
+    return {"backend_type": "htp", "soc_model": str(soc_model), "htp_arch": str(htp_arch),
+            "offload_graph_io_quantization": "0"}
+
+
+@contextlib.contextmanager
+def _native_stdout_to_stderr() -> Iterator[None]:
+    """The QNN libraries print to the process's stdout; keep it clean (`--json`) by sending
+    native writes to stderr while they load."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def qnn_session(model: Path, soc: str, context_file: Path | None = None) -> ort.InferenceSession:
+    """A session on onnxruntime-qnn's HTP backend (a simulator on x86 Linux), CPU fallback off.
+
+    With `context_file`, creating the session compiles the graph ahead of time and writes an
+    EPContext model there (with its QNN context binary next to it)."""
+    global _qnn_registered
+    import onnxruntime_qnn
+
+    if not _qnn_registered:
+        with _native_stdout_to_stderr():
+            ort.register_execution_provider_library(QNN_EP, onnxruntime_qnn.get_library_path())
+        _qnn_registered = True
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if context_file is not None:
+        options.add_session_config_entry("ep.context_enable", "1")
+        options.add_session_config_entry("ep.context_file_path", str(context_file))
+        options.add_session_config_entry("ep.context_embed_mode", "0")
+    options.add_provider_for_devices(devices, qnn_provider_options(soc))
+    with _native_stdout_to_stderr():
+        return ort.InferenceSession(str(model), options)

@@ -20,16 +20,16 @@ LAYOUTS = {
 SCHEMES = ["per-tensor", "per-channel", "per-token", "per-token asym", "per-group8", "per-group8 asym"]
 
 
-def make_codec(x: np.ndarray, bits: int, scheme: str, head_dim_axis: int, heads_axis) -> Codec:
+def make_codec(x: np.ndarray, bits: int, scheme: str, head_dim_axis: int, heads_axis, packed: bool = True) -> Codec:
     if scheme.startswith("per-token") or scheme.startswith("per-group"):
         group = 8 if scheme.startswith("per-group") else x.shape[head_dim_axis]
-        return Codec(bits, None, None, head_dim_axis, group=group, symmetric="asym" not in scheme)
+        return Codec(bits, None, None, head_dim_axis, group=group, symmetric="asym" not in scheme, packed=packed)
     if scheme == "per-channel":  # one scale per head and channel, broadcast over batch and seq
         kept = {head_dim_axis, heads_axis}
         absmax = np.abs(x).max(axis=tuple(a for a in range(x.ndim) if a not in kept), keepdims=True)
     else:
         absmax = np.abs(x).max()
-    return Codec(bits, symmetric_scale(absmax, bits), 1 << (bits - 1), head_dim_axis)
+    return Codec(bits, symmetric_scale(absmax, bits), 1 << (bits - 1), head_dim_axis, packed=packed)
 
 
 def _value(name, dtype, dims):
@@ -47,7 +47,7 @@ def run_graph(inputs: list[ir.Value], outputs: list[ir.Value], builder: Fragment
 
 def stored_dims(dims, axis, codec: Codec, what: str):
     out = list(dims)
-    out[axis] = out[axis] // (8 // codec.bits) if what == "codes" else out[axis] // codec.group
+    out[axis] = out[axis] // codec.per_byte if what == "codes" else out[axis] // codec.group
     return out
 
 
@@ -91,7 +91,8 @@ def decode_in_graph(codec: Codec, logical, dtype, packed, scale, zero_point):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("float16", [False, True], ids=["fp32", "fp16"])
-def test_fragments_match_codec(layout, bits, scheme, float16):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "one-code-per-byte"])
+def test_fragments_match_codec(layout, bits, scheme, float16, packed):
     logical, shape, head_dim_axis, heads_axis = LAYOUTS[layout]
     rng = np.random.default_rng(bits)
     channel_spread = rng.uniform(0.1, 3.0, size=shape[head_dim_axis])
@@ -99,7 +100,7 @@ def test_fragments_match_codec(layout, bits, scheme, float16):
         [-1 if a == head_dim_axis else 1 for a in range(len(shape))]) + 0.3).astype(np.float32)
     x = x.astype(np.float16) if float16 else x
     dtype = ir.DataType.FLOAT16 if float16 else ir.DataType.FLOAT
-    codec = make_codec(x.astype(np.float32), bits, scheme, head_dim_axis, heads_axis)
+    codec = make_codec(x.astype(np.float32), bits, scheme, head_dim_axis, heads_axis, packed)
 
     packed, scale, zero_point = encode_in_graph(codec, logical, dtype, x)
     want_packed, want_scale, want_zero_point = codec.encode(x.astype(np.float32))

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 import pytest
 
 from kvcompile.errors import UnsupportedModelError

@@ -1,0 +1,123 @@
+"""Rewrite: the NPU decode graph: one new token, a fixed-size cache buffer, an attention bias.
+
+What it matches
+  A decoder with decomposed attention (as found by the analysis): per layer the Concat that
+  grows each cache, the Q.K^T MatMul and the path from it to the Softmax, where the exporter adds
+  its attention mask.
+
+What it rewrites
+  - every cache input gets a fixed length of `context - 1` slots (batch 1); `input_ids` and
+    `position_ids` become [1, 1]: one token per call, at its true position (RoPE);
+  - a new input `attention_bias` [1, 1, 1, context] replaces the exporter's mask on every
+    layer's score path: 0 for the filled slots and the new token (the last position), a large
+    negative value for empty slots. The exporter's mask computation (from `attention_mask` and
+    sequence lengths) becomes dead and is removed, and so is `attention_mask`;
+  - with every shape fixed, the optimizer folds the shape arithmetic into constants, and any
+    computation on weights alone (a transposed tied embedding) into new weights.
+  The caches still grow by Concat here (past slots + the new token); the boundary rewrite in
+  slot mode then outputs only the new token's entries, which the runner writes into its buffer.
+
+Why
+  NPUs compile a graph for fixed shapes ahead of time: the cache cannot grow. A fixed buffer
+  with a bias marking the used slots is the form Qualcomm's and Android's LLM runtimes use; the
+  runner decides where each new entry goes (in order, then a sliding window).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import onnx_ir as ir
+import onnx_ir.passes.common
+import onnxscript.optimizer
+
+from kvcompile.errors import UnsupportedModelError
+from kvcompile.kvgraph import DECOMPOSED, KVGraph
+
+BIAS_INPUT = "attention_bias"
+_PATH_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Identity", "Sub"})
+
+
+def _score_path_adds(matmul: ir.Node) -> tuple[list[tuple[ir.Node, int]], ir.Node]:
+    """(Add node, index of its mask operand) on the way from Q.K^T to its Softmax, and the Softmax."""
+    parents: dict[int, tuple[ir.Node, int]] = {}
+    queue, seen, softmax = deque([matmul]), {id(matmul)}, None
+    while queue and softmax is None:
+        node = queue.popleft()
+        for use in node.outputs[0].uses():
+            child = use.node
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            parents[id(child)] = (node, use.idx)
+            if child.op_type == "Softmax":
+                softmax = child
+                break
+            if child.op_type in _PATH_OPS:
+                queue.append(child)
+    if softmax is None:
+        raise UnsupportedModelError("no Softmax after Q.K^T: cannot place the attention bias")
+    adds, node = [], softmax
+    while node is not matmul:
+        parent, index = parents[id(node)]
+        if node.op_type == "Where":
+            raise UnsupportedModelError("the mask is applied with Where; the static graph needs an additive mask")
+        if node.op_type == "Add":
+            adds.append((node, 1 - index))
+        node = parent
+    return adds, softmax
+
+
+class StaticDecodePass(ir.passes.InPlacePass):
+    def __init__(self, kv: KVGraph, context: int):
+        super().__init__()
+        if context < 2:
+            raise UnsupportedModelError("--max-context must be at least 2")
+        self.kv = kv
+        self.context = context
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        if set(self.kv.attention_forms) != {DECOMPOSED}:
+            raise UnsupportedModelError(
+                "the static NPU graph is built from decomposed attention; this model's cache is read by "
+                f"{', '.join(self.kv.attention_forms)}")
+        nodes = {node.name: node for node in graph}
+        float_dtype = next(v for v in graph.inputs if v.name == self.kv.tensors[0].past_input).dtype
+        bias = ir.Value(name=BIAS_INPUT, type=ir.TensorType(float_dtype), shape=ir.Shape([1, 1, 1, self.context]))
+        graph.inputs.append(bias)
+        for tensor in self.kv.tensors:
+            if tensor.kind != "key":
+                continue
+            adds, softmax = _score_path_adds(nodes[tensor.reader])
+            if adds:
+                for add, mask_index in adds:
+                    add.replace_input_with(mask_index, bias)
+            else:
+                added = ir.Node("", "Add", [softmax.inputs[0], bias], num_outputs=1,
+                                name=f"kvcompile/{tensor.label}/attention_bias")
+                graph.insert_before(softmax, added)
+                softmax.replace_input_with(0, added.outputs[0])
+        self._fix_shapes(graph)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        unused = [v for v in graph.inputs if not v.uses() and v.name != BIAS_INPUT]
+        for value in unused:
+            graph.inputs.remove(value)
+        ir.passes.common.ShapeInferencePass()(model)
+        # Fold weight preprocessing too (e.g. the transposed tied embedding an LM head reads):
+        # accelerators need weights as constants, not as activations computed at run time.
+        onnxscript.optimizer.optimize(model, input_size_limit=1 << 30, output_size_limit=1 << 30)
+        return ir.passes.PassResult(model, modified=True)
+
+    def _fix_shapes(self, graph: ir.Graph) -> None:
+        caches = {t.past_input: t for t in self.kv.tensors}
+        for value in graph.inputs:
+            if value.name in caches:
+                tensor = caches[value.name]
+                dims = [1 if d == "batch" else self.context - 1 if d == "seq" else d for d in tensor.past_shape]
+                value.shape = ir.Shape(dims)
+            elif value.name != BIAS_INPUT and value.shape is not None and value.shape.rank() == 2:
+                value.shape = ir.Shape([1, 1])
+        for value in graph.outputs:  # let inference recompute them from the fixed inputs
+            if value.shape is not None:
+                value.shape = ir.Shape([d if isinstance(d, int) else None for d in value.shape.dims])

@@ -1,0 +1,78 @@
+"""qnn-htp: the static 4-bit-KV decode graph, compiled ahead of time for two SoCs, on the HTP backend."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import DYNAMO
+from kvcompile.manifest import read_manifest
+from kvcompile.pipeline import CompileOptions, compile_model
+from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.session import cpu_session, qnn_session
+
+pytestmark = pytest.mark.slow
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def qnn_compile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qnn") / "out"
+    report = compile_model(CompileOptions(model=DYNAMO, out_dir=out, targets=("qnn-htp",), socs=("SM8650", "SM8750"),
+                                          max_context=CONTEXT, calib_tokens=2048, eval_tokens=2048)).report
+    return out, report
+
+
+def test_acceptance_every_node_on_the_htp_for_two_socs(qnn_compile):
+    out, report = qnn_compile
+    target = report["targets"]["qnn-htp"]
+    assert target["ran"] and target["soc"] == "SM8650"
+    assert target["nodes_total"] > 500 and target["nodes_on_htp"] == target["nodes_total"]
+    for soc in ("SM8650", "SM8750"):
+        compiled = target["socs"][soc]
+        assert compiled["aot_seconds"] > 0 and compiled["context_binary_bytes"] > 1_000_000
+        context_model = onnx.load(out / compiled["context_model"], load_external_data=False)
+        assert {n.op_type for n in context_model.graph.node} == {"EPContext"}, "the whole graph is one HTP context"
+        assert list((out / "qnn-htp" / soc).glob("*.bin"))
+
+
+def test_acceptance_agrees_with_cpu_and_keeps_quality(qnn_compile):
+    _, report = qnn_compile
+    target = report["targets"]["qnn-htp"]
+    assert target["agreement_with_cpu"]["logits_cosine_min"] >= 0.99
+    quality = target["quality"]
+    assert quality["passed"] and quality["ppl_delta_pct"] <= 2.0 and quality["eval_tokens"] > 100
+    assert report["status"] == "passed"
+
+
+def test_manifest_drives_the_compiled_context_on_the_htp(qnn_compile):
+    out, _ = qnn_compile
+    io = read_manifest(out).targets["qnn-htp"]
+    assert io.max_context == CONTEXT and io.model == "qnn-htp/SM8650/model_ctx.onnx"
+    assert [i.role for i in io.inputs] == ["input_ids", "position_ids", "attention_bias"]
+    key = io.kv[0]
+    assert key.stored_dtype == "uint8" and key.bits == 4 and key.packing.codes_per_byte == 1
+    assert key.granularity == "per-tensor" and io.options["socs"]["SM8750"]["htp_arch"] == "79"
+    htp = Decoder(qnn_session(out / io.model, "SM8650"), io)
+    cpu = Decoder(cpu_session(out / io.options["qdq_model"]), io)
+    tokens = []
+    for decoder in (htp, cpu):
+        cache = decoder.new_cache(1)
+        logits, _ = decoder.step(cache, np.array([[10, 20, 30, 40]]))
+        out_tokens = []
+        for _ in range(8):
+            out_tokens.append(int(logits[0, -1].argmax()))
+            logits, _ = decoder.step(cache, np.array([[out_tokens[-1]]]))
+        tokens.append(out_tokens)
+    assert tokens[0] == tokens[1], "greedy tokens on the HTP equal the CPU run of the same QDQ graph"
+
+
+def test_unknown_soc_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "kvcompile.cli", str(DYNAMO), "--target", "qnn-htp", "--soc", "SM1234",
+                             "-o", str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2 and "SM1234" in result.stderr and "SM8650" in result.stderr
+    assert not (tmp_path / "x").exists()

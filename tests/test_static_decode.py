@@ -1,0 +1,95 @@
+"""The static NPU decode graph (fixed buffers, attention bias, new-slot outputs) and its cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from conftest import DYNAMO, TOKENIZER
+from kvcompile.manifest import MASKED_BIAS, float_model_io
+from kvcompile.model_io import check_onnx, load_model
+from kvcompile.passes.find_kv_cache import find_kv_cache
+from kvcompile.plan import make_plan
+from kvcompile.runtimes.calibrate import collect_kv_stats
+from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.kvcache import StaticCache
+from kvcompile.runtimes.session import cpu_session
+from kvcompile.targets.qnn_htp import static_graph, target_io
+from kvcompile.tokens import bundled_text, load_token_ids
+
+CONTEXT = 48
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The fixture as a static graph and as the growing Q/DQ graph, with the same 4-bit plan."""
+    from kvcompile.pipeline import quantize_graph
+    from kvcompile.plan import stored_kvio
+
+    work = tmp_path_factory.mktemp("static")
+    kv = find_kv_cache(load_model(DYNAMO))
+    float_decoder = Decoder(cpu_session(DYNAMO), float_model_io(kv, str(DYNAMO)))
+    ids = load_token_ids(bundled_text("calib.txt"), TOKENIZER)
+    stats = collect_kv_stats(float_decoder, ids[: 8 * 128].reshape(8, 128))
+    plan = make_plan(kv, stats, 4, "per-channel")
+    model, folded = static_graph(DYNAMO, kv, plan, CONTEXT)
+    ir.save(model, work / "static.onnx")
+    static = Decoder(cpu_session(work / "static.onnx"), target_io(kv, folded, model, "static.onnx", CONTEXT))
+    growing = load_model(DYNAMO)
+    quantize_graph(growing, kv, plan)
+    ir.save(growing, work / "growing.onnx")
+    io = float_model_io(kv, "growing.onnx")
+    growing_decoder = Decoder(cpu_session(work / "growing.onnx"), dataclasses.replace(
+        io, kv=[stored_kvio(k, plan) for k in io.kv]))
+    return work, kv, static, growing_decoder
+
+
+def test_static_graph_io(compiled):
+    work, kv, static, _ = compiled
+    # onnxruntime's fused RMSNorm (SimplifiedLayerNormalization) has no ONNX schema: structural check
+    assert check_onnx(work / "static.onnx") == "structural"
+    proto = onnx.load(work / "static.onnx")
+    inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert inputs["input_ids"] == [1, 1] and inputs["position_ids"] == [1, 1]
+    assert inputs["attention_bias"] == [1, 1, 1, CONTEXT] and "attention_mask" not in inputs
+    assert inputs["past_key_values.0.key"] == [1, 2, CONTEXT - 1, 64], "one 4-bit code per byte"
+    outputs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    assert outputs["present.0.key"] == [1, 2, 1, 64], "only the new token's slot"
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"Shape", "Range", "BitShift", "BitwiseAnd"}.isdisjoint(ops), "static shapes folded, no bit ops"
+    assert "SimplifiedLayerNormalization" in ops
+
+
+def test_static_graph_computes_what_the_growing_graph_does(compiled):
+    """Same plan, same tokens: the fixed-buffer graph (per-channel scales folded, codes one per
+    byte) gives the logits of the growing Q/DQ graph."""
+    _, _, static, growing = compiled
+    tokens = load_token_ids(bundled_text("heldout.txt"), TOKENIZER)[: CONTEXT - 1][None]
+    a, _ = static.step(static.new_cache(1), tokens)
+    b, _ = growing.step(growing.new_cache(1), tokens[:, :1])
+    cache = growing.new_cache(1)
+    b = np.concatenate([growing.step(cache, tokens[:, t : t + 1])[0] for t in range(tokens.shape[1])], axis=1)
+    assert np.abs(a - b).max() < 2e-3
+
+
+def test_static_cache_fills_in_order_then_slides_keeping_sinks(compiled):
+    _, _, static, _ = compiled
+    cache = static.new_cache(1)
+    assert isinstance(cache, StaticCache) and cache.slots == CONTEXT - 1 and cache.sinks == 4
+    np.testing.assert_array_equal(cache.bias()[0, 0, 0], [MASKED_BIAS] * (CONTEXT - 1) + [0.0])
+    tokens = np.arange(CONTEXT + 10)[None] % 50
+    for t in range(CONTEXT - 1):
+        assert cache.next_slot() == t
+        static.step(cache, tokens[:, t : t + 1])
+    assert cache.filled.all() and (cache.bias() == 0).all()
+    assert [cache.next_slot()] == [4], "full: the oldest non-sink slot is reused"
+    static.step(cache, tokens[:, :1])
+    assert cache.next_slot() == 5 and cache.length == CONTEXT
+    for _ in range(CONTEXT):  # long generation past max_context keeps working
+        logits, _ = static.step(cache, tokens[:, :1])
+    assert np.isfinite(logits).all() and cache.length == 2 * CONTEXT
+    assert cache.nbytes() == 8 * 2 * (CONTEXT - 1) * 64
