@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Extras the tests need (see pyproject.toml).
-EXTRAS ?= dev,models,genai,qnn,bench
+EXTRAS ?= dev,models,genai,qnn,tflite,bench
 FIXTURE := models/fixture/onnx-dynamo/model.onnx
 
 .PHONY: setup demo test bench models clean

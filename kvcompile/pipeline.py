@@ -21,9 +21,9 @@ import onnx_ir.passes.common
 import onnxscript.version_converter
 
 from kvcompile import __version__
-from kvcompile.errors import BadInputError, KvCompileError, QualityGateError, TargetError, UnsupportedModelError
+from kvcompile.errors import BadInputError, KvCompileError, QualityGateError, UnsupportedModelError
 from kvcompile.kvgraph import DECOMPOSED, GROUP_QUERY_ATTENTION, KVGraph
-from kvcompile.manifest import Manifest, float_model_io
+from kvcompile.manifest import Manifest, TargetIO, float_model_io
 from kvcompile.model_io import (
     check_output_dir,
     input_hash,
@@ -40,7 +40,7 @@ from kvcompile.passes.quantize_kv_boundary import (
 from kvcompile.autoplan import auto_plan
 from kvcompile.fusion import decide as decide_fusion
 from kvcompile.plan import QuantPlan, check_options, make_plan, stored_kvio
-from kvcompile.targets import ort_cpu, qnn_htp
+from kvcompile.targets import nnapi, ort_cpu, qnn_htp, tflite
 from kvcompile.targets.qnn_htp import QnnOptions, check_socs
 from kvcompile.report import memory_figures, tensor_rows, write_report
 from kvcompile.runtimes.calibrate import KVStats, collect_kv_stats
@@ -49,8 +49,7 @@ from kvcompile.runtimes.perplexity import DecodeScore, decode_path_scores
 from kvcompile.runtimes.session import cpu_session
 from kvcompile.tokens import bundled_text, find_tokenizer, load_token_ids, make_windows
 
-AVAILABLE_TARGETS = ("ort-cpu", "qnn-htp")
-PLANNED_TARGETS = ("nnapi", "tflite")
+AVAILABLE_TARGETS = ("ort-cpu", "qnn-htp", "nnapi", "tflite")
 MIN_OPSET = 18  # BitwiseAnd/BitwiseOr used by the packing fragments
 
 # progress(stage description, total units) -> advance(units)
@@ -105,14 +104,9 @@ def resolve_targets(requested: tuple[str, ...]) -> tuple[str, ...]:
     for name in requested or ("ort-cpu",):
         names = AVAILABLE_TARGETS if name == "all" else (name,)
         for target in names:
-            if target in PLANNED_TARGETS:
-                raise TargetError(
-                    f"target {target!r} is not built yet in kvcompile {__version__}; "
-                    f"available: {', '.join(AVAILABLE_TARGETS)}"
-                )
             if target not in AVAILABLE_TARGETS:
                 raise BadInputError(
-                    f"unknown target {target!r}; choose from {', '.join(AVAILABLE_TARGETS + PLANNED_TARGETS)} or all"
+                    f"unknown target {target!r}; choose from {', '.join(AVAILABLE_TARGETS)} or all"
                 )
             if target not in targets:
                 targets.append(target)
@@ -331,6 +325,26 @@ def _emit(model: ir.Model, kv: KVGraph, plan: QuantPlan, stage: Path, model_path
     return manifest, notes
 
 
+def _emit_static_targets(targets: tuple[str, ...], decomposed: tuple[KVGraph, Path], float_decoder: Decoder,
+                         plan: QuantPlan, stats: KVStats, stage: Path, texts: _Texts, options: CompileOptions,
+                         notes: dict[str, dict]) -> dict[str, TargetIO]:
+    """The static-shape (NPU) targets, all built from the decomposed float model."""
+    kv, float_path = decomposed
+    ios: dict[str, TargetIO] = {}
+    if "qnn-htp" in targets:
+        ios["qnn-htp"], notes["qnn-htp"] = qnn_htp.emit(
+            float_path, float_decoder, kv, plan, stats, stage, texts.calib_windows.reshape(-1), texts.eval_windows,
+            QnnOptions(socs=options.socs, max_context=options.max_context, quality_gate_pct=options.quality_gate_pct))
+    if "nnapi" in targets:
+        ios["nnapi"], notes["nnapi"], _ = nnapi.emit(float_path, float_decoder, kv, plan, stats, stage,
+                                                    texts.eval_windows, options.max_context,
+                                                    options.quality_gate_pct)
+    if "tflite" in targets:
+        ios["tflite"], notes["tflite"] = tflite.emit(float_path, float_decoder, kv, plan, stats, stage,
+                                                     texts.eval_windows, options.max_context, options.quality_gate_pct)
+    return ios
+
+
 def _verify(float_decoder: Decoder, manifest: Manifest, stage: Path, texts: _Texts,
             options: CompileOptions, progress: Progress) -> dict[str, Any]:
     """Decode-path quality of the ort-cpu artifact against the float model."""
@@ -425,13 +439,10 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
 
         with staged_output_dir(out_dir) as stage:
             manifest, target_notes = _emit(model, kv, plan, stage, model_path, tokenizer)
-            if "qnn-htp" in targets:
-                qnn_io, target_notes["qnn-htp"] = qnn_htp.emit(
-                    decomposed[1], float_decoder, decomposed[0], plan, stats, stage,
-                    texts.calib_windows.reshape(-1), texts.eval_windows,
-                    QnnOptions(socs=options.socs, max_context=options.max_context,
-                               quality_gate_pct=options.quality_gate_pct))
-                manifest = dataclasses.replace(manifest, targets={**manifest.targets, "qnn-htp": qnn_io})
+            static_ios = _emit_static_targets(targets, decomposed, float_decoder, plan, stats, stage, texts,
+                                              options, target_notes)
+            if static_ios:
+                manifest = dataclasses.replace(manifest, targets={**manifest.targets, **static_ios})
                 manifest.write(stage)
             lap("emit_s")
             quality = _verify(float_decoder, manifest, stage, texts, options, progress)

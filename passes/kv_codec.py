@@ -14,6 +14,11 @@ Both follow `kvcompile.quant.Codec` exactly (tested element for element):
 uint8 is used instead of ONNX INT4/UINT4 because Concat (which appends the new token to the
 cache) has no 4-bit type, and because every target (ORT GroupQueryAttention, NNAPI, TFLite)
 can carry uint8.
+
+Style "arithmetic" (static scales only) spells the same math with float arithmetic alone, for
+targets without bit operations or QuantizeLinear (NNAPI, TFLite builtins): codes are computed
+and kept as exact small integers in float (Div, Round, Add, Clip), packed as
+code0 + 2**bits * code1 + ... (Slice, Mul, Add, Cast) and unpacked with Floor(x / 2**bits).
 """
 
 from __future__ import annotations
@@ -91,11 +96,22 @@ def _to_codes(b: FragmentBuilder, x: ir.Value, scale: ir.Value, zero_point: ir.V
     return b.op("Cast", [clipped], to=ir.DataType.UINT8)
 
 
+ONNX, ARITHMETIC = "onnx", "arithmetic"
+
+
 def emit_encode(b: FragmentBuilder, x: ir.Value, codec: Codec, float_dtype: ir.DataType,
-                logical_shape: list[int | str]) -> Encoded:
+                logical_shape: list[int | str], style: str = ONNX) -> Encoded:
     """Float tensor -> packed uint8 codes (+ dynamic parameters), following Codec.encode."""
     if float_dtype != ir.DataType.FLOAT:
         x = b.op("Cast", [x], to=ir.DataType.FLOAT)
+    if style == ARITHMETIC:
+        if codec.dynamic:
+            raise ValueError("the arithmetic lowering takes static scales only")
+        scaled = b.op("Round", [b.op("Div", [x, b.const(codec.scale, "scale")])])
+        shifted = b.op("Add", [scaled, b.const(codec.zero_point.astype(np.float32), "zero_point")])
+        codes = b.op("Clip", [shifted, b.const(np.float32(0), "code_min"),
+                              b.const(np.float32(code_max(codec.bits)), "code_max")])
+        return Encoded(_pack_arithmetic(b, codes, codec, logical_shape))
     if codec.dynamic:
         return _emit_encode_dynamic(b, x, codec, logical_shape)
     if codec.per_tensor:
@@ -140,6 +156,40 @@ def _emit_encode_dynamic(b: FragmentBuilder, x: ir.Value, codec: Codec, logical_
     return Encoded(emit_pack(b, merged, codec), b.op("Squeeze", [half, inner]), stored_zero_point)
 
 
+def _pack_arithmetic(b: FragmentBuilder, codes: ir.Value, codec: Codec, logical_shape: list[int | str]) -> ir.Value:
+    """Float codes -> uint8 bytes holding `per_byte` consecutive codes, first in the lowest bits."""
+    n, a = codec.per_byte, codec.pack_axis
+    if n > 1:
+        pairs = b.op("Reshape", [codes, b.const(_shape_after_split(logical_shape, a, [logical_shape[a] // n, n]), "shape")])
+        inner = b.ints(a + 1)
+        packed = None
+        for j in range(n):
+            part = b.op("Squeeze", [b.op("Slice", [pairs, b.ints(j), b.ints(j + 1), inner]), inner])
+            if j:
+                part = b.op("Mul", [part, b.const(np.float32(1 << (j * codec.bits)), "weight")])
+            packed = part if packed is None else b.op("Add", [packed, part])
+        codes = packed
+    return b.op("Cast", [codes], to=ir.DataType.UINT8)
+
+
+def _unpack_arithmetic(b: FragmentBuilder, packed: ir.Value, codec: Codec, logical_shape: list[int | str]) -> ir.Value:
+    """uint8 bytes -> float codes (exact small integers)."""
+    n, a = codec.per_byte, codec.pack_axis
+    rest = b.op("Cast", [packed], to=ir.DataType.FLOAT)
+    if n == 1:
+        return rest
+    radix = b.const(np.float32(1 << codec.bits), "radix")
+    parts = []
+    for _ in range(n - 1):
+        higher = b.op("Floor", [b.op("Div", [rest, radix])])
+        parts.append(b.op("Sub", [rest, b.op("Mul", [higher, radix])]))
+        rest = higher
+    parts.append(rest)
+    inner = b.ints(a + 1)
+    interleaved = b.op("Concat", [b.op("Unsqueeze", [p, inner]) for p in parts], axis=a + 1)
+    return b.op("Reshape", [interleaved, b.const(_shape_after_split(logical_shape, a, [logical_shape[a]]), "shape")])
+
+
 def emit_pack(b: FragmentBuilder, codes: ir.Value, codec: Codec) -> ir.Value:
     n = codec.per_byte
     if n == 1:
@@ -175,8 +225,15 @@ def emit_unpack(b: FragmentBuilder, packed: ir.Value, codec: Codec, logical_shap
 
 
 def emit_decode(b: FragmentBuilder, stored: Encoded, codec: Codec, logical_shape: list[int | str],
-                float_dtype: ir.DataType) -> ir.Value:
+                float_dtype: ir.DataType, style: str = ONNX) -> ir.Value:
     """Packed uint8 codes (+ dynamic parameters) -> float tensor, following Codec.decode."""
+    if style == ARITHMETIC:
+        if codec.dynamic:
+            raise ValueError("the arithmetic lowering takes static scales only")
+        codes = _unpack_arithmetic(b, stored.codes, codec, logical_shape)
+        centered = b.op("Sub", [codes, b.const(codec.zero_point.astype(np.float32), "zero_point")])
+        x = b.op("Mul", [centered, b.const(codec.scale, "scale")])
+        return x if float_dtype == ir.DataType.FLOAT else b.op("Cast", [x], to=float_dtype)
     codes = emit_unpack(b, stored.codes, codec, logical_shape)
     if codec.dynamic:
         a = codec.pack_axis

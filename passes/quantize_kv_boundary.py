@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import DECOMPOSED, KVGraph, KVTensor
-from kvcompile.passes.kv_codec import Encoded, FragmentBuilder, emit_decode, emit_encode
+from kvcompile.passes.kv_codec import ONNX, Encoded, FragmentBuilder, emit_decode, emit_encode
 from kvcompile.quant import Codec
 
 
@@ -45,13 +45,15 @@ def packed_dims(dims, axis: int, per_byte: int) -> list:
 
 
 class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
-    def __init__(self, kv: KVGraph, codecs: dict[str, Codec], slot_outputs: bool = False):
+    def __init__(self, kv: KVGraph, codecs: dict[str, Codec], slot_outputs: bool = False, style: str = ONNX):
         """`slot_outputs`: the present outputs carry only the new tokens' entries (static NPU
-        graphs, where the runner writes them into its fixed buffer) instead of the whole cache."""
+        graphs, where the runner writes them into its fixed buffer) instead of the whole cache.
+        `style`: the ops the codec is spelled with (passes.kv_codec)."""
         super().__init__()
         self.kv = kv
         self.codecs = codecs
         self.slot_outputs = slot_outputs
+        self.style = style
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -92,7 +94,7 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
             past_stored.scale = _graph_value(scale_name(past.name), ir.DataType.FLOAT16, param_dims)
             if not codec.symmetric:
                 past_stored.zero_point = _graph_value(zero_point_name(past.name), ir.DataType.UINT8, param_dims)
-        new = emit_encode(builder, new_entries, codec, float_dtype, logical)
+        new = emit_encode(builder, new_entries, codec, float_dtype, logical, self.style)
         if self.slot_outputs:
             present_stored = new
         else:
@@ -102,7 +104,7 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
                 None if new.zero_point is None else builder.op("Concat", [past_stored.zero_point, new.zero_point],
                                                                axis=seq),
             )
-        past_f = emit_decode(builder, past_stored, codec, logical, float_dtype)
+        past_f = emit_decode(builder, past_stored, codec, logical, float_dtype, self.style)
         present_f = builder.op("Concat", [past_f, new_entries], axis=seq)
         graph.insert_before(concat, builder.nodes)
         self._redirect_other_readers(graph, past, past_stored, concat, tensor, codec)
@@ -151,7 +153,7 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
                 use.node.outputs[0].replace_all_uses_with(logical_shape, replace_graph_outputs=True)
                 graph.remove(use.node, safe=True)
             else:
-                decoded = emit_decode(builder, past_stored, codec, list(tensor.past_shape), past.dtype)
+                decoded = emit_decode(builder, past_stored, codec, list(tensor.past_shape), past.dtype, self.style)
                 graph.insert_before(use.node, builder.nodes)
                 use.node.replace_input_with(use.idx, decoded)
 

@@ -51,12 +51,12 @@ def stored_dims(dims, axis, codec: Codec, what: str):
     return out
 
 
-def encode_in_graph(codec: Codec, logical, dtype, x):
+def encode_in_graph(codec: Codec, logical, dtype, x, style="onnx"):
     dims = [ir.SymbolicDim(d) if isinstance(d, str) else d for d in logical]
     graph = ir.Graph([], [], nodes=[], opset_imports={"": 21}, name="encode")
     builder = FragmentBuilder(graph, "t")
     source = _value("x", dtype, dims)
-    encoded = emit_encode(builder, source, codec, dtype, list(logical))
+    encoded = emit_encode(builder, source, codec, dtype, list(logical), style)
     outputs = [encoded.codes]
     encoded.codes.type, encoded.codes.shape = ir.TensorType(ir.DataType.UINT8), ir.Shape(stored_dims(dims, codec.pack_axis, codec, "codes"))
     for value, kind in ((encoded.scale, ir.DataType.FLOAT16), (encoded.zero_point, ir.DataType.UINT8)):
@@ -67,7 +67,7 @@ def encode_in_graph(codec: Codec, logical, dtype, x):
     return results + [None] * (3 - len(results))
 
 
-def decode_in_graph(codec: Codec, logical, dtype, packed, scale, zero_point):
+def decode_in_graph(codec: Codec, logical, dtype, packed, scale, zero_point, style="onnx"):
     dims = [ir.SymbolicDim(d) if isinstance(d, str) else d for d in logical]
     graph = ir.Graph([], [], nodes=[], opset_imports={"": 21}, name="decode")
     builder = FragmentBuilder(graph, "t")
@@ -82,17 +82,18 @@ def decode_in_graph(codec: Codec, logical, dtype, packed, scale, zero_point):
         stored.zero_point = _value("zero_point", ir.DataType.UINT8, stored_dims(dims, codec.pack_axis, codec, "params"))
         inputs.append(stored.zero_point)
         feeds["zero_point"] = zero_point
-    decoded = emit_decode(builder, stored, codec, list(logical), dtype)
+    decoded = emit_decode(builder, stored, codec, list(logical), dtype, style)
     decoded.type, decoded.shape = ir.TensorType(dtype), ir.Shape(dims)
     return run_graph(inputs, [decoded], builder, graph, feeds)[0]
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme,style", [(s, "onnx") for s in SCHEMES] +
+                         [(s, "arithmetic") for s in ("per-tensor", "per-channel")])  # static targets
 @pytest.mark.parametrize("float16", [False, True], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "one-code-per-byte"])
-def test_fragments_match_codec(layout, bits, scheme, float16, packed):
+def test_fragments_match_codec(layout, bits, scheme, style, float16, packed):
     logical, shape, head_dim_axis, heads_axis = LAYOUTS[layout]
     rng = np.random.default_rng(bits)
     channel_spread = rng.uniform(0.1, 3.0, size=shape[head_dim_axis])
@@ -102,7 +103,7 @@ def test_fragments_match_codec(layout, bits, scheme, float16, packed):
     dtype = ir.DataType.FLOAT16 if float16 else ir.DataType.FLOAT
     codec = make_codec(x.astype(np.float32), bits, scheme, head_dim_axis, heads_axis, packed)
 
-    packed, scale, zero_point = encode_in_graph(codec, logical, dtype, x)
+    packed, scale, zero_point = encode_in_graph(codec, logical, dtype, x, style)
     want_packed, want_scale, want_zero_point = codec.encode(x.astype(np.float32))
     np.testing.assert_array_equal(packed, want_packed)
     for got, want in ((scale, want_scale), (zero_point, want_zero_point)):
@@ -110,6 +111,6 @@ def test_fragments_match_codec(layout, bits, scheme, float16, packed):
         if want is not None:
             np.testing.assert_array_equal(got, want)
 
-    decoded = decode_in_graph(codec, logical, dtype, packed, scale, zero_point)
+    decoded = decode_in_graph(codec, logical, dtype, packed, scale, zero_point, style)
     expected = codec.decode(packed, scale, zero_point)
     np.testing.assert_array_equal(decoded, expected.astype(decoded.dtype))

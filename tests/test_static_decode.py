@@ -18,7 +18,7 @@ from kvcompile.runtimes.calibrate import collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.kvcache import StaticCache
 from kvcompile.runtimes.session import cpu_session
-from kvcompile.targets.qnn_htp import static_graph, target_io
+from kvcompile.targets.static import static_graph, static_target_io
 from kvcompile.tokens import bundled_text, load_token_ids
 
 CONTEXT = 48
@@ -36,9 +36,11 @@ def compiled(tmp_path_factory):
     ids = load_token_ids(bundled_text("calib.txt"), TOKENIZER)
     stats = collect_kv_stats(float_decoder, ids[: 8 * 128].reshape(8, 128))
     plan = make_plan(kv, stats, 4, "per-channel")
-    model, folded = static_graph(DYNAMO, kv, plan, CONTEXT)
+    model, folded = static_graph(DYNAMO, kv, plan, CONTEXT, style="onnx", packed=False, fold_per_channel=True,
+                                 fuse_rmsnorm=True, opset=21)
     ir.save(model, work / "static.onnx")
-    static = Decoder(cpu_session(work / "static.onnx"), target_io(kv, folded, model, "static.onnx", CONTEXT))
+    static = Decoder(cpu_session(work / "static.onnx"),
+                     static_target_io(kv, folded, model, "static.onnx", CONTEXT, packed=False))
     growing = load_model(DYNAMO)
     quantize_graph(growing, kv, plan)
     ir.save(growing, work / "growing.onnx")

@@ -29,20 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import onnxruntime as ort
-import onnx_ir.passes.common
-import onnxscript.version_converter
-from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
 
 from kvcompile.errors import TargetError
 from kvcompile.kvgraph import KVGraph
-from kvcompile.manifest import ModelInputIO, TargetIO, float_model_io
-from kvcompile.model_io import load_model, save_model
-from kvcompile.passes.quantize_kv_boundary import QuantizeKVBoundaryPass
-from kvcompile.passes.static_decode import BIAS_INPUT, StaticDecodePass
-from kvcompile.passes.transform_kv import KVTransform, TransformKVPass
-from kvcompile.plan import QuantPlan, stored_kvio, tensor_plan
+from kvcompile.manifest import TargetIO
+from kvcompile.model_io import save_model
+from kvcompile.passes.kv_codec import ONNX
+from kvcompile.plan import QuantPlan
+from kvcompile.targets.static import static_graph, static_plan, static_target_io
 from kvcompile.runtimes.calibrate import KVStats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.perplexity import decode_path_scores
@@ -67,48 +62,6 @@ def check_socs(socs: tuple[str, ...]) -> None:
     for soc in socs:
         if soc not in QNN_SOCS:
             raise TargetError(f"--soc {soc!r} is not known; choose from {', '.join(QNN_SOCS)}")
-
-
-def htp_plan(kv: KVGraph, stats: KVStats, plan: QuantPlan) -> tuple[QuantPlan, list[str]]:
-    """The plan the HTP can hold: 4-bit static symmetric scales (per-channel ones get folded)."""
-    notes, tensors = [], []
-    for tensor in kv.tensors:
-        chosen = plan.for_input(tensor.past_input)
-        if chosen.bits != 4 or chosen.dynamic or not chosen.symmetric:
-            notes.append(f"{tensor.label}: {chosen.name} -> 4-bit per-channel (the HTP takes static scales)")
-            chosen = tensor_plan(tensor, stats, 4, "per-channel", plan.clip)
-        tensors.append(chosen)
-    return dataclasses.replace(plan, tensors=tuple(tensors)), notes
-
-
-def static_graph(float_path: Path, kv: KVGraph, plan: QuantPlan, context: int) -> tuple[ir.Model, QuantPlan]:
-    """The float static decode graph with the 4-bit cache boundary (one code per byte)."""
-    model = load_model(float_path)
-    transforms, tensors = {}, []
-    for tensor_plan_ in plan.tensors:
-        if tensor_plan_.granularity == "per-channel":
-            transforms[tensor_plan_.past_input] = KVTransform.scaling(tensor_plan_.scale)
-            tensor_plan_ = dataclasses.replace(tensor_plan_, granularity="per-tensor",
-                                               scale=np.ones((1, 1), np.float32))
-        tensors.append(tensor_plan_)
-    folded = dataclasses.replace(plan, tensors=tuple(tensors))
-    TransformKVPass(kv, transforms)(model)
-    StaticDecodePass(kv, context)(model)
-    QuantizeKVBoundaryPass(kv, folded.codecs(kv, packed=False), slot_outputs=True)(model)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-    ir.passes.common.TopologicalSortPass()(model)
-    onnxscript.version_converter.convert_version(model, QDQ_OPSET)
-    fuse_rms_normalization(model)
-    return model, folded
-
-
-def target_io(kv: KVGraph, plan: QuantPlan, model: ir.Model, model_path: str, context: int) -> TargetIO:
-    float_io = float_model_io(kv, model_path)
-    names = {v.name for v in model.graph.inputs}
-    inputs = [i for i in float_io.inputs if i.name in names]
-    inputs.append(ModelInputIO(BIAS_INPUT, "attention_bias", "float32"))
-    return dataclasses.replace(float_io, inputs=inputs, kv=[stored_kvio(k, plan, packed=False) for k in float_io.kv],
-                               max_context=context, options={"attention_sinks": 4})
 
 
 def calibration_feeds(decoder: Decoder, token_ids: np.ndarray, steps: int) -> list[dict[str, np.ndarray]]:
@@ -174,11 +127,12 @@ def emit(float_path: Path, float_decoder: Decoder, kv: KVGraph, plan: QuantPlan,
     check_socs(options.socs)
     folder = stage / FOLDER
     folder.mkdir()
-    chosen, notes = htp_plan(kv, stats, plan)
-    model, folded = static_graph(float_path, kv, chosen, options.max_context)
+    chosen, notes = static_plan(kv, stats, plan)
+    model, folded = static_graph(float_path, kv, chosen, options.max_context, style=ONNX, packed=False,
+                                 fold_per_channel=True, fuse_rmsnorm=True, opset=QDQ_OPSET)
     static_path = folder / "model.static.onnx"
     save_model(model, static_path)
-    io = target_io(kv, folded, model, f"{FOLDER}/model.qdq.onnx", options.max_context)
+    io = static_target_io(kv, folded, model, f"{FOLDER}/model.qdq.onnx", options.max_context, packed=False)
 
     started = time.perf_counter()
     float_static = Decoder(cpu_session(static_path), io)

@@ -1,0 +1,108 @@
+"""Target nnapi: the static decode graph for onnxruntime's NNAPI execution provider (ORT mobile).
+
+- The graph: the static decode graph (one token, fixed buffers of max_context - 1 slots, an
+  attention bias), with the 4-bit cache packed two codes per byte in uint8 (NNAPI has no 4-bit
+  type) and packed/unpacked in-graph with float arithmetic: NNAPI has no bit operations, but
+  Floor, Div, Mul and Add on exact small integers do the same. Then the ops NNAPI lacks are
+  replaced by equivalents (passes.legalize_nnapi), so the whole graph is one NNAPI partition.
+- Artifacts: `nnapi/model.onnx` and `nnapi/model.ort` (what an Android app loads).
+- Checks: onnxruntime's mobile usability checker reports the NNAPI partitions and node coverage
+  (an Android device is not available here, so the NNAPI EP itself cannot run); the same graph
+  runs on the CPU EP through the decode path and is compared with the float model.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from kvcompile.errors import TargetError
+from kvcompile.kvgraph import KVGraph
+from kvcompile.manifest import TargetIO
+from kvcompile.model_io import save_model
+from kvcompile.passes.kv_codec import ARITHMETIC
+from kvcompile.passes.legalize_nnapi import LegalizeForNNAPIPass
+from kvcompile.plan import QuantPlan
+from kvcompile.runtimes.calibrate import KVStats
+from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.perplexity import decode_path_scores
+from kvcompile.runtimes.session import cpu_session
+from kvcompile.targets.ort_cpu import write_ort_format
+from kvcompile.targets.static import static_graph, static_plan, static_target_io
+
+FOLDER = "nnapi"
+OPSET = 18
+VERIFY_WINDOWS, VERIFY_WINDOW = 4, 128
+
+
+def nnapi_graph(float_path: Path, kv: KVGraph, plan: QuantPlan, context: int) -> tuple[ir.Model, QuantPlan]:
+    """The static decode graph, packed 4-bit cache in float arithmetic, legal for NNAPI."""
+    model, used = static_graph(float_path, kv, plan, context, style=ARITHMETIC, packed=True,
+                               fold_per_channel=False, fuse_rmsnorm=False, opset=OPSET)
+    LegalizeForNNAPIPass()(model)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    ir.passes.common.TopologicalSortPass()(model)
+    return model, used
+
+
+_PARTITIONS = re.compile(r"(\d+) partitions? with a total of (\d+)/(\d+) nodes can be handled by the NNAPI EP")
+_UNSUPPORTED = re.compile(r"Checking NNAPI.*?Unsupported ops: ([^\n]*)", re.S)
+
+
+def check_partitions(model_path: Path) -> dict:
+    """NNAPI partitions and node coverage, from onnxruntime's mobile usability checker."""
+    result = subprocess.run([sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability",
+                             str(model_path)], capture_output=True, text=True)
+    log = result.stdout + result.stderr
+    match = _PARTITIONS.search(log)
+    if result.returncode != 0 or match is None:
+        last = (log.strip().splitlines() or ["no output"])[-1]
+        raise TargetError(f"nnapi: onnxruntime's mobile usability checker failed on the model: {last}")
+    partitions, supported, total = (int(g) for g in match.groups())
+    unsupported = _UNSUPPORTED.search(log.split("Checking CoreML")[0])
+    return {"partitions": partitions, "nodes_on_nnapi": supported, "nodes_total": total,
+            "coverage_pct": round(100.0 * supported / total, 2),
+            "unsupported_ops": unsupported.group(1).strip() if unsupported else "",
+            "checked_by": "onnxruntime.tools.check_onnx_model_mobile_usability"}
+
+
+def emit(float_path: Path, float_decoder: Decoder, kv: KVGraph, plan: QuantPlan, stats: KVStats, stage: Path,
+         eval_windows: np.ndarray, context: int, quality_gate_pct: float) -> tuple[TargetIO, dict, Path]:
+    """Writes nnapi/; returns the manifest entry, the report note and the ONNX graph's path
+    (which the tflite target converts)."""
+    folder = stage / FOLDER
+    folder.mkdir()
+    chosen, notes = static_plan(kv, stats, plan)
+    model, used = nnapi_graph(float_path, kv, chosen, context)
+    onnx_path = folder / "model.onnx"
+    save_model(model, onnx_path)
+    ort_path = write_ort_format(onnx_path)
+    partitions = check_partitions(onnx_path)
+    io = static_target_io(kv, used, model, f"{FOLDER}/{ort_path.name}", context, packed=True)
+    windows = eval_windows[:VERIFY_WINDOWS, :VERIFY_WINDOW]
+    float_score, score = decode_path_scores([float_decoder, Decoder(cpu_session(ort_path), io)], windows,
+                                            prefill=8, batch=1)
+    delta = 100.0 * (score.ppl / float_score.ppl - 1.0)
+    cache_bytes = sum(int(np.prod(t.shape)) for t in Decoder(cpu_session(ort_path), io).new_cache(1).tensors.values())
+    note = {
+        "artifact": f"{FOLDER}/{ort_path.name}",
+        "onnx_model": f"{FOLDER}/{onnx_path.name}",
+        "ran": True,
+        "ran_on": "onnxruntime CPU EP (the same .ort graph; no Android device here for the NNAPI EP)",
+        "max_context": context,
+        **partitions,
+        "kv_storage": "uint8, two 4-bit codes per byte, unpacked and packed in-graph with float arithmetic "
+                      "(Floor/Div/Mul/Add: NNAPI has no bit operations)",
+        "kv_cache_bytes": cache_bytes,
+        "plan_changes": notes,
+        "quality": {"float_ppl": round(float_score.ppl, 4), "nnapi_graph_ppl": round(score.ppl, 4),
+                    "ppl_delta_pct": round(delta, 4), "top1_agreement": round(score.top1_agreement, 5),
+                    "eval_tokens": score.tokens, "passed": delta <= quality_gate_pct},
+    }
+    return io, note, onnx_path
