@@ -22,7 +22,7 @@ from rich.table import Table
 from kvcompile import __version__
 from kvcompile.errors import KvCompileError, QualityGateError
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 # Piped output (CI logs, files) gets a wide fixed width instead of rich's 80-column default.
 out_console = Console(width=None if sys.stdout.isatty() else 140)
 
@@ -87,7 +87,9 @@ def _summary_table(report: dict) -> Table:
 
 
 @cli.command("compile")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+              help="Compile every model listed in this TOML file instead of MODEL (the CI job).")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: MODEL-STEM.kvcompiled next to the model].")
 @click.option("--kv-bits", type=float, default=4, show_default=True,
@@ -128,11 +130,17 @@ def _summary_table(report: dict) -> Table:
 @click.option("--quality-gate", type=float, default=2.0, show_default=True,
               help="Fail (exit 3) if perplexity rises more than this many percent.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
-def compile_command(model, out_dir, kv_bits, scheme, group_size, asymmetric, uniform, rotate, fuse_attention,
+def compile_command(model, config, out_dir, kv_bits, scheme, group_size, asymmetric, uniform, rotate, fuse_attention,
                     fold_scales, clip, targets, socs, max_context, calib, calib_tokens, eval_text,
                     eval_tokens, tokenizer, kv_map, quality_gate, as_json) -> None:
     """Compile MODEL so its KV cache is stored in --kv-bits bits, and verify it."""
     from kvcompile.pipeline import CompileOptions, compile_model
+
+    if (model is None) == (config is None):
+        raise click.UsageError("give either MODEL or --config FILE")
+    if config is not None:
+        _compile_config(config, as_json)
+        return
 
     options = CompileOptions(
         model=model, out_dir=out_dir, kv_bits=kv_bits, scheme=scheme, group_size=group_size,
@@ -151,6 +159,37 @@ def compile_command(model, out_dir, kv_bits, scheme, group_size, asymmetric, uni
             _print_result(exc.result, as_json)
         raise
     _print_result(result, as_json)
+
+
+def _compile_config(config: Path, as_json: bool) -> None:
+    from kvcompile.batch import compile_all, load_config
+
+    jobs = load_config(config)
+    bar, progress = _rich_progress(err_console)
+    with bar:
+        summaries, exit_code = compile_all(jobs, progress)
+    if as_json:
+        click.echo(json.dumps(summaries, indent=2, sort_keys=True))
+    else:
+        table = Table(title=f"kvcompile --config {config}")
+        for column in ("model", "status", "ppl change", "ratio vs fp16", "output"):
+            table.add_column(column)
+        for s in summaries:
+            report = s.get("report")
+            table.add_row(s["model"], s["status"],
+                          f"{report['quality']['ppl_delta_pct']:+.2f}%" if report else "-",
+                          f"{report['memory']['ratio_vs_fp16']:.2f}x" if report else "-",
+                          s.get("out_dir") or s.get("error", ""))
+        out_console.print(table)
+    if exit_code:
+        failed = sum(s["status"] != "passed" for s in summaries)
+        raise _ConfigFailed(exit_code, f"{failed} of {len(summaries)} compiles failed (see the table or --json)")
+
+
+class _ConfigFailed(KvCompileError):
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _print_result(result, as_json: bool) -> None:
@@ -184,6 +223,72 @@ def inspect_command(model, kv_map, as_json) -> None:
     out_console.print(f"model inputs: {inputs}")
     out_console.print(f"FP16 KV bytes per token: {info['fp16_bytes_per_token']}")
     out_console.print(f"kvcompile would: {info['would_do']}")
+
+
+@cli.command("run")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--target", default=None, help="Which artifact [default: the first, ort-cpu].")
+@click.option("--soc", default=None, help="qnn-htp: which compiled SoC [default: the first].")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = no limit.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def run_command(folder, prompt, target, soc, max_new_tokens, temperature, top_k, seed) -> None:
+    """Generate text with a compiled FOLDER, streaming it; then tokens/s and the cache's bytes."""
+    import time
+
+    from kvcompile.manifest import read_manifest
+    from kvcompile.runtimes.generate import Generation, Sampling
+    from kvcompile.runtimes.targets import RUNS_ON, default_target, load_decoder
+    from kvcompile.tokens import load_tokenizer
+
+    manifest = read_manifest(folder)
+    if manifest.tokenizer is None:
+        raise KvCompileError(f"{str(folder)!r} has no tokenizer.json; compile with --tokenizer to run text")
+    tokenizer = load_tokenizer(Path(folder) / manifest.tokenizer)
+    prompt_ids = tokenizer.encode(prompt).ids
+    if not prompt_ids:
+        raise KvCompileError("--prompt is empty after tokenization")
+    target = target or default_target(manifest)
+    decoder = load_decoder(Path(folder), manifest, target, soc)
+    special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+    started = time.perf_counter()
+    generation = Generation(decoder, prompt_ids, Sampling(temperature, top_k, seed))
+    tokens, shown = [], ""
+    click.echo(prompt, nl=False)
+    for token in generation.tokens(max_new_tokens, stop=lambda t: t in special):
+        tokens.append(token)
+        text = tokenizer.decode(tokens)
+        click.echo(text[len(shown):], nl=False)
+        shown = text
+    seconds = time.perf_counter() - started
+    click.echo()
+    err_console.print(f"{len(tokens)} tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s, prompt "
+                      f"included); KV cache {generation.cache.nbytes():,} bytes as stored; {target} on "
+                      f"{RUNS_ON[target]}", markup=False, highlight=False)
+
+
+@cli.command("eval")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--text", type=click.Path(path_type=Path), default=None,
+              help="Text (or token ids .npy) to score [default: the bundled held-out text].")
+@click.option("--target", default=None, help="Which artifact [default: the first, ort-cpu].")
+@click.option("--soc", default=None, help="qnn-htp: which compiled SoC [default: the first].")
+@click.option("--tokens", "token_count", type=click.IntRange(min=1), default=12288, show_default=True,
+              help="Tokens to use (windows of 256; static targets: windows of max-context).")
+@click.option("--json", "as_json", is_flag=True)
+def eval_command(folder, text, target, soc, token_count, as_json) -> None:
+    """Decode-path perplexity of a compiled FOLDER (the measurement the compile's verifier uses)."""
+    from kvcompile.evaluate import evaluate_folder
+
+    result = evaluate_folder(Path(folder), text, target, soc, token_count)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        out_console.print(f"{result['target']}: perplexity {result['ppl']:.3f} over {result['tokens']} tokens "
+                          f"({result['text']}, windows of {result['window']}, prefill {result['prefill']}, "
+                          "scored after each decode step)")
 
 
 def main() -> None:

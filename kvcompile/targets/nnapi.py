@@ -34,7 +34,7 @@ from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.perplexity import decode_path_scores
 from kvcompile.runtimes.session import cpu_session
 from kvcompile.targets.ort_cpu import write_ort_format
-from kvcompile.targets.static import static_graph, static_plan, static_target_io
+from kvcompile.targets.static import static_graph, static_plan, static_target_io, verification_windows
 
 FOLDER = "nnapi"
 OPSET = 18
@@ -85,7 +85,7 @@ def emit(float_path: Path, float_decoder: Decoder, kv: KVGraph, plan: QuantPlan,
     ort_path = write_ort_format(onnx_path)
     partitions = check_partitions(onnx_path)
     io = static_target_io(kv, used, model, f"{FOLDER}/{ort_path.name}", context, packed=True)
-    windows = eval_windows[:VERIFY_WINDOWS, :VERIFY_WINDOW]
+    windows = verification_windows(eval_windows, VERIFY_WINDOWS, VERIFY_WINDOW, context)
     float_score, score = decode_path_scores([float_decoder, Decoder(cpu_session(ort_path), io)], windows,
                                             prefill=8, batch=1)
     delta = 100.0 * (score.ppl / float_score.ppl - 1.0)

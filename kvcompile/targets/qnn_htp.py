@@ -37,7 +37,7 @@ from kvcompile.manifest import TargetIO
 from kvcompile.model_io import save_model
 from kvcompile.passes.kv_codec import ONNX
 from kvcompile.plan import QuantPlan
-from kvcompile.targets.static import static_graph, static_plan, static_target_io
+from kvcompile.targets.static import static_graph, static_plan, static_target_io, verification_windows
 from kvcompile.runtimes.calibrate import KVStats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.perplexity import decode_path_scores
@@ -159,7 +159,7 @@ def emit(float_path: Path, float_decoder: Decoder, kv: KVGraph, plan: QuantPlan,
     htp = Decoder(qnn_session(folder / first / "model_ctx.onnx", first), io)
     cpu = Decoder(cpu_session(folder / "model.qdq.onnx"), io)
     agreement = compare_with_cpu(htp, cpu, eval_windows.reshape(-1))
-    windows = eval_windows[: options.verify_windows, : options.verify_window]
+    windows = verification_windows(eval_windows, options.verify_windows, options.verify_window, options.max_context)
     float_score, htp_score = decode_path_scores([float_decoder, htp], windows, prefill=8, batch=1)
     delta = 100.0 * (htp_score.ppl / float_score.ppl - 1.0)
     for soc in options.socs[1:]:  # every compiled binary loads with the CPU fallback off

@@ -74,3 +74,15 @@ def static_target_io(kv: KVGraph, plan: QuantPlan, model: ir.Model, model_path: 
     roles.append(ModelInputIO(BIAS_INPUT, "attention_bias", "float32"))
     return dataclasses.replace(float_io, inputs=roles, kv=[stored_kvio(k, plan, packed=packed) for k in float_io.kv],
                                max_context=context, options={"attention_sinks": 4})
+
+
+def verification_windows(eval_windows: np.ndarray, count: int, length: int, context: int) -> np.ndarray:
+    """`count` x `length` held-out tokens, re-cut into windows that fit the static buffer.
+
+    A window longer than `context` would make the static decoder slide its cache while the float
+    reference keeps every token, so the gate would measure the window, not the quantization. The
+    same tokens are kept, cut into windows of at most `context`.
+    """
+    tokens = eval_windows[:count, :length].reshape(-1)
+    width = min(length, context)
+    return tokens[: tokens.size // width * width].reshape(-1, width)

@@ -13,6 +13,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,7 @@ from kvcompile.runtimes.session import cpu_session
 from kvcompile.runtimes.tflite import TFLiteSession
 from kvcompile.targets import nnapi
 from kvcompile.targets.onnx_to_tf import tf_function
-from kvcompile.targets.static import static_plan, static_target_io
+from kvcompile.targets.static import static_plan, static_target_io, verification_windows
 
 FOLDER = "tflite"
 COMPARE_STEPS = 16
@@ -53,6 +56,21 @@ def convert(onnx_model: onnx.ModelProto) -> bytes:
         [module.serving_default.get_concrete_function()], module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     return converter.convert()
+
+
+def convert_in_child(onnx_path: Path, tflite_path: Path) -> None:
+    """Run `convert` in a fresh Python process.
+
+    TensorFlow's converter segfaults in a process that has already loaded the QNN HTP backend
+    (`--target all` compiles qnn-htp first), and it leaves ~1 GB of TensorFlow behind; a child
+    process keeps the compiler's own address space clean of both.
+    """
+    result = subprocess.run([sys.executable, "-m", "kvcompile.targets.tflite", str(onnx_path), str(tflite_path)],
+                            capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if result.returncode != 0 or not tflite_path.is_file():
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        detail = lines[-1] if lines else f"exit code {result.returncode}"
+        raise TargetError(f"tflite: TFLiteConverter failed: {detail}")
 
 
 def compare_with_onnxruntime(tflite: Decoder, ort: Decoder, token_ids: np.ndarray) -> dict:
@@ -80,7 +98,7 @@ def emit(float_path: Path, float_decoder: Decoder, kv: KVGraph, plan: QuantPlan,
     onnx_path = folder / "model.onnx"
     save_model(model, onnx_path)
     tflite_path = folder / "model.tflite"
-    tflite_path.write_bytes(convert(onnx.load(onnx_path)))
+    convert_in_child(onnx_path, tflite_path)
     onnx_path.unlink()  # the intermediate ONNX graph is the nnapi target's own artifact
     io = static_target_io(kv, used, model, f"{FOLDER}/{tflite_path.name}", context, packed=True)
     session = TFLiteSession(tflite_path)
@@ -92,7 +110,7 @@ def emit(float_path: Path, float_decoder: Decoder, kv: KVGraph, plan: QuantPlan,
     agreement = compare_with_onnxruntime(tflite, Decoder(cpu_session(folder / "reference.onnx"), io),
                                          eval_windows.reshape(-1))
     (folder / "reference.onnx").unlink()
-    windows = eval_windows[: nnapi.VERIFY_WINDOWS, : nnapi.VERIFY_WINDOW]
+    windows = verification_windows(eval_windows, nnapi.VERIFY_WINDOWS, nnapi.VERIFY_WINDOW, context)
     float_score, score = decode_path_scores([float_decoder, tflite], windows, prefill=8, batch=1)
     delta = 100.0 * (score.ppl / float_score.ppl - 1.0)
     note = {
@@ -111,3 +129,10 @@ def emit(float_path: Path, float_decoder: Decoder, kv: KVGraph, plan: QuantPlan,
                     "eval_tokens": score.tokens, "passed": delta <= quality_gate_pct},
     }
     return io, note
+
+
+if __name__ == "__main__":  # convert_in_child: python -m kvcompile.targets.tflite MODEL.onnx OUT.tflite
+    try:
+        Path(sys.argv[2]).write_bytes(convert(onnx.load(sys.argv[1])))
+    except TargetError as exc:
+        sys.exit(str(exc))
