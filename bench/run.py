@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,9 @@ from pathlib import Path
 
 from bench.latency import THREADS as LATENCY_THREADS
 from bench.latency import latency_rows, latency_table
+from bench.measure import measure
 from bench.peers import genai_int4_scores, hf_quantized_cache_scores
+from bench.scale import scale_rows, scale_table
 from kvcompile.errors import QualityGateError
 from kvcompile.pipeline import CompileOptions, compile_model
 from kvcompile.tokens import bundled_text, load_token_ids, make_windows
@@ -110,22 +111,12 @@ def peer_row(method: str, bits: str, float_score, score) -> dict:
     }
 
 
-# Runs the compile as the only child of a fresh process, so the peak RSS is the compile's own.
-_MEASURE = """
-import resource, subprocess, sys, time
-started = time.perf_counter()
-subprocess.run(sys.argv[1:], check=True, capture_output=True)
-print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"""
-
-
 def default_compile_cost(work: Path) -> dict:
     """Wall time and peak RSS of `kvcompile MODEL --kv-bits 4` in a fresh process."""
     command = [sys.executable, "-m", "kvcompile.cli", str(FIXTURES["fixture"]), "--kv-bits", "4", "-o", str(work / "cost")]
-    result = subprocess.run([sys.executable, "-c", _MEASURE, *command], check=True, capture_output=True, text=True)
-    seconds, rss_kib = result.stdout.split()
+    seconds, rss_mib = measure(command)
     return {"command": "kvcompile models/fixture/onnx-dynamo/model.onnx --kv-bits 4",
-            "seconds": round(float(seconds), 1), "peak_rss_mib": round(int(rss_kib) / 1024, 1)}
+            "seconds": round(seconds, 1), "peak_rss_mib": round(rss_mib, 1)}
 
 
 def quality_table(results: dict) -> str:
@@ -148,7 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         results = json.loads(RESULTS.read_text())
-        print(quality_table(results), latency_table(results["latency"]), sep="\n\n")
+        print(quality_table(results), latency_table(results["latency"]), scale_table(results["scale"]), sep="\n\n")
         return
     windows = make_windows(load_token_ids(bundled_text("heldout.txt"), TOKENIZER), WINDOW, EVAL_WINDOWS, "held-out")
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,6 +159,7 @@ def main() -> None:
         print("latency", file=sys.stderr, flush=True)
         latency = latency_rows(FIXTURES["fixture"], work)
         cost = default_compile_cost(work)
+        scale = scale_rows(work)
     results = {
         "machine": {"python": platform.python_version(), "processor": platform.machine(), "cpus": os.cpu_count()},
         "eval": {"windows": EVAL_WINDOWS, "window": WINDOW, "prefill": PREFILL, "text": "models/data/heldout.txt"},
@@ -175,9 +167,10 @@ def main() -> None:
         "latency": latency,
         "latency_threads": LATENCY_THREADS,
         "default_compile": cost,
+        "scale": scale,
     }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(quality_table(results), latency_table(latency), sep="\n\n")
+    print(quality_table(results), latency_table(latency), scale_table(scale), sep="\n\n")
     print(f"\ndefault compile: {cost['seconds']} s, peak RSS {cost['peak_rss_mib']} MiB")
     print(f"written to {RESULTS.relative_to(REPO)}")
 

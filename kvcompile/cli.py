@@ -62,6 +62,8 @@ def _rich_progress(console: Console) -> tuple[Progress, Callable[[str, int], Cal
 
 
 def _summary_table(report: dict) -> Table:
+    from kvcompile.memory_wall import format_bytes
+
     memory, quality = report["memory"], report["quality"]
     table = Table(title=f"kvcompile: {report['source']['path']}", show_header=False)
     table.add_column("figure")
@@ -77,10 +79,22 @@ def _summary_table(report: dict) -> Table:
     table.add_row("KV bytes per token (fp16 -> compiled)",
                   f"{memory['fp16_bytes_per_token']} -> {memory['quantized_bytes_per_token']:.1f}")
     table.add_row(f"memory ratio vs fp16 @ {memory['reference_context']} tokens", f"{memory['ratio_vs_fp16']:.2f}x")
-    table.add_row("perplexity float -> compiled", f"{quality['float_ppl']:.3f} -> {quality['quantized_ppl']:.3f}")
-    table.add_row("perplexity change", f"{quality['ppl_delta_pct']:+.3f}%")
-    table.add_row("top-1 agreement", f"{100 * quality['top1_agreement']:.2f}%")
-    table.add_row("quality gate", "passed" if quality["passed"] else "FAILED")
+    if quality["passed"] is None:
+        table.add_row("quality", "UNVERIFIED (--no-calibration): measure it before shipping")
+    else:
+        table.add_row("perplexity float -> compiled",
+                      f"{quality['float_ppl']:.3f} -> {quality['quantized_ppl']:.3f}")
+        table.add_row("perplexity change", f"{quality['ppl_delta_pct']:+.3f}%")
+        table.add_row("top-1 agreement", f"{100 * quality['top1_agreement']:.2f}%")
+        table.add_row("quality gate", "passed" if quality["passed"] else "FAILED")
+    wall = report["memory_wall"]
+    budget = wall["budget_fit_tokens"]
+    table.add_row(f"context in a {format_bytes(wall['budget_bytes'])} KV budget (fp16 -> compiled)",
+                  f"{budget['fp16']:,} -> {budget['compiled']:,}")
+    on_chip = wall["on_chip_fit_tokens"]
+    if on_chip["fp16"] is not None:
+        table.add_row(f"context on chip, {wall['device']['key']} (fp16 -> compiled)",
+                      f"{on_chip['fp16']:,} -> {on_chip['compiled']:,}")
     for name, target in report["targets"].items():
         table.add_row(f"target {name}", f"{target['artifact']} (ran: {target['ran']})")
     return table
@@ -123,16 +137,24 @@ def _summary_table(report: dict) -> Table:
 @click.option("--eval", "eval_text", type=click.Path(path_type=Path), default=None,
               help="Held-out text (or .npy ids) for verification [default: bundled text].")
 @click.option("--eval-tokens", type=click.IntRange(min=1), default=12288, show_default=True)
+@click.option("--no-calibration", is_flag=True,
+              help="Run nothing: in-graph per-token scales, no calibration, no verification (report says "
+                   "UNVERIFIED). For models too large to run here; ort-cpu only.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="tokenizer.json [default: the one next to the model].")
 @click.option("--kv-map", type=click.Path(path_type=Path), default=None,
               help="JSON map of the KV cache tensors; overrides discovery.")
 @click.option("--quality-gate", type=float, default=2.0, show_default=True,
               help="Fail (exit 3) if perplexity rises more than this many percent.")
+@click.option("--device", default=None,
+              help="Memory-wall report: device profile (see `kvcompile report --list-devices`) or a .toml "
+                   "profile [default: the --soc's for qnn-htp, else snapdragon-8-gen-3].")
+@click.option("--budget", default="1GiB", show_default=True,
+              help="Memory-wall report: RAM for the KV cache (e.g. 512MiB, 2GB).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 def compile_command(model, config, out_dir, kv_bits, scheme, group_size, asymmetric, uniform, rotate, fuse_attention,
                     fold_scales, clip, targets, socs, max_context, calib, calib_tokens, eval_text,
-                    eval_tokens, tokenizer, kv_map, quality_gate, as_json) -> None:
+                    eval_tokens, no_calibration, tokenizer, kv_map, quality_gate, device, budget, as_json) -> None:
     """Compile MODEL so its KV cache is stored in --kv-bits bits, and verify it."""
     from kvcompile.pipeline import CompileOptions, compile_model
 
@@ -148,7 +170,8 @@ def compile_command(model, config, out_dir, kv_bits, scheme, group_size, asymmet
         fold_scales=fold_scales, clip=clip,
         targets=tuple(targets), socs=tuple(socs), max_context=max_context,
         calib=calib, calib_tokens=calib_tokens, eval_text=eval_text, eval_tokens=eval_tokens,
-        tokenizer=tokenizer, kv_map=kv_map, quality_gate_pct=quality_gate,
+        tokenizer=tokenizer, kv_map=kv_map, quality_gate_pct=quality_gate, device=device, budget=budget,
+        no_calibration=no_calibration,
     )
     bar, progress = _rich_progress(err_console)
     try:
@@ -197,7 +220,7 @@ def _print_result(result, as_json: bool) -> None:
         click.echo(json.dumps(result.report, indent=2, sort_keys=True))
         return
     out_console.print(_summary_table(result.report))
-    out_console.print(f"wrote {result.out_dir}/ (kvcompile.json, report.md, report.json)")
+    out_console.print(f"wrote {result.out_dir}/ (kvcompile.json, report.md, report.json, report.png)")
 
 
 @cli.command("inspect")
@@ -223,6 +246,53 @@ def inspect_command(model, kv_map, as_json) -> None:
     out_console.print(f"model inputs: {inputs}")
     out_console.print(f"FP16 KV bytes per token: {info['fp16_bytes_per_token']}")
     out_console.print(f"kvcompile would: {info['would_do']}")
+
+
+@cli.command("report")
+@click.argument("folder", type=click.Path(path_type=Path), required=False)
+@click.option("--device", default=None,
+              help="Device profile key or a .toml profile [default: the one the report has].")
+@click.option("--budget", default=None, help="RAM for the KV cache, e.g. 1GiB [default: the one the report has].")
+@click.option("--weight-bits", type=click.FloatRange(min=1, max=32), default=None,
+              help="Model the decode bound with weights stored in this many bits [default: as stored].")
+@click.option("--list-devices", is_flag=True, help="List the bundled device profiles and their sources.")
+@click.option("--json", "as_json", is_flag=True, help="Print the memory-wall section as JSON.")
+def report_command(folder, device, budget, weight_bits, list_devices, as_json) -> None:
+    """Redo a compiled FOLDER's memory-wall report (report.md/json/png) for a device and RAM budget."""
+    from kvcompile.memory_wall import (
+        bundled_devices,
+        device_from_summary,
+        format_bytes,
+        load_device,
+        memory_wall,
+        parse_size,
+    )
+    from kvcompile.report import memory_wall_markdown, read_report, write_report
+
+    if list_devices:
+        for key, profile in bundled_devices().items():
+            summary = profile.summary()
+            on_chip = (f"{format_bytes(profile.on_chip_bytes)} ({profile.on_chip_kind})" if profile.on_chip_bytes
+                       else "not published")
+            out_console.print(f"{key}: {profile.name}; {profile.memory} {summary['peak_bandwidth_gb_s']} GB/s; "
+                              f"on-chip {on_chip}; {profile.kind}",
+                              markup=False, highlight=False)
+        return
+    if folder is None:
+        raise click.UsageError("give a compiled FOLDER (or --list-devices)")
+    report = read_report(folder)
+    wall = report["memory_wall"]
+    profile = load_device(device) if device else device_from_summary(wall["device"])
+    budget_bytes = parse_size(budget) if budget else wall["budget_bytes"]
+    weights = {k: wall["weights"][k] for k in ("parameters", "bytes")}
+    report["memory_wall"] = memory_wall(report["memory"], weights, profile, budget_bytes, weight_bits)
+    write_report(report, Path(folder))
+    if as_json:
+        click.echo(json.dumps(report["memory_wall"], indent=2, sort_keys=True))
+    else:
+        out_console.print("\n".join(memory_wall_markdown(report["memory_wall"])).strip(), markup=False,
+                          highlight=False)
+        out_console.print(f"wrote {folder}/report.md, report.json, report.png")
 
 
 @cli.command("run")

@@ -42,6 +42,16 @@ from kvcompile.fusion import decide as decide_fusion
 from kvcompile.plan import QuantPlan, check_options, make_plan, stored_kvio
 from kvcompile.targets import nnapi, ort_cpu, qnn_htp, tflite
 from kvcompile.targets.qnn_htp import QnnOptions, check_socs
+from kvcompile.memory_wall import (
+    DEFAULT_BUDGET,
+    DEFAULT_DEVICE,
+    SOC_DEVICES,
+    Device,
+    load_device,
+    memory_wall,
+    model_weights,
+    parse_size,
+)
 from kvcompile.report import memory_figures, tensor_rows, write_report
 from kvcompile.runtimes.calibrate import KVStats, collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
@@ -79,6 +89,9 @@ class CompileOptions:
     tokenizer: Path | None = None
     kv_map: Path | None = None
     quality_gate_pct: float = 2.0
+    no_calibration: bool = False  # dynamic scales only, no float runs: the compile is unverified
+    device: str | None = None  # memory-wall report: a devices.toml key or a .toml profile
+    budget: str = DEFAULT_BUDGET  # memory-wall report: RAM for the KV cache
     window: int = 256
     prefill: int = 32
 
@@ -90,7 +103,8 @@ class CompileResult:
 
     @property
     def passed(self) -> bool:
-        return bool(self.report["quality"]["passed"])
+        """False only when the quality gate failed (an unverified compile has not failed it)."""
+        return self.report["quality"]["passed"] is not False
 
 
 def default_out_dir(model: Path) -> Path:
@@ -211,6 +225,13 @@ def _score_summary(float_score: DecodeScore, score: DecodeScore, gate: float, te
     }
 
 
+def rotate_kv(model: ir.Model, kv: KVGraph, rotate: str) -> None:
+    """--rotate hadamard: rotate every cache tensor along head_dim (in place, see TransformKVPass)."""
+    if rotate != "hadamard":
+        raise BadInputError(f"--rotate {rotate!r} is not supported; use hadamard")
+    TransformKVPass(kv, {t.past_input: KVTransform.rotation(t) for t in kv.tensors})(model)
+
+
 def stage_float_model(model: ir.Model, kv: KVGraph, rotate: str | None, work: Path, model_path: Path) -> Path:
     """The float model to calibrate and to build auto's variants from.
 
@@ -220,9 +241,7 @@ def stage_float_model(model: ir.Model, kv: KVGraph, rotate: str | None, work: Pa
     references (onnxruntime refuses external data outside a model's folder, so links will not do).
     """
     if rotate is not None:
-        if rotate != "hadamard":
-            raise BadInputError(f"--rotate {rotate!r} is not supported; use hadamard")
-        TransformKVPass(kv, {t.past_input: KVTransform.rotation(t) for t in kv.tensors})(model)
+        rotate_kv(model, kv, rotate)
     has_external = len(model_files(model_path)) > 1
     if rotate is None and not has_external:
         return model_path
@@ -357,13 +376,24 @@ def _verify(float_decoder: Decoder, manifest: Manifest, stage: Path, texts: _Tex
     return _score_summary(float_score, compiled_score, options.quality_gate_pct, texts.eval_name)
 
 
-def _report(kv: KVGraph, plan: QuantPlan, stats: KVStats, manifest: Manifest, quality: dict[str, Any],
-            texts: _Texts, options: CompileOptions, targets: tuple[str, ...],
+def report_device(options: CompileOptions, targets: tuple[str, ...]) -> Device:
+    """--device, else the profile of the first --soc when compiling for qnn-htp, else the default."""
+    if options.device is not None:
+        return load_device(options.device)
+    if "qnn-htp" in targets:
+        return load_device(SOC_DEVICES.get(options.socs[0], DEFAULT_DEVICE))
+    return load_device(DEFAULT_DEVICE)
+
+
+def _report(kv: KVGraph, plan: QuantPlan, stats: KVStats | None, manifest: Manifest, quality: dict[str, Any],
+            texts: _Texts | None, options: CompileOptions, targets: tuple[str, ...], device: Device, stage: Path,
             timings: dict[str, float]) -> dict[str, Any]:
+    memory = memory_figures(kv, plan)
+    weights = model_weights(stage / manifest.targets["ort-cpu"].model)
     return {
         "kvcompile_version": __version__,
         "source": manifest.source,
-        "status": "passed" if quality["passed"] else "failed-quality-gate",
+        "status": {True: "passed", False: "failed-quality-gate", None: "unverified"}[quality["passed"]],
         "kv": {
             "layers": kv.num_layers,
             "discovery": kv.source,
@@ -374,9 +404,10 @@ def _report(kv: KVGraph, plan: QuantPlan, stats: KVStats, manifest: Manifest, qu
                  "rotate": options.rotate, "fold_scales": options.fold_scales,
                  "bit_widths": list(plan.bit_widths),
                  "choices": {t.label: t.name for t in plan.tensors}},
-        "calibration": {"tokens": int(texts.calib_windows.size), "text": texts.calib_name,
-                        "window": options.window},
-        "memory": memory_figures(kv, plan),
+        "calibration": None if texts is None else {"tokens": int(texts.calib_windows.size),
+                                                   "text": texts.calib_name, "window": options.window},
+        "memory": memory,
+        "memory_wall": memory_wall(memory, weights, device, parse_size(options.budget)),
         "quality": quality,
         "targets": {
             name: {"artifact": io.model, "ran": True, "kv_storage": _kv_storage(plan)}
@@ -403,6 +434,10 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
     model_path = Path(options.model)
     out_dir = Path(options.out_dir) if options.out_dir is not None else default_out_dir(model_path)
     check_output_dir(out_dir, model_path)
+    device = report_device(options, targets)
+    parse_size(options.budget)
+    if options.no_calibration:
+        return compile_uncalibrated(options, targets, model_path, out_dir, device)
 
     model = load_model(model_path)
     kv = analyze(model, options.kv_map)
@@ -447,7 +482,7 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
             lap("emit_s")
             quality = _verify(float_decoder, manifest, stage, texts, options, progress)
             lap("verify_s")
-            report = _report(kv, plan, stats, manifest, quality, texts, options, targets, timings)
+            report = _report(kv, plan, stats, manifest, quality, texts, options, targets, device, stage, timings)
             for name, note in target_notes.items():
                 report["targets"].setdefault(name, {}).update(note)
             failed = [name for name, note in target_notes.items() if not note.get("quality", {}).get("passed", True)]
@@ -473,3 +508,67 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
             result=result,
         )
     return result
+
+
+UNVERIFIED = {
+    "passed": None,
+    "verified": False,
+    "reason": "compiled with --no-calibration: no float model was run, nothing was measured; "
+              "run `kvcompile eval OUTDIR --text FILE` or compile without --no-calibration before shipping",
+}
+DYNAMIC_SCHEMES = ("per-token", "per-group")
+
+
+def check_uncalibrated(options: CompileOptions, targets: tuple[str, ...]) -> str:
+    """The scheme a --no-calibration compile uses, or a refusal naming what needs calibration."""
+    scheme = "per-token" if options.scheme == "auto" else options.scheme
+    if scheme not in DYNAMIC_SCHEMES:
+        raise BadInputError(f"--scheme {options.scheme} needs calibrated scales; with --no-calibration use "
+                            f"--scheme {' or '.join(DYNAMIC_SCHEMES)} (scales computed in the graph)")
+    if options.kv_bits not in (2, 4, 8):
+        raise BadInputError(f"--kv-bits {options.kv_bits:g} is a per-layer budget, which needs calibration; "
+                            "with --no-calibration use 2, 4 or 8")
+    if options.fold_scales:
+        raise BadInputError("--fold-scales folds calibrated per-channel scales; drop it or --no-calibration")
+    if options.fuse_attention == "on":
+        raise BadInputError("--fuse-attention on needs calibrated scales and a float check; drop it or "
+                            "--no-calibration")
+    static = [t for t in targets if t != "ort-cpu"]
+    if static:
+        raise BadInputError(f"--target {', '.join(static)} needs calibration (static scales, full-model "
+                            "QDQ); drop --no-calibration")
+    return scheme
+
+
+def compile_uncalibrated(options: CompileOptions, targets: tuple[str, ...], model_path: Path, out_dir: Path,
+                         device: Device) -> CompileResult:
+    """--no-calibration: load -> analyze -> dynamic plan -> rewrite -> emit, with no float run.
+
+    For models too large to calibrate here, or to check structure and footprint quickly: every
+    cache tensor gets an in-graph per-token (or per-group) scale, so nothing depends on data.
+    The weights stay on disk until the artifact is written (onnx_ir reads external data
+    lazily) and are never loaded into an onnxruntime session. The report says "unverified"."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    scheme = check_uncalibrated(options, targets)
+    model = load_model(model_path)
+    kv = analyze(model, options.kv_map)
+    refuse_unsupported_attention(kv)
+    if GROUP_QUERY_ATTENTION in kv.attention_forms:
+        raise BadInputError("GroupQueryAttention's quantized cache uses calibrated scales; "
+                            "drop --no-calibration for this model")
+    tokenizer = find_tokenizer(model_path, options.tokenizer)
+    if options.rotate is not None:
+        rotate_kv(model, kv, options.rotate)
+    plan = make_plan(kv, None, options.kv_bits, scheme, options.clip, options.group_size, options.asymmetric)
+    quantize_graph(model, kv, plan)
+    timings["load_analyze_rewrite_s"] = time.perf_counter() - started
+    with staged_output_dir(out_dir) as stage:
+        manifest, target_notes = _emit(model, kv, plan, stage, model_path, tokenizer)
+        timings["emit_s"] = time.perf_counter() - started - timings["load_analyze_rewrite_s"]
+        report = _report(kv, plan, None, manifest, dict(UNVERIFIED), None, options, targets, device, stage, timings)
+        for name, note in target_notes.items():
+            report["targets"][name].update(note, ran=False)
+        report["fusion"] = {"fused": False, "reason": "--no-calibration keeps the attention as exported"}
+        write_report(report, stage)
+    return CompileResult(out_dir=out_dir, report=report)

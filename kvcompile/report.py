@@ -10,12 +10,16 @@ tokens, static scales included, against the same cache in float16.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kvcompile.errors import BadInputError
 from kvcompile.kvgraph import KVGraph
+from kvcompile.memory_wall import format_bytes
+from kvcompile.plot import write_plot
 from kvcompile.plan import QuantPlan
 from kvcompile.quant import sqnr_db
 from kvcompile.runtimes.calibrate import KVStats
@@ -52,17 +56,22 @@ def memory_figures(kv: KVGraph, plan: QuantPlan, context: int = REFERENCE_CONTEX
         "ratio_vs_fp16": round(fp16_per_token * context / (quantized_per_token * context + static_bytes), 4),
         # what --kv-bits budgets: bits per cache element that grow with the context
         "avg_bits_per_element": round(stored_bits / elements, 4),
+        "elements_per_token": elements,
     }
 
 
-def tensor_rows(kv: KVGraph, plan: QuantPlan, stats: KVStats) -> list[dict[str, Any]]:
-    """One row per cache tensor, with the calibration-set reconstruction SQNR of its plan."""
+def tensor_rows(kv: KVGraph, plan: QuantPlan, stats: KVStats | None) -> list[dict[str, Any]]:
+    """One row per cache tensor, with the calibration-set reconstruction SQNR of its plan
+    (None without calibration)."""
     rows = []
     for tensor in kv.tensors:
         tensor_plan = plan.for_input(tensor.past_input)
-        samples = stats.tensors[tensor.past_input].samples
         codec = tensor_plan.canonical_codec()
-        sqnr = None if codec is None else round(sqnr_db(samples, codec.fake_quantize(samples)), 2)
+        sqnr = absmax = None
+        if stats is not None:
+            samples = stats.tensors[tensor.past_input].samples
+            sqnr = None if codec is None else round(sqnr_db(samples, codec.fake_quantize(samples)), 2)
+            absmax = round(float(np.max(stats.tensors[tensor.past_input].absmax)), 4)
         rows.append({
             "label": tensor.label,
             "layer": tensor.layer,
@@ -84,14 +93,39 @@ def tensor_rows(kv: KVGraph, plan: QuantPlan, stats: KVStats) -> list[dict[str, 
             "reason": tensor_plan.reason,
             "sqnr_db": sqnr,
             "measured_kl": tensor_plan.evidence or None,
-            "calib_absmax": round(float(np.max(stats.tensors[tensor.past_input].absmax)), 4),
+            "calib_absmax": absmax,
         })
     return rows
 
 
+def read_report(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "report.json"
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInputError(f"{str(folder)!r} has no report.json; is it a kvcompile output folder?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{str(path)!r} is not a readable report ({exc})") from None
+    if not isinstance(report, dict) or "memory_wall" not in report:
+        raise BadInputError(f"{str(path)!r} was written by an older kvcompile without a memory-wall section; "
+                            "compile again")
+    return report
+
+
 def write_report(report: dict[str, Any], folder: Path) -> None:
-    (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    (folder / "report.md").write_text(render_markdown(report))
+    """report.json, report.md and report.png, each written to a temporary name and renamed."""
+    _replace(folder / "report.json", lambda path: path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n"))
+    _replace(folder / "report.md", lambda path: path.write_text(render_markdown(report)))
+    _replace(folder / "report.png", lambda path: write_plot(report, path))
+
+
+def _replace(path: Path, write) -> None:
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -104,11 +138,15 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     memory, quality = report["memory"], report["quality"]
-    status = "PASSED" if quality["passed"] else "FAILED"
+    if quality["passed"] is None:
+        headline = f"Quality: **UNVERIFIED**: {quality['reason']}"
+    else:
+        headline = (f"Quality gate ({quality['quality_gate_pct']}% perplexity rise): "
+                    f"**{'PASSED' if quality['passed'] else 'FAILED'}**")
     lines = [
         f"# kvcompile report: {report['source']['path']}",
         "",
-        f"Quality gate ({quality['quality_gate_pct']}% perplexity rise): **{status}**",
+        headline,
         "",
         "## Memory (every stored byte: codes, scales, zero points)",
         "",
@@ -120,17 +158,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| average stored bits per element | {_fmt(memory['avg_bits_per_element'], 3)} |",
         f"| ratio vs float16 at {memory['reference_context']} tokens | {_fmt(memory['ratio_vs_fp16'], 2)}x |",
         "",
-        "## Quality (teacher-forced through the decode path)",
-        "",
-        "| figure | value |",
-        "| --- | --- |",
-        f"| float perplexity | {_fmt(quality['float_ppl'])} |",
-        f"| compiled perplexity | {_fmt(quality['quantized_ppl'])} |",
-        f"| perplexity change | {quality['ppl_delta_pct']:+.3f}% |",
-        f"| top-1 agreement with float | {_fmt(100 * quality['top1_agreement'], 2)}% |",
-        f"| mean KL(float \\|\\| compiled) | {_fmt(quality['mean_kl'], 5)} nats |",
-        f"| tokens scored | {quality['eval_tokens']} ({quality['eval_text']}) |",
-        "",
+    ]
+    if quality["passed"] is not None:
+        lines += quality_markdown(quality)
+    lines += [
         f"## KV cache ({report['kv']['layers']} layers, found by {report['kv']['discovery']} analysis)",
         "",
         "| tensor | input -> output | layout | heads x dim | attention | stored as | bits/elem | SQNR dB | why |",
@@ -142,8 +173,64 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{row['kv_heads']}x{row['head_dim']} | {row['attention']} | {row['scheme']} | "
             f"{row['stored_bits_per_element']:.3f} | {_fmt(row['sqnr_db'], 1)} | {row['reason']} |"
         )
+    lines += memory_wall_markdown(report["memory_wall"])
     lines += ["", "## Targets", "", "| target | artifact | ran | stores the cache as |", "| --- | --- | --- | --- |"]
     for name, target in report["targets"].items():
         lines.append(f"| {name} | {target['artifact']} | {target['ran']} | {target['kv_storage']} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def quality_markdown(quality: dict[str, Any]) -> list[str]:
+    return [
+        "## Quality (teacher-forced through the decode path)",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        f"| float perplexity | {_fmt(quality['float_ppl'])} |",
+        f"| compiled perplexity | {_fmt(quality['quantized_ppl'])} |",
+        f"| perplexity change | {quality['ppl_delta_pct']:+.3f}% |",
+        f"| top-1 agreement with float | {_fmt(100 * quality['top1_agreement'], 2)}% |",
+        f"| mean KL(float \\|\\| compiled) | {_fmt(quality['mean_kl'], 5)} nats |",
+        f"| tokens scored | {quality['eval_tokens']} ({quality['eval_text']}) |",
+        "",
+    ]
+
+
+def _tokens(count: int | None) -> str:
+    return "-" if count is None else f"{count:,}"
+
+
+def memory_wall_markdown(wall: dict[str, Any]) -> list[str]:
+    device, per_token = wall["device"], wall["kv_bytes_per_token"]
+    on_chip, budget = wall["on_chip_fit_tokens"], wall["budget_fit_tokens"]
+    on_chip_name = (f"{device['on_chip_kind']}, {format_bytes(device['on_chip_bytes'])}"
+                    if device["on_chip_bytes"] else "on-chip memory: not published for this device")
+    gain = (f"{budget['compiled'] / budget['fp16']:.2f}x" if budget["fp16"] else "-")
+    lines = [
+        "",
+        f"## Memory wall on {device['name']}",
+        "",
+        f"Device figures are published specifications ({device['kind']}), not measurements: "
+        f"{device['memory']} at {device['transfer_mts']} MT/s x {device['bus_bits']} bit = "
+        f"{device['peak_bandwidth_gb_s']} GB/s peak; {on_chip_name}. See report.png.",
+        "",
+        "| figure | float16 | this compile |",
+        "| --- | --- | --- |",
+        f"| KV bytes per token | {per_token['fp16']:,.0f} | {per_token['compiled']:,.1f} "
+        f"(+ {wall['static_bytes']:,.0f} static) |",
+        f"| longest context held on chip | {_tokens(on_chip['fp16'])} | {_tokens(on_chip['compiled'])} |",
+        f"| longest context in a {format_bytes(wall['budget_bytes'])} KV budget | {_tokens(budget['fp16'])} | "
+        f"{_tokens(budget['compiled'])} ({gain}) |",
+        "",
+        f"Decode-time lower bound ({wall['model']}); weights {format_bytes(wall['weights']['bytes_in_bound'])} "
+        f"({wall['weights']['as']}, {wall['weights']['parameters']:,} parameters):",
+        "",
+        "| context | float16 KV ms/token | this compile ms/token | KV share of float16 traffic | speedup |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in wall["decode_lower_bound"]:
+        lines.append(f"| {row['context']:,} | {row['fp16_ms']:.3f} | {row['compiled_ms']:.3f} | "
+                     f"{100 * row['kv_share_fp16']:.1f}% | {row['speedup']:.2f}x |")
+    lines += ["", "Sources:", ""] + [f"- {source}" for source in device["sources"]]
+    return lines

@@ -75,7 +75,8 @@ def example_inputs(model: LlamaForCausalLM, dtype: torch.dtype, past_len: int = 
     return input_ids, attention_mask, position_ids, past
 
 
-def export_dynamo(model: LlamaForCausalLM, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+def export_dynamo(model: LlamaForCausalLM, out_dir: Path, dtype: torch.dtype = torch.float32,
+                  external_data: bool = False, tokenizer: bool = True) -> Path:
     model = model.to(dtype).eval()
     wrapper = FlatCacheDecoder(model)
     num_layers = model.config.num_hidden_layers
@@ -99,9 +100,10 @@ def export_dynamo(model: LlamaForCausalLM, out_dir: Path, dtype: torch.dtype = t
             input_names=["input_ids", "attention_mask", "position_ids", *past_names],
             output_names=["logits", *present_names],
             opset_version=OPSET,
-            external_data=False,
+            external_data=external_data,
         )
-    copy_tokenizer(out_dir)
+    if tokenizer:
+        copy_tokenizer(out_dir)
     return path
 
 

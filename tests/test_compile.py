@@ -77,7 +77,7 @@ def test_report_fields(fixture_compile):
 def test_artifacts_and_manifest(fixture_compile):
     out, _ = fixture_compile
     assert sorted(p.name for p in out.iterdir()) == [
-        "kvcompile.json", "ort-cpu", "report.json", "report.md", "tokenizer.json"]
+        "kvcompile.json", "ort-cpu", "report.json", "report.md", "report.png", "tokenizer.json"]
     assert sorted(p.name for p in (out / "ort-cpu").iterdir()) == [
         "genai_config.json", "model.onnx", "model.ort", "tokenizer.json", "tokenizer_config.json"]
     model = out / "ort-cpu" / "model.onnx"
@@ -113,7 +113,8 @@ def test_deterministic_artifacts(tmp_path):
     for name in ("a", "b"):
         result = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / name, **FAST))
         reports.append({k: v for k, v in result.report.items() if k != "timings"})
-    for relative in ("ort-cpu/model.onnx", "ort-cpu/model.ort", "ort-cpu/genai_config.json", "kvcompile.json"):
+    for relative in ("ort-cpu/model.onnx", "ort-cpu/model.ort", "ort-cpu/genai_config.json", "kvcompile.json",
+                     "report.png"):
         assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes(), relative
     assert reports[0] == reports[1]
 
@@ -302,3 +303,43 @@ def test_model_with_external_data_compiles_with_auto(tmp_path):
 def test_fractional_budget_needs_auto(tmp_path):
     result = kvcompile(str(DYNAMO), "--kv-bits", "4.5", "--scheme", "per-channel", "-o", str(tmp_path / "x"))
     assert result.returncode == 2 and "--scheme auto" in result.stderr
+
+
+def test_no_calibration_compiles_without_running_the_model(tmp_path):
+    """--no-calibration: in-graph per-token scales, nothing run, report says UNVERIFIED (exit 0)."""
+    out = tmp_path / "uncalibrated"
+    result = kvcompile(str(DYNAMO), "--kv-bits", "4", "--no-calibration", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "UNVERIFIED" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "unverified" and report["quality"]["passed"] is None
+    assert report["calibration"] is None and report["targets"]["ort-cpu"]["ran"] is False
+    assert set(report["plan"]["choices"].values()) == {"4-bit per-token"}
+    assert "**UNVERIFIED**" in (out / "report.md").read_text()
+    # Unverified, not untested here: the artifact runs and stays close to the float model.
+    from kvcompile.evaluate import evaluate_folder
+
+    compiled = evaluate_folder(out, None, "ort-cpu", None, 12288)  # the verifier's tokens: float PPL 32.763
+    assert compiled["tokens"] == 10704 and compiled["ppl"] < 1.02 * 32.763, compiled
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scheme", "per-channel"], "--scheme per-channel needs calibrated scales"),
+    (["--kv-bits", "4.5"], "needs calibration"),
+    (["--target", "qnn-htp"], "--target qnn-htp needs calibration"),
+])
+def test_no_calibration_refuses_what_needs_calibration(tmp_path, args, message):
+    result = kvcompile(str(DYNAMO), "--no-calibration", *args, "-o", str(tmp_path / "out"))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ort_format_is_skipped_for_weights_it_cannot_hold(tmp_path, monkeypatch):
+    """The ORT format (a FlatBuffer) holds 2 GiB at most: above the limit it is not attempted."""
+    from kvcompile.targets import ort_cpu
+
+    monkeypatch.setattr(ort_cpu, "ORT_FORMAT_LIMIT_BYTES", 1_000_000)
+    report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "big", no_calibration=True)).report
+    target = report["targets"]["ort-cpu"]
+    assert target["ort_format"] is None and "FlatBuffer" in target["ort_format_note"]
+    assert not (tmp_path / "big" / "ort-cpu" / "model.ort").exists()

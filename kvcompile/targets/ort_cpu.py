@@ -2,7 +2,8 @@
 
 Writes OUTDIR/ort-cpu/
   model.onnx (+ model.onnx.data for large models)   checked with onnx.checker
-  model.ort                                         for ORT mobile builds (optimised for ARM)
+  model.ort                                         for ORT mobile builds (optimised for ARM), when
+                                                    the weights fit the format (see ORT_FORMAT_LIMIT_BYTES)
   genai_config.json + tokenizer files               when onnxruntime-genai can drive the cache
 """
 
@@ -21,7 +22,7 @@ from kvcompile.errors import TargetError
 from kvcompile.genai_config import write_genai_config
 from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import TargetIO, float_model_io
-from kvcompile.model_io import check_onnx, save_model
+from kvcompile.model_io import check_onnx, initializer_bytes, save_model
 from kvcompile.plan import QuantPlan, stored_kvio
 
 FOLDER = "ort-cpu"
@@ -35,6 +36,13 @@ convert_onnx_models_to_ort(Path(sys.argv[1]), output_dir=Path(sys.argv[2]),
                            optimization_styles=[OptimizationStyle.Fixed], target_platform="arm")
 """
 _ADDR_NO_RANDOMIZE = 0x0040000
+# The ORT format is one FlatBuffer (32-bit offsets: at most 2 GiB) holding the optimised graph and
+# every weight inline; it has no external data. A 1.5 GB float32 model already fails to save
+# (measured), so above 1 GiB of weights kvcompile does not try and says so in the report.
+ORT_FORMAT_LIMIT_BYTES = 1 << 30
+ORT_FORMAT_SKIPPED = ("not written: the weights exceed 1 GiB and the ORT format (a FlatBuffer, 2 GiB at most, "
+                      "no external data) cannot hold them; ship model.onnx with model.onnx.data (the full "
+                      "onnxruntime-android/ios packages load ONNX)")
 
 
 def _without_address_randomization() -> None:
@@ -79,10 +87,13 @@ def emit(model: ir.Model, kv: KVGraph, plan: QuantPlan, stage: Path, source_dir:
     onnx_path = folder / "model.onnx"
     save_model(model, onnx_path)
     checker = check_onnx(onnx_path)
-    ort_path = write_ort_format(onnx_path)
+    fits_ort_format = initializer_bytes(model) <= ORT_FORMAT_LIMIT_BYTES
+    ort_format = f"{FOLDER}/{write_ort_format(onnx_path).name}" if fits_ort_format else None
     float_io = float_model_io(kv, f"{FOLDER}/model.onnx")
     io_ = dataclasses.replace(float_io, kv=[stored_kvio(k, plan) for k in float_io.kv])
     vocab = model.graph.outputs[[v.name for v in model.graph.outputs].index(kv.logits_output)].shape.dims[-1]
     genai = write_genai_config(kv, io_, query_heads(model, kv), vocab, source_dir, folder)
-    note = {"ort_format": f"{FOLDER}/{ort_path.name}", "onnx_checker": checker, "onnxruntime_genai": genai}
+    note = {"ort_format": ort_format, "onnx_checker": checker, "onnxruntime_genai": genai}
+    if not fits_ort_format:
+        note["ort_format_note"] = ORT_FORMAT_SKIPPED
     return io_, note

@@ -1,0 +1,157 @@
+"""Scale: a Llama-3.2-1B-shaped decoder compiled with --no-calibration, from 2 to 16 layers.
+
+The model has Llama-3.2-1B's shapes (hidden 2048, 32 query / 8 KV heads, head_dim 64, MLP 8192,
+vocabulary 128256, tied embeddings, llama3 RoPE scaling) with random weights, exported by the
+same torch.onnx dynamo path as the fixture (models/export.py), float32 with external data: 1.5 GB
+at 2 layers, 4.9 GB at 16. Each size is built in a child process, then measured:
+  compile   `kvcompile MODEL --kv-bits 4 --no-calibration`: wall time and peak RSS of the
+            process tree (bench/measure.py); the weights are streamed from the input's data
+            file to the output's, so peak RSS should stay far below the weight bytes
+  loads     the artifact in onnxruntime (CPU EP) and one 8-token prefill + one decode step:
+            proof that it runs, with its own time and peak RSS (ORT holds the weights once)
+Usage: python -m bench.scale [--layers 2 4 8 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.measure import measure
+
+LAYERS = (2, 4, 8, 16)
+LLAMA_3_2_1B = dict(
+    hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+    vocab_size=128256, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=500000.0,
+    max_position_embeddings=131072,
+    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+)
+
+
+def make_model(layers: int, out_dir: Path) -> Path:
+    """Export a random-weight Llama-3.2-1B-shaped decoder with `layers` layers (torch needed)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.export import export_dynamo
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA_3_2_1B, num_hidden_layers=layers, attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    return export_dynamo(model, out_dir, external_data=True, tokenizer=False)
+
+
+def run_one_step(out_dir: Path) -> dict:
+    """Load the compiled artifact in onnxruntime and run a prefill and one decode step."""
+    import numpy as np
+
+    from kvcompile.manifest import read_manifest
+    from kvcompile.runtimes.decoder import Decoder
+    from kvcompile.runtimes.session import cpu_session
+
+    started = time.perf_counter()
+    io = read_manifest(out_dir).targets["ort-cpu"]
+    decoder = Decoder(cpu_session(out_dir / io.model), io)
+    loaded = time.perf_counter()
+    cache = decoder.new_cache(1)
+    decoder.step(cache, np.arange(1, 9)[None])
+    stepped = time.perf_counter()
+    logits, _ = decoder.step(cache, np.array([[9]]))
+    done = time.perf_counter()
+    if not np.isfinite(logits).all():
+        raise SystemExit("non-finite logits")
+    return {"load_s": round(loaded - started, 2), "decode_step_ms": round(1e3 * (done - stepped), 1),
+            "cache_bytes_after_9_tokens": cache.nbytes()}
+
+
+def scale_row(layers: int, work: Path) -> dict:
+    model_dir, out_dir = work / f"llama-1b-shaped-{layers}l", work / f"llama-1b-shaped-{layers}l.kvcompiled"
+    print(f"scale: exporting {layers} layers", file=sys.stderr, flush=True)
+    export_s, export_rss = measure([sys.executable, "-m", "bench.scale", "--make", str(layers), str(model_dir)])
+    model = model_dir / "model.onnx"
+    weight_bytes = sum(p.stat().st_size for p in model_dir.iterdir())
+    command = ["kvcompile", "MODEL", "--kv-bits", "4", "--no-calibration"]
+    print(f"scale: compiling {layers} layers", file=sys.stderr, flush=True)
+    compile_s, compile_rss = measure([sys.executable, "-m", "kvcompile.cli", str(model), *command[2:], "-o",
+                                      str(out_dir), "--json"])
+    report = json.loads((out_dir / "report.json").read_text())
+    step_s, step_rss = measure([sys.executable, "-m", "bench.scale", "--step", str(out_dir)])
+    step = json.loads((out_dir / "step.json").read_text())
+    target = report["targets"]["ort-cpu"]
+    row = {
+        "layers": layers,
+        "parameters": report["memory_wall"]["weights"]["parameters"],
+        "model_bytes": weight_bytes,
+        "export_seconds": round(export_s, 1), "export_peak_rss_mib": round(export_rss),
+        "command": " ".join(command),
+        "compile_seconds": round(compile_s, 1),
+        "compile_peak_rss_mib": round(compile_rss),
+        "peak_rss_vs_weights": round(compile_rss * 2**20 / weight_bytes, 3),
+        "stage_seconds": report["timings"],
+        "kv_bytes_per_token": {"fp16": report["memory"]["fp16_bytes_per_token"],
+                               "compiled": report["memory"]["quantized_bytes_per_token"]},
+        "ort_format": target["ort_format"] is not None,
+        "onnx_checker": target["onnx_checker"],
+        "ort_load_seconds": step["load_s"], "ort_decode_step_ms": step["decode_step_ms"],
+        "ort_run_seconds": round(step_s, 1), "ort_peak_rss_mib": round(step_rss),
+    }
+    shutil.rmtree(model_dir)
+    shutil.rmtree(out_dir)
+    return row
+
+
+def scale_rows(work: Path, layers: tuple[int, ...] = LAYERS) -> list[dict]:
+    return [scale_row(n, work) for n in layers]
+
+
+def scale_table(rows: list[dict]) -> str:
+    lines = [
+        "| layers | parameters | model (float32) | export | compile time | compile peak RSS | RSS / weights | "
+        "KV bytes/token fp16 -> 4-bit | .ort | ORT load + decode step | ORT peak RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        kv = r["kv_bytes_per_token"]
+        lines.append(
+            f"| {r['layers']} | {r['parameters'] / 1e9:.3f} B | {r['model_bytes'] / 1e9:.2f} GB | {r['export_seconds']} s | "
+            f"{r['compile_seconds']} s | {r['compile_peak_rss_mib']:,} MiB | {r['peak_rss_vs_weights']:.3f} | "
+            f"{kv['fp16']:,} -> {kv['compiled']:,.0f} | {'written' if r['ort_format'] else 'skipped (>1 GiB)'} | "
+            f"{r['ort_load_seconds']} s + {r['ort_decode_step_ms']} ms | {r['ort_peak_rss_mib']:,} MiB |")
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        lines.append("")
+        lines.append(
+            f"From {first['layers']} to {last['layers']} layers the weights grow "
+            f"{last['model_bytes'] / first['model_bytes']:.2f}x, compile time "
+            f"{last['compile_seconds'] / first['compile_seconds']:.2f}x and compile peak RSS "
+            f"{last['compile_peak_rss_mib'] / first['compile_peak_rss_mib']:.2f}x.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
+    parser.add_argument("--make", nargs=2, metavar=("LAYERS", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--step", metavar="OUTDIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.make:
+        make_model(int(args.make[0]), Path(args.make[1]))
+        return
+    if args.step:
+        out_dir = Path(args.step)
+        (out_dir / "step.json").write_text(json.dumps(run_one_step(out_dir)))
+        return
+    with tempfile.TemporaryDirectory(prefix="kvcompile-scale-") as tmp:
+        rows = scale_rows(Path(tmp), tuple(args.layers))
+    print(json.dumps(rows, indent=2))
+    print(scale_table(rows))
+
+
+if __name__ == "__main__":
+    main()
