@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= dev,models,genai,qnn,tflite,bench
 FIXTURE := models/fixture/onnx-dynamo/model.onnx
 
-.PHONY: setup demo test bench models clean
+.PHONY: setup demo test bench fuzz models clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,13 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# A longer, random fuzz run than CI's (tests/bad_inputs/test_fuzz.py); counts in build/fuzz.json.
+FUZZ_EXAMPLES ?= 400
+fuzz: setup
+	mkdir -p build
+	KVCOMPILE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) KVCOMPILE_FUZZ_RANDOM=1 KVCOMPILE_FUZZ_REPORT=build/fuzz.json \
+		$(BIN)/python -m pytest -q -s tests/bad_inputs/test_fuzz.py
 
 models: setup
 	$(BIN)/python -m models.corpus

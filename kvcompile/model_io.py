@@ -13,10 +13,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,13 +90,49 @@ def load_model(path: Path) -> ir.Model:
         raise BadInputError(f"{str(path)!r} is not a readable ONNX model ({type(exc).__name__})") from None
     if not proto.graph.node or not proto.graph.input:
         raise BadInputError(f"{str(path)!r} is not an ONNX model: it has no graph nodes or inputs")
-    check_external_data(proto, path.parent)
+    external = check_external_data(proto, path.parent)
+    check_graph(proto, path, checker=not external)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx_ir raises a variety of errors on malformed protos
         raise BadInputError(f"{str(path)!r} holds a malformed ONNX graph: {exc}") from None
     ir.external_data.set_base_dir(model.graph, path.parent)
     return model
+
+
+def check_graph(proto: onnx.ModelProto, path: Path, checker: bool) -> None:
+    """Refuse graphs that are not well formed before anything reads them: a value used before any
+    node makes it (unsorted, dangling or cyclic edges), a graph output nothing produces, and, for
+    self-contained models, whatever onnx's checker rejects (tensor sizes, attributes, schemas).
+    Models with external data get the edge checks only: onnx's in-memory checker cannot resolve
+    their data files, and its file checker would refuse the onnxruntime ops some exporters put in
+    the ONNX domain."""
+    graph = proto.graph
+    defined = {""} | {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        missing = next((name for name in node.input if name not in defined), None)
+        if missing is not None:
+            raise BadInputError(f"{str(path)!r} is not a valid ONNX graph: node {node.name or node.op_type!r} reads "
+                                f"{missing!r}, which no earlier node, input or initializer defines; re-export it")
+        defined.update(node.output)
+    for output in graph.output:
+        if output.name not in defined:
+            raise BadInputError(f"{str(path)!r} is not a valid ONNX graph: output {output.name!r} is not produced "
+                                "by any node; re-export it")
+    if not checker:
+        return
+    patched = onnx.ModelProto()
+    patched.CopyFrom(proto)
+    for node in patched.graph.node:
+        if node.domain == "" and node.op_type in ORT_OPS_IN_ONNX_DOMAIN:
+            node.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in patched.opset_import):
+        patched.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    try:
+        onnx.checker.check_model(patched)
+    except onnx.checker.ValidationError as exc:
+        first = (str(exc).strip().splitlines() or ["invalid"])[0]
+        raise BadInputError(f"{str(path)!r} is not a valid ONNX model ({first[:300]}); re-export it") from None
 
 
 def model_files(path: Path) -> list[Path]:
@@ -184,8 +223,66 @@ def check_output_dir(out_dir: Path, model_path: Path) -> None:
     existing = out.parent
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    if not existing.is_dir() or not _can_create_in(existing):
         raise BadInputError(f"cannot create {str(out_dir)!r}: {str(existing)!r} is not a writable folder")
+    if _locked_by_another(_lock_path(out)):
+        raise BadInputError(f"another kvcompile is writing {str(out_dir)!r}; wait for it or choose another -o")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Try it: permission bits do not tell (root ignores them; /proc, read-only mounts refuse)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kvcompile-probe.", dir=folder))
+        return True
+    except OSError:
+        return False
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.kvcompile.lock"
+
+
+def _locked_by_another(lock_path: Path) -> bool:
+    """Whether a running compile holds this output's lock (checked without creating anything)."""
+    try:
+        with open(lock_path) as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return False
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+
+
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15)
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Atomically swap two folders (renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(second))
+
+
+def _replace_blocking_signals(staging: Path, out: Path) -> None:
+    """Two renames with Ctrl-C/SIGTERM held back between them, for file systems without exchange."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.rename(out, retired / "previous")
+        os.rename(staging, out)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -193,25 +290,28 @@ def staged_output_dir(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `out_dir` by rename, else it is removed."""
     out = out_dir.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = out.parent / f".{out.name}.kvcompile.lock"
-    with open(lock_path, "w") as lock:
+    with open(_lock_path(out), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise BadInputError(
                 f"another kvcompile is writing {str(out_dir)!r}; wait for it or choose another -o"
             ) from None
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        # Holding the lock, nothing else writes here: folders left by a compile that was killed
+        # (SIGKILL, power loss: no chance to clean up) are removed now.
+        for stale in [*out.parent.glob(f".{out.name}.*.partial"), *out.parent.glob(f".{out.name}.*.old")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = None
         try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
             yield staging
-            if out.exists():
-                retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-                os.rename(out, retired / "previous")
+            if not out.exists():
                 os.rename(staging, out)
-                shutil.rmtree(retired, ignore_errors=True)
+            elif _exchange(staging, out):  # one syscall: Ctrl-C or a kill sees old or new, never neither
+                shutil.rmtree(staging, ignore_errors=True)  # now holds the previous output
             else:
-                os.rename(staging, out)
+                _replace_blocking_signals(staging, out)
         finally:
-            if staging.exists():
+            if staging is not None and staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         # The (empty) lock file stays: unlinking it would let a waiting compile lock a new inode.

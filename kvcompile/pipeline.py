@@ -7,6 +7,7 @@ flow in DESIGN.md. Stages talk only through the values they return.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import tempfile
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 import onnxscript.version_converter
@@ -25,6 +27,7 @@ from kvcompile.errors import BadInputError, KvCompileError, QualityGateError, Un
 from kvcompile.kvgraph import DECOMPOSED, GROUP_QUERY_ATTENTION, KVGraph
 from kvcompile.manifest import Manifest, TargetIO, float_model_io
 from kvcompile.model_io import (
+    ORT_OPS_IN_ONNX_DOMAIN,
     check_output_dir,
     input_hash,
     load_model,
@@ -56,7 +59,7 @@ from kvcompile.report import memory_figures, tensor_rows, write_report
 from kvcompile.runtimes.calibrate import KVStats, collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.perplexity import DecodeScore, decode_path_scores
-from kvcompile.runtimes.session import cpu_session
+from kvcompile.runtimes.session import ORT_ERRORS, cpu_session
 from kvcompile.tokens import bundled_text, find_tokenizer, load_token_ids, make_windows
 
 AVAILABLE_TARGETS = ("ort-cpu", "qnn-htp", "nnapi", "tflite")
@@ -154,13 +157,48 @@ def _upgrade_opset(model: ir.Model) -> None:
     version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if version >= MIN_OPSET:
         return
+    # The converter logs its failures (with tracebacks) instead of raising some of them: keep
+    # them off the user's terminal and judge by the opset the model has afterwards.
+    converter_log = logging.getLogger("onnxscript.version_converter")
+    level, converter_log.level = converter_log.level, logging.CRITICAL
+    problem = "the converter left it unchanged"
     try:
         onnxscript.version_converter.convert_version(model, MIN_OPSET, fallback=True)
     except Exception as exc:  # the converters raise many kinds of errors
+        problem = f"{type(exc).__name__}: {exc}"
+    finally:
+        converter_log.setLevel(level)
+    if model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) < MIN_OPSET:
         raise UnsupportedModelError(
             f"the model uses opset {version}; kvcompile needs opset {MIN_OPSET} and could not "
-            f"convert it ({type(exc).__name__}: {exc}); re-export with opset >= {MIN_OPSET}"
-        ) from None
+            f"convert it ({problem}); re-export with opset >= {MIN_OPSET}"
+        )
+
+
+# Operator domains onnxruntime's CPU build implements itself. Anything else needs a custom-op
+# library, which kvcompile never loads: a model must not be able to make it run code.
+KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
+
+
+def check_operators(model: ir.Model) -> None:
+    """Refuse, before any work, what onnxruntime could not run or kvcompile could not convert:
+    ops from custom domains, unknown standard ops, and opsets outside what the installed onnx
+    knows or can convert from (the upgrade itself is tried here, on the in-memory model)."""
+    newest = onnx.defs.onnx_opset_version()
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if version > newest:
+        raise UnsupportedModelError(f"the model declares opset {version}; the onnx {onnx.__version__} kvcompile "
+                                    f"runs with knows opsets up to {newest}; re-export with opset 18 to {newest}")
+    for node in model.graph.all_nodes():
+        if node.domain not in KNOWN_DOMAINS:
+            raise UnsupportedModelError(
+                f"node {node.name or node.op_type!r} is {node.op_type} from domain {node.domain!r}, a custom op "
+                "that needs its own library; kvcompile never loads code from a model. Export without custom ops")
+        if (node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)
+                and node.op_type not in ORT_OPS_IN_ONNX_DOMAIN):
+            raise UnsupportedModelError(f"node {node.name or node.op_type!r} uses {node.op_type!r}, which is not "
+                                        "an ONNX operator; re-export the model with standard ops")
+    _upgrade_opset(model)
 
 
 def quantize_graph(model: ir.Model, kv: KVGraph, plan: QuantPlan) -> ir.Model:
@@ -281,6 +319,26 @@ class VariantBuilder:
         return build_variant(self.model_path, self.kv, plan, self.work)
 
 
+def load_input_model(model_path: Path, kv: KVGraph, tokens: np.ndarray) -> Decoder:
+    """The user's model in onnxruntime, checked to load and to run a prefill and a decode step.
+
+    Whatever onnxruntime refuses here is the input's problem (exit 2, one line); every later
+    onnxruntime failure is on a graph kvcompile wrote, so it is kvcompile's bug (exit 1)."""
+    try:
+        decoder = Decoder(cpu_session(model_path), float_model_io(kv, str(model_path)))
+        cache = decoder.new_cache(1)
+        decoder.step(cache, tokens[None, :-1])
+        logits, _ = decoder.step(cache, tokens[None, -1:])
+    except ORT_ERRORS as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BadInputError(f"onnxruntime cannot run {model_path.name}: {first[:400]}; check the export "
+                            "(does it load and run in onnxruntime?)") from None
+    if not np.isfinite(logits).all():
+        raise BadInputError(f"{model_path.name} produces non-finite logits on the first calibration tokens; "
+                            "check the export (float16 overflow?)")
+    return decoder
+
+
 def _plan(kv: KVGraph, stats: KVStats, float_decoder: Decoder, texts: _Texts, options: CompileOptions,
           float_path: Path, work: Path, progress: Progress) -> QuantPlan:
     if options.scheme == "auto":
@@ -315,13 +373,20 @@ class _Texts:
     eval_name: str
 
 
-def _load_texts(options: CompileOptions, tokenizer: Path | None) -> _Texts:
+def vocab_size(model: ir.Model, kv: KVGraph) -> int | None:
+    """The logits output's last dimension, when the export fixed it."""
+    logits = next(v for v in model.graph.outputs if v.name == kv.logits_output)
+    last = logits.shape.dims[-1] if logits.shape is not None and len(logits.shape) else None
+    return last if isinstance(last, int) else None
+
+
+def _load_texts(options: CompileOptions, tokenizer: Path | None, vocab: int | None) -> _Texts:
     calib = Path(options.calib) if options.calib else bundled_text("calib.txt")
     evaluation = Path(options.eval_text) if options.eval_text else bundled_text("heldout.txt")
     return _Texts(
-        calib_windows=make_windows(load_token_ids(calib, tokenizer), options.window,
+        calib_windows=make_windows(load_token_ids(calib, tokenizer, vocab), options.window,
                                    max(1, options.calib_tokens // options.window), "calibration"),
-        eval_windows=make_windows(load_token_ids(evaluation, tokenizer), options.window,
+        eval_windows=make_windows(load_token_ids(evaluation, tokenizer, vocab), options.window,
                                   max(1, options.eval_tokens // options.window), "evaluation"),
         calib_name=calib.name if options.calib else "bundled calib.txt",
         eval_name=evaluation.name if options.eval_text else "bundled heldout.txt",
@@ -419,7 +484,50 @@ def _report(kv: KVGraph, plan: QuantPlan, stats: KVStats | None, manifest: Manif
 
 def compile_model(options: CompileOptions, progress: Progress | None = None) -> CompileResult:
     """Compile `options.model`; raises QualityGateError (after writing) if quality is lost."""
-    progress = progress or _no_progress
+    check_options(options.kv_bits, options.scheme, options.clip, options.group_size)
+    targets = resolve_targets(options.targets)
+    model_path = Path(options.model)
+    out_dir = Path(options.out_dir) if options.out_dir is not None else default_out_dir(model_path)
+    check_output_dir(out_dir, model_path)
+    device = report_device(options, targets)
+    parse_size(options.budget)
+    try:
+        if options.no_calibration:
+            return compile_uncalibrated(options, targets, model_path, out_dir, device)
+        return compile_calibrated(options, targets, model_path, out_dir, device, progress or _no_progress)
+    except (BadInputError, UnsupportedModelError, QualityGateError):
+        raise
+    except Exception as exc:
+        blame_invalid_input(model_path, exc)
+        raise
+
+
+def blame_invalid_input(model_path: Path, exc: Exception) -> None:
+    """After an unexpected failure: if the input fails onnx's full check (strict shape and type
+    inference), that is the likely cause, and the user gets it as a bad-input error (exit 2)."""
+    fault = input_fault(model_path)
+    if fault is not None:
+        raise BadInputError(f"could not compile {model_path.name} ({type(exc).__name__}), and the model fails "
+                            f"onnx's full check: {fault}; fix the export (if the model is valid, rerun with "
+                            "KVCOMPILE_DEBUG=1 and report it)") from None
+
+
+def input_fault(model_path: Path) -> str | None:
+    """The first line of what onnx's full check rejects in the input, or None if it passes."""
+    proto = onnx.load(model_path, load_external_data=False)
+    for node in proto.graph.node:
+        if node.domain == "" and node.op_type in ORT_OPS_IN_ONNX_DOMAIN:
+            node.domain = "com.microsoft"
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as fault:
+        return (str(fault).strip().splitlines() or ["invalid"])[0][:300]
+    return None
+
+
+def compile_calibrated(options: CompileOptions, targets: tuple[str, ...], model_path: Path, out_dir: Path,
+                       device: Device, progress: Progress) -> CompileResult:
+    """load -> analyze -> calibrate -> plan -> rewrite -> emit -> verify (DESIGN.md's data flow)."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -429,22 +537,13 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
         timings[name] = now - clock
         clock = now
 
-    check_options(options.kv_bits, options.scheme, options.clip, options.group_size)
-    targets = resolve_targets(options.targets)
-    model_path = Path(options.model)
-    out_dir = Path(options.out_dir) if options.out_dir is not None else default_out_dir(model_path)
-    check_output_dir(out_dir, model_path)
-    device = report_device(options, targets)
-    parse_size(options.budget)
-    if options.no_calibration:
-        return compile_uncalibrated(options, targets, model_path, out_dir, device)
-
     model = load_model(model_path)
     kv = analyze(model, options.kv_map)
     refuse_unsupported_attention(kv)
+    check_operators(model)
     tokenizer = find_tokenizer(model_path, options.tokenizer)
-    texts = _load_texts(options, tokenizer)
-    float_decoder = Decoder(cpu_session(model_path), float_model_io(kv, str(model_path)))
+    texts = _load_texts(options, tokenizer, vocab_size(model, kv))
+    float_decoder = load_input_model(model_path, kv, texts.calib_windows[0, :8])
     lap("load_analyze_s")
 
     if "qnn-htp" in targets:
@@ -554,6 +653,7 @@ def compile_uncalibrated(options: CompileOptions, targets: tuple[str, ...], mode
     model = load_model(model_path)
     kv = analyze(model, options.kv_map)
     refuse_unsupported_attention(kv)
+    check_operators(model)
     if GROUP_QUERY_ATTENTION in kv.attention_forms:
         raise BadInputError("GroupQueryAttention's quantized cache uses calibrated scales; "
                             "drop --no-calibration for this model")

@@ -91,7 +91,9 @@ def _layer_panel(ax, tensors: list[dict[str, Any]]) -> None:
     ax.set_ylim(0, max(9, max(t["stored_bits_per_element"] for t in tensors) + 1))
     sqnr_ax.set_ylabel("SQNR on calibration data (dB)", color="#d94801")
     sqnr_ax.set_ylim(0, max(40.0, np.nanmax([t["sqnr_db"] or 0 for t in tensors]) + 5))
-    ax.set_title("per layer: bits as stored and SQNR", fontsize=10)
+    measured = any(t["sqnr_db"] is not None for t in tensors)
+    ax.set_title("per layer: bits as stored and SQNR" if measured else
+                 "per layer: bits as stored (SQNR not measured: --no-calibration)", fontsize=10)
     handles = ax.get_legend_handles_labels()
     sqnr_handles = sqnr_ax.get_legend_handles_labels()
     ax.legend(handles[0] + sqnr_handles[0], handles[1] + sqnr_handles[1], fontsize=8, loc="upper right", ncol=2)

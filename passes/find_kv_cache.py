@@ -70,6 +70,9 @@ ATTENTION_OPS = {
     },
 }
 FLOAT_TYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16"}
+# Float caches are discovered in every precision, so that one kvcompile cannot store is refused by
+# name ("is DOUBLE; ...") instead of looking like a model without a cache.
+DISCOVERED_TYPES = {*FLOAT_TYPES, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
 @dataclass
@@ -205,7 +208,7 @@ def _find_entries(graph: ir.Graph) -> tuple[list[_Found], list[str]]:
     found: list[_Found] = []
     orphans: list[str] = []
     for past in graph.inputs:
-        if past.type is None or past.dtype not in FLOAT_TYPES and past.dtype != ir.DataType.BFLOAT16:
+        if past.type is None or past.dtype not in DISCOVERED_TYPES:
             continue
         if past.shape is None or len(past.shape) not in (3, 4):
             continue

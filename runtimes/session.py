@@ -13,12 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnxruntime as ort
+import onnxruntime.capi.onnxruntime_pybind11_state as _ort_state
+
+# What onnxruntime raises when it cannot load or run a model (none derive from RuntimeError).
+ORT_ERRORS = tuple(getattr(_ort_state, name) for name in (
+    "EPFail", "EngineError", "Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoModel",
+    "NoSuchFile", "NotFound", "NotImplemented", "RuntimeException"))
 
 
 def cpu_session(model: Path | bytes, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
     """An InferenceSession on the CPU EP (threads=0 lets onnxruntime pick)."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors arrive as exceptions; the log would repeat them on stderr
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     if not optimize:

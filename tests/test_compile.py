@@ -114,7 +114,7 @@ def test_deterministic_artifacts(tmp_path):
         result = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / name, **FAST))
         reports.append({k: v for k, v in result.report.items() if k != "timings"})
     for relative in ("ort-cpu/model.onnx", "ort-cpu/model.ort", "ort-cpu/genai_config.json", "kvcompile.json",
-                     "report.png"):
+                     "report.png", "report.md"):
         assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes(), relative
     assert reports[0] == reports[1]
 
