@@ -9,7 +9,7 @@ at 2 layers, 4.9 GB at 16. Each size is built in a child process, then measured:
             file to the output's, so peak RSS should stay far below the weight bytes
   loads     the artifact in onnxruntime (CPU EP) and one 8-token prefill + one decode step:
             proof that it runs, with its own time and peak RSS (ORT holds the weights once)
-Usage: python -m bench.scale [--layers 2 4 8 16]
+Usage: python -m bench.scale [--layers 2 4 8 16]; python -m bench.scale --make 16 DIR exports one.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def scale_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
-    parser.add_argument("--make", nargs=2, metavar=("LAYERS", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--make", nargs=2, metavar=("LAYERS", "DIR"),
+                        help="only export the model with LAYERS layers to DIR (and keep it)")
     parser.add_argument("--step", metavar="OUTDIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make:

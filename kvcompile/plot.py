@@ -46,8 +46,9 @@ def _kv_panel(ax, wall: dict[str, Any]) -> None:
                 zorder=2 if key == "compiled" else 3)
 
     def limit(capacity: float, name: str, fit: dict[str, int], style: str) -> None:
-        ax.axhline(capacity, color="black", linestyle=style, linewidth=1)
-        ax.text(context[0] * 1.1, capacity / 1.12, f"{name}: {format_bytes(capacity)}", fontsize=8, va="top")
+        # Named in the legend, which sits in the empty lower-right triangle under the curves;
+        # a label on the line itself collides with the curves where they cross it.
+        ax.axhline(capacity, color="black", linestyle=style, linewidth=1, label=f"{name}: {format_bytes(capacity)}")
         for key, offset, align in (("fp16", (-6, 5), "right"), ("compiled", (6, -13), "left")):
             if fit[key]:
                 ax.plot([fit[key]], [capacity], "o", color=COLORS[key], markersize=6, zorder=5)
