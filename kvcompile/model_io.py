@@ -77,8 +77,12 @@ def check_external_data(proto: onnx.ModelProto, model_dir: Path) -> list[Path]:
     return sorted(files)
 
 
-def load_model(path: Path) -> ir.Model:
-    """Parse an ONNX model (external data stays on disk and is read lazily)."""
+def load_model(path: Path, check: bool = True) -> ir.Model:
+    """Parse an ONNX model (external data stays on disk and is read lazily).
+
+    `check=False` skips the graph checks (`check_graph`), for reloading a model the compile has
+    already checked, e.g. once per variant `--scheme auto` measures; external data is always
+    checked."""
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"model file {str(path)!r} does not exist")
@@ -91,7 +95,8 @@ def load_model(path: Path) -> ir.Model:
     if not proto.graph.node or not proto.graph.input:
         raise BadInputError(f"{str(path)!r} is not an ONNX model: it has no graph nodes or inputs")
     external = check_external_data(proto, path.parent)
-    check_graph(proto, path, checker=not external)
+    if check:
+        check_graph(proto, path, checker=not external)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx_ir raises a variety of errors on malformed protos

@@ -26,8 +26,6 @@ Why
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
@@ -35,6 +33,7 @@ import onnx_ir.passes.common
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import DECOMPOSED, KVGraph, KVTensor
 from kvcompile.passes.kv_codec import FragmentBuilder
+from kvcompile.passes.score_path import path_to_softmax
 
 # Ops that only move data between the cache and Q.K^T (repeating KV heads, transposing K).
 _MOVES = frozenset({"Unsqueeze", "Expand", "Reshape", "Transpose", "Cast", "Identity", "Tile"})
@@ -85,21 +84,7 @@ def key_path_factor(concat_output: ir.Value, reader: ir.Node, operand: int) -> f
 
 def score_path_factor(matmul: ir.Node) -> float:
     """Product of the scalar factors from Q.K^T to the Softmax; masks (Add, Where) are dropped."""
-    parents: dict[int, tuple[ir.Node, int]] = {}
-    queue, seen, softmax = deque([matmul]), {id(matmul)}, None
-    while queue and softmax is None:
-        node = queue.popleft()
-        for use in node.outputs[0].uses():
-            child = use.node
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            parents[id(child)] = (node, use.idx)
-            if child.op_type == "Softmax":
-                softmax = child
-                break
-            if child.op_type in _SCORE_OPS:
-                queue.append(child)
+    softmax, parents = path_to_softmax(matmul, _SCORE_OPS)
     if softmax is None:
         raise UnsupportedModelError("no Softmax after Q.K^T")
     axis = softmax.attributes["axis"].as_int() if "axis" in softmax.attributes else -1

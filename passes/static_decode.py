@@ -25,14 +25,13 @@ Why
 
 from __future__ import annotations
 
-from collections import deque
-
 import onnx_ir as ir
 import onnx_ir.passes.common
 import onnxscript.optimizer
 
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import DECOMPOSED, KVGraph
+from kvcompile.passes.score_path import path_to_softmax
 
 BIAS_INPUT = "attention_bias"
 _PATH_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Identity", "Sub"})
@@ -40,21 +39,7 @@ _PATH_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Identity", "Sub"})
 
 def _score_path_adds(matmul: ir.Node) -> tuple[list[tuple[ir.Node, int]], ir.Node]:
     """(Add node, index of its mask operand) on the way from Q.K^T to its Softmax, and the Softmax."""
-    parents: dict[int, tuple[ir.Node, int]] = {}
-    queue, seen, softmax = deque([matmul]), {id(matmul)}, None
-    while queue and softmax is None:
-        node = queue.popleft()
-        for use in node.outputs[0].uses():
-            child = use.node
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            parents[id(child)] = (node, use.idx)
-            if child.op_type == "Softmax":
-                softmax = child
-                break
-            if child.op_type in _PATH_OPS:
-                queue.append(child)
+    softmax, parents = path_to_softmax(matmul, _PATH_OPS)
     if softmax is None:
         raise UnsupportedModelError("no Softmax after Q.K^T: cannot place the attention bias")
     adds, node = [], softmax
