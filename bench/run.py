@@ -121,13 +121,15 @@ def default_compile_cost(work: Path) -> dict:
 
 def quality_table(results: dict) -> str:
     lines = [
-        "| model | method | form | bits/element | PPL (float -> quantized) | delta | top-1 agree | mean KL | gate |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | method | form | bits/element | memory vs fp16 | PPL (float -> quantized) | delta | top-1 agree | "
+        "mean KL | gate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["quality"]:
         bits = r["bits_per_element"] if isinstance(r["bits_per_element"], str) else f"{r['bits_per_element']:.3f}"
+        ratio = "-" if r["ratio_vs_fp16"] is None else f"{r['ratio_vs_fp16']:.2f}x smaller"
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['form']} | {bits} | {r['float_ppl']:.3f} -> {r['ppl']:.3f} | "
+            f"| {r['model']} | {r['method']} | {r['form']} | {bits} | {ratio} | {r['float_ppl']:.3f} -> {r['ppl']:.3f} | "
             f"{r['ppl_delta_pct']:+.2f}% | {100 * r['top1_agreement']:.1f}% | {r['mean_kl']:.4f} | {r['gate']} |"
         )
     return "\n".join(lines)
