@@ -26,6 +26,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import _get_all_tensors
 
@@ -102,7 +103,19 @@ def load_model(path: Path, check: bool = True) -> ir.Model:
     except Exception as exc:  # onnx_ir raises a variety of errors on malformed protos
         raise BadInputError(f"{str(path)!r} holds a malformed ONNX graph: {exc}") from None
     ir.external_data.set_base_dir(model.graph, path.parent)
+    _name_every_node(model)
     return model
+
+
+def _name_every_node(model: ir.Model) -> None:
+    """Give unnamed or duplicate-named nodes unique names (exporters may leave node names empty):
+    the analysis records the nodes it found by name."""
+    seen: set[str] = set()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if not node.name or node.name in seen:
+            ir.passes.common.NameFixPass()(model)
+            return
+        seen.add(node.name)
 
 
 def check_graph(proto: onnx.ModelProto, path: Path, checker: bool) -> None:

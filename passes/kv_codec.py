@@ -28,23 +28,26 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from kvcompile.passes.names import NameAllocator
 from kvcompile.quant import DYNAMIC_SCALE_FLOOR, Codec, code_max, symmetric_zero_point
 
 _INT64_MAX = np.iinfo(np.int64).max
 
 
 class FragmentBuilder:
-    """Appends nodes to a list (inserted into the graph by the caller), naming them after `prefix`."""
+    """Appends nodes to a list (inserted into the graph by the caller), naming them after `prefix`.
 
-    def __init__(self, graph: ir.Graph, prefix: str):
+    Initializers are registered in `graph` at once. Every name comes from `names`, the
+    allocator of the pass that builds the fragment, so it is unique in the graph."""
+
+    def __init__(self, graph: ir.Graph, names: NameAllocator, prefix: str):
         self.graph = graph
+        self.names = names
         self.prefix = prefix
         self.nodes: list[ir.Node] = []
-        self._count = 0
 
     def _name(self, what: str) -> str:
-        self._count += 1
-        return f"{self.prefix}/{what}_{self._count}"
+        return self.names.name(f"{self.prefix}/{what}")
 
     def const(self, array: np.ndarray, what: str) -> ir.Value:
         name = self._name(what)
@@ -61,7 +64,7 @@ class FragmentBuilder:
         name = self._name(op_type)
         node = ir.Node("", op_type, inputs, attributes=ir.convenience.convert_attributes(attributes),
                        name=name, num_outputs=1)
-        node.outputs[0].name = name + "_out"
+        node.outputs[0].name = self.names.name(name + "_out")
         self.nodes.append(node)
         return node.outputs[0]
 

@@ -24,6 +24,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from kvcompile.passes.kv_codec import FragmentBuilder
+from kvcompile.passes.names import NameAllocator
 
 
 def _replace(graph: ir.Graph, node: ir.Node, builder: FragmentBuilder, result: ir.Value) -> None:
@@ -42,9 +43,10 @@ class LegalizeForNNAPIPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         ir.passes.common.ShapeInferencePass()(model)
-        modified = self._int32_inputs(graph)
-        for index, node in enumerate(list(graph)):
-            builder = FragmentBuilder(graph, f"kvcompile/nnapi/{node.op_type}_{index}")
+        names = NameAllocator(graph)
+        modified = self._int32_inputs(graph, names)
+        for node in list(graph):
+            builder = FragmentBuilder(graph, names, f"kvcompile/nnapi/{node.op_type}")
             dtype = node.outputs[0].dtype
             if node.op_type == "Cos":
                 half = builder.op("Sin", [builder.op("Mul", [node.inputs[0], builder.const(_scalar(0.5, dtype), "half")])])
@@ -84,23 +86,23 @@ class LegalizeForNNAPIPass(ir.passes.InPlacePass):
         return value
 
     @staticmethod
-    def _int32_inputs(graph: ir.Graph) -> bool:
+    def _int32_inputs(graph: ir.Graph, names: NameAllocator) -> bool:
         modified = False
         for value in list(graph.inputs):
             if value.dtype != ir.DataType.INT64:
                 continue
-            narrow = ir.Value(name=f"{value.name}__int32", type=ir.TensorType(ir.DataType.INT32), shape=value.shape)
+            narrow = ir.Value(name=names.name(f"{value.name}__int32"), type=ir.TensorType(ir.DataType.INT32), shape=value.shape)
             for use in list(value.uses()):
                 if use.node.op_type in ("Gather", "Cast") and not (use.node.op_type == "Gather" and use.idx == 0):
                     use.node.replace_input_with(use.idx, narrow)
                 else:  # keep int64 for anything else, widened from the int32 input
                     widen = ir.Node("", "Cast", [narrow], attributes=[ir.AttrInt64("to", ir.DataType.INT64)],
-                                    num_outputs=1, name=f"kvcompile/nnapi/widen_{value.name}")
+                                    num_outputs=1, name=names.name(f"kvcompile/nnapi/widen_{value.name}"))
                     graph.insert_before(use.node, [widen])
                     use.node.replace_input_with(use.idx, widen.outputs[0])
             graph.inputs[graph.inputs.index(value)] = narrow
             name = value.name
-            value.name = f"{name}__int64"
+            names.rename(value, f"{name}__int64")
             narrow.name = name
             modified = True
         return modified

@@ -30,6 +30,7 @@ import onnx_ir as ir
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph
 from kvcompile.quant import Codec, codes_per_byte, symmetric_zero_point
+from kvcompile.passes.names import NameAllocator
 
 K_SCALE_INPUT, V_SCALE_INPUT = 12, 13
 PAST_SLOTS = {"key": 3, "value": 4}
@@ -59,6 +60,7 @@ class QuantizeGQACachePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         by_input = {t.past_input: t for t in self.kv.tensors}
+        names = NameAllocator(graph)
         modified = False
         for node in list(graph):
             if (node.domain, node.op_type) != ("com.microsoft", "GroupQueryAttention"):
@@ -81,11 +83,11 @@ class QuantizeGQACachePass(ir.passes.InPlacePass):
                 raise UnsupportedModelError(
                     f"layer {tensors['key'].layer}: the CPU GroupQueryAttention needs K and V scales of one "
                     "kind (both per-tensor or both per-channel)")
-            self._quantize(graph, node, tensors, codecs, 4)
+            self._quantize(graph, names, node, tensors, codecs, 4)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def _quantize(self, graph: ir.Graph, node: ir.Node, tensors, codecs, bits: int) -> None:
+    def _quantize(self, graph: ir.Graph, names: NameAllocator, node: ir.Node, tensors, codecs, bits: int) -> None:
         layer = tensors["key"].layer
         node.attributes["kv_cache_bit_width"] = ir.AttrInt64("kv_cache_bit_width", bits)
         if len(node.inputs) <= V_SCALE_INPUT:
@@ -96,7 +98,7 @@ class QuantizeGQACachePass(ir.passes.InPlacePass):
             node.attributes[attribute] = ir.AttrString(attribute, "PER_TENSOR" if per_tensor else "PER_CHANNEL")
             scale = codec.scale.reshape(-1) if per_tensor else np.broadcast_to(
                 codec.scale, (1, tensor.num_heads, 1, tensor.head_dim)).reshape(-1)
-            name = f"kvcompile/L{layer}.{kind[0].upper()}/gqa_scale"
+            name = names.name(f"kvcompile/L{layer}.{kind[0].upper()}/gqa_scale")
             value = ir.Value(name=name, const_value=ir.tensor(scale.astype(np.float32).copy(), name=name))
             value.type, value.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(value.const_value.shape)
             graph.register_initializer(value)

@@ -32,6 +32,7 @@ import onnxscript.optimizer
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import DECOMPOSED, KVGraph
 from kvcompile.passes.score_path import path_to_softmax
+from kvcompile.passes.names import NameAllocator
 
 BIAS_INPUT = "attention_bias"
 _PATH_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Identity", "Sub"})
@@ -68,6 +69,7 @@ class StaticDecodePass(ir.passes.InPlacePass):
                 "the static NPU graph is built from decomposed attention; this model's cache is read by "
                 f"{', '.join(self.kv.attention_forms)}")
         nodes = {node.name: node for node in graph}
+        names = NameAllocator(graph)
         float_dtype = next(v for v in graph.inputs if v.name == self.kv.tensors[0].past_input).dtype
         bias = ir.Value(name=BIAS_INPUT, type=ir.TensorType(float_dtype), shape=ir.Shape([1, 1, 1, self.context]))
         graph.inputs.append(bias)
@@ -80,7 +82,7 @@ class StaticDecodePass(ir.passes.InPlacePass):
                     add.replace_input_with(mask_index, bias)
             else:
                 added = ir.Node("", "Add", [softmax.inputs[0], bias], num_outputs=1,
-                                name=f"kvcompile/{tensor.label}/attention_bias")
+                                name=names.name(f"kvcompile/{tensor.label}/attention_bias"))
                 graph.insert_before(softmax, added)
                 softmax.replace_input_with(0, added.outputs[0])
         self._fix_shapes(graph)

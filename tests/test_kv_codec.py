@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from kvcompile.passes.kv_codec import Encoded, FragmentBuilder, emit_decode, emit_encode
+from kvcompile.passes.names import NameAllocator
 from kvcompile.quant import Codec, symmetric_scale
 from kvcompile.runtimes.session import cpu_session
 
@@ -54,7 +55,7 @@ def stored_dims(dims, axis, codec: Codec, what: str):
 def encode_in_graph(codec: Codec, logical, dtype, x, style="onnx"):
     dims = [ir.SymbolicDim(d) if isinstance(d, str) else d for d in logical]
     graph = ir.Graph([], [], nodes=[], opset_imports={"": 21}, name="encode")
-    builder = FragmentBuilder(graph, "t")
+    builder = FragmentBuilder(graph, NameAllocator(graph), "t")
     source = _value("x", dtype, dims)
     encoded = emit_encode(builder, source, codec, dtype, list(logical), style)
     outputs = [encoded.codes]
@@ -70,7 +71,7 @@ def encode_in_graph(codec: Codec, logical, dtype, x, style="onnx"):
 def decode_in_graph(codec: Codec, logical, dtype, packed, scale, zero_point, style="onnx"):
     dims = [ir.SymbolicDim(d) if isinstance(d, str) else d for d in logical]
     graph = ir.Graph([], [], nodes=[], opset_imports={"": 21}, name="decode")
-    builder = FragmentBuilder(graph, "t")
+    builder = FragmentBuilder(graph, NameAllocator(graph), "t")
     stored = Encoded(_value("codes", ir.DataType.UINT8, stored_dims(dims, codec.pack_axis, codec, "codes")))
     feeds = {"codes": packed}
     inputs = [stored.codes]
