@@ -7,7 +7,7 @@ from typing import Any
 
 from kvcompile.kvgraph import DECOMPOSED, KVGraph
 from kvcompile.model_io import load_model
-from kvcompile.pipeline import analyze
+from kvcompile.pipeline import analyze, normalize_export
 from kvcompile.report import layout_name
 
 
@@ -23,7 +23,9 @@ def would_do(kv: KVGraph) -> str:
 
 
 def inspect_model(model_path: Path, kv_map: Path | None = None) -> dict[str, Any]:
-    kv = analyze(load_model(Path(model_path)), kv_map)
+    model = load_model(Path(model_path))
+    normalize_export(model)
+    kv = analyze(model, kv_map)
     return {
         "model": str(model_path),
         "layers": kv.num_layers,

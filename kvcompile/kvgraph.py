@@ -60,6 +60,8 @@ class KVTensor:
     # and which of its inputs carries the cache.
     reader: str | None = None
     reader_operand: int | None = None
+    # A sliding-window cache: the present output keeps only the last N entries (window N + 1).
+    kept_entries: int | None = None
 
     @property
     def label(self) -> str:

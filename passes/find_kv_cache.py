@@ -44,6 +44,7 @@ from kvcompile.kvgraph import (
     KVTensor,
     ModelInput,
 )
+from kvcompile.passes.constants import constant_ints
 
 # Ops that move or re-type data without mixing positions: the cache keeps its identity through them.
 LAYOUT_OPS = frozenset(
@@ -88,6 +89,7 @@ class _Found:
     attention_op: ir.Node | None = None
     reader: ir.Node | None = None  # decomposed: the MatMul that reads the cache (Q.K^T or P.V)
     reader_operand: int | None = None
+    kept_entries: int | None = None  # the present keeps only the last N entries (sliding window)
 
 
 def _op_key(node: ir.Node) -> tuple[str, str]:
@@ -129,18 +131,43 @@ def _through_layout(value: ir.Value, max_nodes: int = 64) -> list[tuple[ir.Node,
     return uses
 
 
+# Ops allowed between the Concat that appends to the cache and the present output: copies, and
+# Slices along the sequence (a sliding-window cache keeps its last `window - 1` entries).
+PRESENT_CHAIN_OPS = frozenset({"Cast", "Identity", "Slice"})
+
+
 def _graph_output_of(value: ir.Value) -> ir.Value | None:
-    """`value` itself or what it becomes through Cast/Identity, if that is a graph output."""
+    """`value` itself or what it becomes through Cast/Identity/Slice, if that is a graph output."""
     queue, seen = deque([value]), set()
     while queue:
         current = queue.popleft()
         if current.is_graph_output():
             return current
         for use in current.uses():
-            if use.node.op_type in ("Cast", "Identity") and id(use.node) not in seen:
+            if use.node.op_type in PRESENT_CHAIN_OPS and use.idx == 0 and id(use.node) not in seen:
                 seen.add(id(use.node))
                 queue.extend(use.node.outputs)
     return None
+
+
+def _kept_entries(concat_output: ir.Value, present: ir.Value, seq_axis: int, rank: int) -> int | None:
+    """N when the present output keeps only the last N entries of the concatenated cache (a
+    sliding window of N + 1 tokens): a Slice on the sequence axis from a constant -N to the end."""
+    value, kept = present, None
+    while value is not concat_output:
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Slice":
+            params = [constant_ints(node.inputs[i]) if len(node.inputs) > i else None for i in range(1, 5)]
+            starts, ends, axes, steps = params
+            axes = axes if axes is not None else (list(range(len(starts))) if starts is not None else None)
+            if starts is not None and ends is not None and axes is not None and [a % rank for a in axes] == [seq_axis]:
+                if starts[0] < 0 and ends[0] >= 2**31 and (steps is None or steps == [1]):
+                    kept = -starts[0] if kept is None else min(kept, -starts[0])
+        value = node.inputs[0]
+    return kept
+
 
 
 def _reaches_op(value: ir.Value, targets: frozenset[str], through: frozenset[str], limit: int = 48) -> ir.Node | None:
@@ -226,11 +253,13 @@ def _find_entries(graph: ir.Graph) -> tuple[list[_Found], list[str]]:
                 kind, block, form, reader, operand = classified
                 axis = node.attributes["axis"].as_int()
                 rank = len(past.shape)
-                others = [v for v in node.inputs if v is not None and v is not past]
+                # The Concat's other operand holds the new entries (`index` is the cache's).
+                others = [v for i, v in enumerate(node.inputs) if v is not None and i != index]
                 entry = _Found(past, present, kind, form, block, axis % rank, concat=node,
                                new_entries=others[0] if len(others) == 1 else None,
                                attention_op=block if form != DECOMPOSED else None,
-                               reader=reader, reader_operand=operand)
+                               reader=reader, reader_operand=operand,
+                               kept_entries=_kept_entries(node.outputs[0], present, axis % rank, rank))
                 break
             spec = ATTENTION_OPS.get(_op_key(node))
             if spec is not None and index in spec["past"]:
@@ -406,6 +435,7 @@ def _tensor(entry: _Found, layer: int, head: int | None) -> KVTensor:
         rope=rope,
         reader=entry.reader.name if entry.reader is not None else None,
         reader_operand=entry.reader_operand,
+        kept_entries=entry.kept_entries,
     )
 
 

@@ -33,6 +33,8 @@ import onnx_ir.passes.common
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import DECOMPOSED, KVGraph, KVTensor
 from kvcompile.passes.kv_codec import FragmentBuilder
+from kvcompile.passes.names import NameAllocator
+from kvcompile.passes.symbolic_shapes import SymbolicShapeInferencePass
 from kvcompile.passes.score_path import path_to_softmax
 
 # Ops that only move data between the cache and Q.K^T (repeating KV heads, transposing K).
@@ -110,8 +112,10 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         ir.passes.common.ShapeInferencePass()(model)
+        SymbolicShapeInferencePass()(model)  # query heads that onnx's inference leaves unknown
         graph = model.graph
         nodes = {node.name: node for node in graph}
+        names = NameAllocator(graph)
         layers = sorted({t.layer for t in self.kv.tensors})
         pairs = []
         for layer in layers:
@@ -120,9 +124,9 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
             for tensor in (key, value):
                 self._check(tensor, nodes)
             pairs.append((key, value))
-        lengths = self._lengths(graph, pairs[0][0])
+        lengths = self._lengths(graph, names, pairs[0][0])
         for key, value in pairs:
-            self._fuse(graph, nodes, key, value, lengths)
+            self._fuse(graph, names, nodes, key, value, lengths)
         model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, modified=True)
 
@@ -134,11 +138,19 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
             raise UnsupportedModelError(f"{tensor.label}: fusing needs caches laid out [batch, heads, seq, head_dim]")
         if tensor.reader not in nodes or tensor.concat_node not in nodes:
             raise UnsupportedModelError(f"{tensor.label}: its attention nodes were not found")
+        if tensor.kept_entries is not None:
+            raise UnsupportedModelError(
+                f"{tensor.label} is a sliding-window cache (it keeps its last {tensor.kept_entries} entries); "
+                "GroupQueryAttention's cache grows without bound")
+        concat = nodes[tensor.concat_node]
+        if tensor.past_input not in [v.name for v in concat.inputs if v is not None] or \
+                concat.outputs[0].name != tensor.present_output:
+            raise UnsupportedModelError(f"{tensor.label}: ops sit between the cache input or output and its Concat")
 
-    def _lengths(self, graph: ir.Graph, key: KVTensor) -> tuple[ir.Value, ir.Value]:
+    def _lengths(self, graph: ir.Graph, names: NameAllocator, key: KVTensor) -> tuple[ir.Value, ir.Value]:
         """seqlens_k [batch] (= past + new - 1) and total_sequence_length (scalar), int32."""
         inputs = {v.name: v for v in graph.inputs}
-        builder = FragmentBuilder(graph, "kvcompile/gqa_lengths")
+        builder = FragmentBuilder(graph, names, "kvcompile/gqa_lengths")
         past_shape = builder.op("Shape", [inputs[key.past_input]])
         ids_shape = builder.op("Shape", [inputs[self.input_ids]])
         past_len = builder.op("Gather", [past_shape, builder.const(np.array(2, np.int64), "axis_seq")], axis=0)
@@ -151,7 +163,7 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
         graph.extend(builder.nodes)  # moved into place by the topological sort
         return seqlens, total32
 
-    def _fuse(self, graph: ir.Graph, nodes, key: KVTensor, value: KVTensor, lengths) -> None:
+    def _fuse(self, graph: ir.Graph, names: NameAllocator, nodes, key: KVTensor, value: KVTensor, lengths) -> None:
         qk, pv = nodes[key.reader], nodes[value.reader]
         k_concat, v_concat = nodes[key.concat_node], nodes[value.concat_node]
         query = qk.inputs[1 - key.reader_operand]
@@ -164,7 +176,7 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
         new_k, new_v = (next(v for v in c.inputs if v is not None and v.name != t.past_input)
                         for c, t in ((k_concat, key), (v_concat, value)))
 
-        builder = FragmentBuilder(graph, f"kvcompile/L{key.layer}/gqa")
+        builder = FragmentBuilder(graph, names, f"kvcompile/L{key.layer}/gqa")
 
         def bsd(x: ir.Value, n_heads: int) -> ir.Value:  # [b, h, s, d] -> [b, s, h * d]
             moved = builder.op("Transpose", [x], perm=[0, 2, 1, 3])
@@ -175,7 +187,7 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
                          past_k, past_v, lengths[0], lengths[1]],
                         attributes=[ir.AttrInt64("num_heads", heads), ir.AttrInt64("kv_num_heads", key.num_heads),
                                     ir.AttrFloat32("scale", scale), ir.AttrInt64("do_rotary", 0)],
-                        num_outputs=3, name=f"kvcompile/L{key.layer}/GroupQueryAttention")
+                        num_outputs=3, name=names.name(f"kvcompile/L{key.layer}/GroupQueryAttention"))
         builder.nodes.append(fused)
         output = builder.op("Reshape", [fused.outputs[0], builder.ints(0, 0, heads, key.head_dim)])
         restored = builder.op("Transpose", [output], perm=[0, 2, 1, 3])
@@ -186,6 +198,6 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
             present.type, present.shape = old.type, old.shape
             old.replace_all_uses_with(present, replace_graph_outputs=True)
             name = old.name
-            old.name = f"{name}__decomposed"
+            names.rename(old, f"{name}__decomposed")
             present.name = name
-        fused.outputs[0].name = f"kvcompile/L{key.layer}/gqa_output"
+        fused.outputs[0].name = names.name(f"kvcompile/L{key.layer}/gqa_output")

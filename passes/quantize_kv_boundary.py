@@ -1,20 +1,25 @@
 """Rewrite: store the KV cache as packed low-bit codes at the graph boundary.
 
 What it matches
-  For each cache tensor with a codec, the decomposed-attention pattern the analysis found:
-      present = Concat(past, new, axis=seq)      # present is a graph output
-      ... attention reads `present` ...
+  For each cache tensor with a codec, the pattern the analysis found: the past input reaches a
+  Concat that appends the new entries along the sequence axis, and that Concat becomes the
+  present output,
+      cat     = Concat(pre(past), new, axis=seq)  # attention (decomposed or an op) reads `cat`
+      present = post(cat)                         # a graph output
+  where `pre` and `post` are chains of copies (Cast, Identity) and Slices along the sequence
+  axis: empty for most exports; a sliding-window cache keeps its last `window - 1` entries
+  (`post` = Slice(-window+1:), and for some exporters `pre` too).
 
 What it rewrites it to
       past_q    : graph input, uint8 codes packed along head_dim (same name as `past`)
-      new_q     = encode(new)                     # quantize + pack (passes.kv_codec)
-      present_q = Concat(past_q, new_q, axis=seq) # graph output (same name as `present`)
-      present_f = Concat(decode(past_q), new)     # unpack + dequantize the stored past
-      ... attention reads `present_f` ...
-  Any other reader of `past` (e.g. a Shape) reads decode(past_q). Codecs with dynamic
-  (per-token / per-group) scales also get `<past>_scale` (float16) and, asymmetric,
-  `<past>_zero_point` (uint8) inputs, appended to in the same way into `<present>_scale` /
-  `<present>_zero_point` outputs.
+      new_q     = encode(new)                               # quantize + pack (passes.kv_codec)
+      present_q = post(Concat(pre(past_q), new_q, axis=seq)) # graph output (same name as `present`)
+  with the Slices of `pre`/`post` repeated on the codes (they never touch head_dim); every
+  reader of the float `past` (the Concat's chain, Shapes, masks) reads decode(past_q), computed
+  once, and a Shape reader gets the logical shape computed from the packed one instead.
+  Codecs with dynamic (per-token / per-group) scales also get `<past>_scale` (float16) and,
+  asymmetric, `<past>_zero_point` (uint8) inputs, carried along the same chain into
+  `<present>_scale` / `<present>_zero_point` outputs.
 
 Why
   Concatenating in the code domain means every token is quantized exactly once, when it enters
@@ -32,9 +37,15 @@ import numpy as np
 import onnx_ir as ir
 
 from kvcompile.errors import UnsupportedModelError
-from kvcompile.kvgraph import DECOMPOSED, KVGraph, KVTensor
+from kvcompile.kvgraph import KVGraph, KVTensor
 from kvcompile.passes.kv_codec import ONNX, Encoded, FragmentBuilder, emit_decode, emit_encode
+from kvcompile.passes.constants import constant_ints
+from kvcompile.passes.names import NameAllocator
 from kvcompile.quant import Codec
+
+# Ops a chain between the cache and its Concat, or the Concat and the present output, may hold.
+COPIES = frozenset({"Cast", "Identity"})
+CHAIN_OPS = COPIES | {"Slice"}
 
 
 def packed_dims(dims, axis: int, per_byte: int) -> list:
@@ -58,69 +69,75 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = {node.name: node for node in graph}
+        names = NameAllocator(graph)
         modified = False
         for tensor in self.kv.tensors:
             codec = self.codecs.get(tensor.past_input)
             if codec is None:
                 continue
-            if tensor.attention != DECOMPOSED or tensor.concat_node not in nodes:
+            if tensor.concat_node not in nodes:
                 raise UnsupportedModelError(
-                    f"{tensor.label} ({tensor.past_input}) uses {tensor.attention}; the Q/DQ "
-                    "boundary rewrite handles decomposed attention (a Concat that appends to the "
-                    "cache). Attention ops are lowered by the fused path (--fuse-attention)"
+                    f"{tensor.label} ({tensor.past_input}) is kept by {tensor.attention} itself; the Q/DQ "
+                    "boundary rewrite handles caches grown by a Concat. Attention ops that own the cache "
+                    "are lowered by the fused path (--fuse-attention)"
                 )
-            self._rewrite(graph, tensor, nodes[tensor.concat_node], codec)
+            self._rewrite(graph, names, tensor, nodes[tensor.concat_node], codec)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def _rewrite(self, graph: ir.Graph, tensor: KVTensor, concat: ir.Node, codec: Codec) -> None:
+    def _rewrite(self, graph: ir.Graph, names: NameAllocator, tensor: KVTensor, concat: ir.Node, codec: Codec) -> None:
         past = next(v for v in graph.inputs if v.name == tensor.past_input)
-        present = concat.outputs[0]
-        if not present.is_graph_output() or present.name != tensor.present_output:
-            raise UnsupportedModelError(
-                f"{tensor.label}: the present cache {tensor.present_output!r} is not the Concat's "
-                "own output (a Cast or copy sits between); describe the cache with --kv-map"
-            )
-        new_entries = next(v for v in concat.inputs if v is not None and v is not past)
+        present = next(v for v in graph.outputs if v.name == tensor.present_output)
+        pre, cache_index = _chain_to_concat(past, concat, tensor)
+        post = _chain_to_present(concat.outputs[0], present, tensor)
+        others = [i for i, v in enumerate(concat.inputs) if i != cache_index and v is not None]
+        if len(others) != 1:
+            raise UnsupportedModelError(f"{tensor.label}: the Concat that appends to the cache has {len(others)} "
+                                        "new-entry operands, not one; describe the cache with --kv-map")
+        new_entries = concat.inputs[others[0]]
         float_dtype = past.dtype
+        new_dtype = new_entries.dtype if new_entries.dtype is not None else float_dtype
         logical = list(tensor.past_shape)
         seq = tensor.axes.seq
-        builder = FragmentBuilder(graph, f"kvcompile/{tensor.label}")
 
-        past_stored = Encoded(_graph_value(f"{past.name}__packed", ir.DataType.UINT8,
+        past_stored = Encoded(_graph_value(names.name(f"{past.name}__packed"), ir.DataType.UINT8,
                                            packed_dims(past.shape.dims, tensor.axes.head_dim, codec.per_byte)))
         if codec.dynamic:
             param_dims = param_shape(past.shape.dims, tensor.axes.head_dim, codec.group)
-            past_stored.scale = _graph_value(scale_name(past.name), ir.DataType.FLOAT16, param_dims)
+            past_stored.scale = _graph_value(_io_name(names, scale_name(past.name)), ir.DataType.FLOAT16, param_dims)
             if not codec.symmetric:
-                past_stored.zero_point = _graph_value(zero_point_name(past.name), ir.DataType.UINT8, param_dims)
-        new = emit_encode(builder, new_entries, codec, float_dtype, logical, self.style)
+                past_stored.zero_point = _graph_value(_io_name(names, zero_point_name(past.name)), ir.DataType.UINT8,
+                                                      param_dims)
+
+        # The new entries are encoded, appended in the code domain and carried to the output.
+        builder = FragmentBuilder(graph, names, f"kvcompile/{tensor.label}")
+        new = emit_encode(builder, new_entries, codec, new_dtype, logical, self.style)
         if self.slot_outputs:
             present_stored = new
         else:
-            present_stored = Encoded(
-                builder.op("Concat", [past_stored.codes, new.codes], axis=seq),
-                None if new.scale is None else builder.op("Concat", [past_stored.scale, new.scale], axis=seq),
-                None if new.zero_point is None else builder.op("Concat", [past_stored.zero_point, new.zero_point],
-                                                               axis=seq),
-            )
-        past_f = emit_decode(builder, past_stored, codec, logical, float_dtype, self.style)
-        present_f = builder.op("Concat", [past_f, new_entries], axis=seq)
-        graph.insert_before(concat, builder.nodes)
-        self._redirect_other_readers(graph, past, past_stored, concat, tensor, codec)
+            operands = [None] * len(concat.inputs)
+            operands[cache_index] = _mirror(builder, pre, past_stored)
+            operands[others[0]] = new
+            joined = Encoded(*(builder.op("Concat", [getattr(o, part) for o in operands], axis=seq)
+                               if getattr(new, part) is not None else None
+                               for part in ("codes", "scale", "zero_point")))
+            present_stored = _mirror(builder, post, joined)
+        graph.insert_after(present.producer(), builder.nodes)
 
-        present_dims = list(present.shape.dims)
+        # Every float reader of the past cache reads it decoded (decoded once).
+        self._redirect_readers(graph, names, past, past_stored, tensor, codec)
+
+        present_dims = list(present.shape.dims) if present.shape is not None else list(logical)
         if self.slot_outputs:
             present_dims[seq] = new_entries.shape.dims[seq] if new_entries.shape is not None else 1
         present_stored.codes.type = ir.TensorType(ir.DataType.UINT8)
         present_stored.codes.shape = ir.Shape(packed_dims(present_dims, tensor.axes.head_dim, codec.per_byte))
         graph.outputs[graph.outputs.index(present)] = present_stored.codes
-        present.replace_all_uses_with(present_f)
-        graph.remove(concat, safe=True)
         graph.inputs[graph.inputs.index(past)] = past_stored.codes
 
         input_name, output_name = past.name, present.name
-        past.name, present.name = f"{input_name}__float", f"{output_name}__float"
+        names.rename(past, f"{input_name}__float")
+        names.rename(present, f"{output_name}__float")
         past_stored.codes.name, present_stored.codes.name = input_name, output_name
         for kind, past_param, present_param in (
             ("scale", past_stored.scale, present_stored.scale),
@@ -128,34 +145,113 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
         ):
             if past_param is None:
                 continue
-            present_param.name = f"{output_name}_{kind}"
+            present_param.name = _io_name(names, f"{output_name}_{kind}")
             present_param.type = past_param.type
             present_param.shape = ir.Shape(param_shape(present_dims, tensor.axes.head_dim, codec.group))
             graph.inputs.append(past_param)
             graph.outputs.append(present_param)
 
-    def _redirect_other_readers(self, graph: ir.Graph, past: ir.Value, past_stored: Encoded,
-                                concat: ir.Node, tensor: KVTensor, codec: Codec) -> None:
-        """Readers of `past` other than the Concat: a Shape gets the logical shape computed from
-        the packed one (no data touched); anything else reads the decoded cache."""
-        others = [u for u in past.uses() if u.node is not concat]
-        for use in others:
-            builder = FragmentBuilder(graph, f"kvcompile/{tensor.label}/reader")
+    def _redirect_readers(self, graph: ir.Graph, names: NameAllocator, past: ir.Value, past_stored: Encoded,
+                          tensor: KVTensor, codec: Codec) -> None:
+        """Readers of the float `past`: a Shape gets the logical shape computed from the packed one
+        (no data touched); everything else reads the cache decoded once, before its first reader."""
+        uses = list(past.uses())
+        order = {id(node): i for i, node in enumerate(graph)}
+        first = min((u.node for u in uses), key=lambda node: order[id(node)])
+        builder = FragmentBuilder(graph, names, f"kvcompile/{tensor.label}/past")
+        decoded = None
+        for use in uses:
             if use.node.op_type == "Shape":
+                start = use.node.attributes["start"].as_int() if "start" in use.node.attributes else 0
+                end = use.node.attributes["end"].as_int() if "end" in use.node.attributes else None
                 stored_shape = builder.op("Shape", [past_stored.codes], **{
                     k: a.as_int() for k, a in use.node.attributes.items() if k in ("start", "end")})
                 factor = np.ones(tensor.rank, np.int64)
                 factor[tensor.axes.head_dim] = codec.per_byte
-                start = use.node.attributes["start"].as_int() if "start" in use.node.attributes else 0
-                end = use.node.attributes["end"].as_int() if "end" in use.node.attributes else None
                 logical_shape = builder.op("Mul", [stored_shape, builder.const(factor[start:end], "factor")])
-                graph.insert_before(use.node, builder.nodes)
                 use.node.outputs[0].replace_all_uses_with(logical_shape, replace_graph_outputs=True)
-                graph.remove(use.node, safe=True)
             else:
-                decoded = emit_decode(builder, past_stored, codec, list(tensor.past_shape), past.dtype, self.style)
-                graph.insert_before(use.node, builder.nodes)
+                if decoded is None:
+                    decoded = emit_decode(builder, past_stored, codec, list(tensor.past_shape), past.dtype, self.style)
                 use.node.replace_input_with(use.idx, decoded)
+        graph.insert_before(first, builder.nodes)
+        for use in uses:
+            if use.node.op_type == "Shape" and not use.node.outputs[0].uses():
+                graph.remove(use.node, safe=True)
+
+
+def _chain_to_concat(past: ir.Value, concat: ir.Node, tensor: KVTensor) -> tuple[list[ir.Node], int]:
+    """The nodes from the past input to the Concat operand it becomes, and that operand's index."""
+    for index, operand in enumerate(concat.inputs):
+        chain, value = [], operand
+        while value is not None and value is not past:
+            node = value.producer()
+            if node is None or node.op_type not in CHAIN_OPS:
+                break
+            chain.insert(0, node)
+            value = node.inputs[0]
+        if value is past:
+            _check_chain(chain, tensor, "the past cache input and its Concat")
+            return chain, index
+    raise UnsupportedModelError(
+        f"{tensor.label}: between {tensor.past_input!r} and the Concat that appends to it sit ops other than "
+        f"{', '.join(sorted(CHAIN_OPS))}; kvcompile can only carry packed codes through those. Describe the "
+        "cache with --kv-map or re-export")
+
+
+def _chain_to_present(concat_output: ir.Value, present: ir.Value, tensor: KVTensor) -> list[ir.Node]:
+    """The nodes from the Concat's output to the present graph output."""
+    chain, value = [], present
+    while value is not concat_output:
+        node = value.producer()
+        if node is None or node.op_type not in CHAIN_OPS:
+            raise UnsupportedModelError(
+                f"{tensor.label}: the present cache {tensor.present_output!r} is made from the appended cache by "
+                f"{node.op_type if node is not None else 'nothing'}, not by copies or Slices along the sequence; "
+                "describe the cache with --kv-map")
+        chain.insert(0, node)
+        value = node.inputs[0]
+    _check_chain(chain, tensor, "the appended cache and the present output")
+    return chain
+
+
+def _check_chain(chain: list[ir.Node], tensor: KVTensor, where: str) -> None:
+    """Slices in a chain must leave head_dim (the packed axis) whole: their axes are constants
+    naming other axes."""
+    for node in chain:
+        if node.op_type != "Slice":
+            continue
+        starts = node.inputs[1] if len(node.inputs) > 1 else None
+        axes = node.inputs[3] if len(node.inputs) > 3 else None
+        if axes is not None:
+            listed = constant_ints(axes)
+        elif starts is not None and starts.shape is not None and isinstance(starts.shape.dims[0], int):
+            listed = list(range(starts.shape.dims[0]))
+        else:
+            listed = None
+        if listed is None or tensor.axes.head_dim in [a % tensor.rank for a in listed]:
+            raise UnsupportedModelError(
+                f"{tensor.label}: a Slice between {where} ({node.name}) may cut head_dim, the axis kvcompile packs "
+                "the codes along; describe the cache with --kv-map or re-export")
+
+
+def _mirror(builder: FragmentBuilder, chain: list[ir.Node], stored: Encoded) -> Encoded:
+    """Apply the chain's Slices (same parameters) to the codes and their per-token parameters;
+    copies (Cast, Identity) do not apply to codes."""
+    for node in chain:
+        if node.op_type == "Slice":
+            stored = Encoded(*(builder.op("Slice", [part, *node.inputs[1:]]) if part is not None else None
+                               for part in (stored.codes, stored.scale, stored.zero_point)))
+    return stored
+
+
+
+def _io_name(names: NameAllocator, name: str) -> str:
+    """A graph I/O name the manifest derives from a cache name: it must be exactly `name`."""
+    if names.name(name) != name:
+        raise UnsupportedModelError(f"the model already has a value named {name!r}, the name kvcompile gives a "
+                                    "stored cache's scales; rename it in the export")
+    return name
 
 
 def _graph_value(name: str, dtype: ir.DataType, dims) -> ir.Value:

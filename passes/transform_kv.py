@@ -35,6 +35,8 @@ import onnx_ir.passes.common
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import DECOMPOSED, KVGraph, KVTensor
 from kvcompile.passes.kv_codec import FragmentBuilder
+from kvcompile.passes.names import NameAllocator
+from kvcompile.passes.symbolic_shapes import SymbolicShapeInferencePass
 
 
 def hadamard(size: int) -> np.ndarray:
@@ -84,8 +86,10 @@ class TransformKVPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         # The number of query heads is read from the query's shape: make sure shapes are known.
         ir.passes.common.ShapeInferencePass()(model)
+        SymbolicShapeInferencePass()(model)
         graph = model.graph
         nodes = {node.name: node for node in graph}
+        names = NameAllocator(graph)
         for tensor in self.kv.tensors:
             transform = self.transforms.get(tensor.past_input)
             if transform is None:
@@ -95,15 +99,15 @@ class TransformKVPass(ir.passes.InPlacePass):
                     f"{tensor.label}: --rotate / --fold-scales need decomposed attention (the cache "
                     f"is read by {tensor.attention}, which applies RoPE inside the op)"
                 )
-            self._transform(graph, tensor, nodes[tensor.concat_node], nodes[tensor.reader], transform)
+            self._transform(graph, names, tensor, nodes[tensor.concat_node], nodes[tensor.reader], transform)
         return ir.passes.PassResult(model, modified=bool(self.transforms))
 
-    def _transform(self, graph: ir.Graph, tensor: KVTensor, concat: ir.Node, reader: ir.Node,
+    def _transform(self, graph: ir.Graph, names: NameAllocator, tensor: KVTensor, concat: ir.Node, reader: ir.Node,
                    transform: KVTransform) -> None:
         dtype = next(v for v in graph.inputs if v.name == tensor.past_input).dtype
         numpy_dtype = np.float16 if dtype == ir.DataType.FLOAT16 else np.float32
         new_index = next(i for i, v in enumerate(concat.inputs) if v is not None and v.name != tensor.past_input)
-        builder = FragmentBuilder(graph, f"kvcompile/{tensor.label}/transform")
+        builder = FragmentBuilder(graph, names, f"kvcompile/{tensor.label}/transform")
         transformed = _apply(builder, concat.inputs[new_index], transform, tensor.num_heads, tensor.rank,
                              tensor.axes.heads, tensor.axes.head_dim, numpy_dtype)
         graph.insert_before(concat, builder.nodes)
@@ -113,7 +117,7 @@ class TransformKVPass(ir.passes.InPlacePass):
         heads = _query_heads(other, tensor)
         side = _expand_to_query_heads(transform.reader_side(tensor.kind), tensor.num_heads, heads)
         rank = other.shape.rank() if other.shape is not None else tensor.rank
-        builder = FragmentBuilder(graph, f"kvcompile/{tensor.label}/transform_reader")
+        builder = FragmentBuilder(graph, names, f"kvcompile/{tensor.label}/transform_reader")
         # The query and the attention output carry head_dim last, heads at axis 1 (if any).
         heads_axis = 1 if heads > 1 or tensor.axes.heads is not None else None
         if tensor.kind == "key":

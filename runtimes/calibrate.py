@@ -1,7 +1,8 @@
 """Calibration: run the float model through the decode path and record KV-cache statistics.
 
 The float model is fed calibration windows in chunks (a prefill, then further chunks that read
-the growing cache), and every cache entry each chunk appends is recorded once, in a canonical
+the growing cache), and every cache entry each chunk appends (the last entries of each present
+output: a sliding-window cache keeps only its newest) is recorded once, in a canonical
 [token, head, channel] layout whatever the model's own layout. The statistics hold exact
 per-channel ranges over all tokens and a (strided) sample of tokens for clipping searches.
 """
@@ -57,11 +58,12 @@ def collect_kv_stats(
         tokens = windows[start : start + batch]
         cache = decoder.new_cache(tokens.shape[0])
         for offset in range(0, tokens.shape[1], chunk):
-            before = cache.length
             fed = tokens[:, offset : offset + chunk]
             _, presents = decoder.step(cache, fed)
             for kv in decoder.io.kv:
-                appended = np.take(presents[kv.output], np.arange(before, cache.length), axis=kv.seq_axis)
+                present = presents[kv.output]
+                kept = present.shape[kv.seq_axis]
+                appended = np.take(present, np.arange(kept - min(fed.shape[1], kept), kept), axis=kv.seq_axis)
                 canonical = to_canonical(appended, kv)
                 if not np.isfinite(canonical).all():
                     raise BadInputError(

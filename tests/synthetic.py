@@ -75,7 +75,14 @@ def _merge(g: _Graph, x: str, heads: int, head_dim: int) -> str:
 
 
 def build_decoder(form: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                  head_dim: int = 8, dtype=np.float32, present_outputs: bool = True) -> onnx.ModelProto:
+                  head_dim: int = 8, dtype=np.float32, present_outputs: bool = True,
+                  shape_readers: int = 0, window: int | None = None, empty_concat: bool = False) -> onnx.ModelProto:
+    """`shape_readers`: Shape nodes reading each past cache input besides its Concat (dynamo
+    exports have several per input: one per mask or position computation).
+    `window` (llama form): a sliding-window cache as transformers exports it: the past is cut to
+    its last `window - 1` entries, appended to, and the present output keeps the last `window - 1`.
+    `empty_concat` (llama form): the past is first concatenated onto an empty tensor, as the
+    TorchScript exporter leaves it."""
     g = _Graph(dtype)
     elem = _elem(dtype)
     opaque = form == "gpt2"
@@ -98,9 +105,13 @@ def build_decoder(form: str = "llama", layers: int = 2, heads: int = 4, kv_heads
     past_inputs, present_outputs_ = [], []
     for layer in range(layers):
         names = _cache_names(form, layer, heads if form == "per_head" else 1, opaque)
-        attn = {"llama": _llama_layer, "gpt2": _gpt2_layer, "per_head": _per_head_layer,
-                "gqa_op": _gqa_op_layer}[form](g, x, names, heads, kv_heads, head_dim, cos, sin, mask_name)
+        layer_builder = {"llama": _llama_layer, "gpt2": _gpt2_layer, "per_head": _per_head_layer,
+                         "gqa_op": _gqa_op_layer}[form]
+        extra = {"window": window, "empty_concat": empty_concat} if form == "llama" else {}
+        attn = layer_builder(g, x, names, heads, kv_heads, head_dim, cos, sin, mask_name, **extra)
         x = g.op("Add", [x, attn["out"]])
+        for past, _, _ in attn["cache"]:
+            x = _read_shape(g, x, past, shape_readers)
         for index, (past, present, shape) in enumerate(attn["cache"]):
             is_value = index % 2
             past_inputs.append((is_value, helper.make_tensor_value_info(past, elem, shape)))
@@ -120,6 +131,16 @@ def build_decoder(form: str = "llama", layers: int = 2, heads: int = 4, kv_heads
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 9
     return model
+
+
+def _read_shape(g: _Graph, x: str, past: str, readers: int) -> str:
+    """Add 0 * (a dim of `past`'s shape) to `x`, `readers` times, through differently sliced Shapes."""
+    for reader in range(readers):
+        spans = [{}, {"start": 2}, {"start": 0, "end": 3}, {"start": -2}]
+        shape = g.op("Shape", [past], **spans[reader % len(spans)])
+        dim = g.op("Cast", [g.op("ReduceMax", [shape], keepdims=0)], to=_elem(g.dtype))
+        x = g.op("Add", [x, g.op("Mul", [dim, g.const(np.array(0, g.dtype), "zero")])])
+    return x
 
 
 def _cache_names(form: str, layer: int, per_head: int, opaque: bool) -> list[dict]:
@@ -148,15 +169,25 @@ def _repeat_kv(g: _Graph, x: str, heads: int, kv_heads: int, head_dim: int) -> s
     return g.op("Reshape", [expanded, g.ints(0, heads, -1, head_dim)])
 
 
-def _llama_layer(g, x, names, heads, kv_heads, head_dim, cos, sin, _mask):
+def _llama_layer(g, x, names, heads, kv_heads, head_dim, cos, sin, _mask, window=None, empty_concat=False):
     n = names[0]
     q = _rope(g, _heads(g, g.op("MatMul", [x, g.weight(HIDDEN, heads * head_dim)]), heads, head_dim), cos, sin, head_dim)
     k = _rope(g, _heads(g, g.op("MatMul", [x, g.weight(HIDDEN, kv_heads * head_dim)]), kv_heads, head_dim), cos, sin, head_dim)
     v = _heads(g, g.op("MatMul", [x, g.weight(HIDDEN, kv_heads * head_dim)]), kv_heads, head_dim)
-    g.nodes.append(helper.make_node("Concat", [n["past_k"], k], [n["present_k"]], name=g.name("cat_k"), axis=-2))
-    g.nodes.append(helper.make_node("Concat", [n["past_v"], v], [n["present_v"]], name=g.name("cat_v"), axis=-2))
-    k_all = _repeat_kv(g, n["present_k"], heads, kv_heads, head_dim)
-    v_all = _repeat_kv(g, n["present_v"], heads, kv_heads, head_dim)
+    appended = {}
+    for kind, new in (("k", k), ("v", v)):
+        past = n[f"past_{kind}"]
+        if empty_concat:
+            past = g.op("Concat", [g.const(np.zeros((1, kv_heads, 0, head_dim), g.dtype), "empty"), past], axis=2)
+        if window is None:
+            g.nodes.append(helper.make_node("Concat", [past, new], [n[f"present_{kind}"]], name=g.name("cat"), axis=-2))
+            appended[kind] = n[f"present_{kind}"]
+            continue
+        keep = [g.ints(-(window - 1)), g.ints(np.iinfo(np.int64).max), g.ints(2)]
+        appended[kind] = g.op("Concat", [g.op("Slice", [past, *keep]), new], axis=-2)
+        g.nodes.append(helper.make_node("Slice", [appended[kind], *keep], [n[f"present_{kind}"]], name=g.name("keep")))
+    k_all = _repeat_kv(g, appended["k"], heads, kv_heads, head_dim)
+    v_all = _repeat_kv(g, appended["v"], heads, kv_heads, head_dim)
     out = _attend(g, q, g.op("Transpose", [k_all], perm=[0, 1, 3, 2]), v_all)
     shape = ["batch", kv_heads, "past", head_dim]
     return {"out": g.op("MatMul", [_merge(g, out, heads, head_dim), g.weight(heads * head_dim, HIDDEN)]),

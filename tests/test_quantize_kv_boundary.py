@@ -112,10 +112,56 @@ def test_decoded_cache_is_within_half_a_step():
     assert (np.abs(decoded - representable) <= step / 2 + 1e-6).all()
 
 
-def test_attention_op_form_is_refused_with_a_reason():
+def test_cache_kept_inside_an_attention_op_is_refused_with_a_reason():
     proto = build_decoder("gqa_op", layers=1)
     model = ir.serde.deserialize_model(proto)
     kv = find_kv_cache(model)
     codecs = {t.past_input: Codec(4, 0.1, 8, t.axes.head_dim) for t in kv.tensors}
-    with pytest.raises(UnsupportedModelError, match="GroupQueryAttention.*decomposed attention"):
+    with pytest.raises(UnsupportedModelError, match="kept by com.microsoft.GroupQueryAttention itself"):
         QuantizeKVBoundaryPass(kv, codecs)(model)
+
+
+@pytest.mark.parametrize("scheme", ["per-channel", "per-token"])
+def test_several_shape_readers_of_one_cache_input(scheme):
+    """Dynamo exports read each past input's shape in several places; every reader must get the
+    logical shape, and everything inserted must have a name unique in the graph (it once did
+    not: one name counter per reader gave 'factor_2' twice)."""
+    kv, plan, float_decoder, quantized, io = compile_synthetic(4, scheme, form="llama", shape_readers=4)
+    onnx.checker.check_model(quantized, full_check=True)
+    names = [n.name for n in quantized.graph.node] + [v for n in quantized.graph.node for v in n.output]
+    names += [t.name for t in quantized.graph.initializer]
+    assert len(names) == len(set(names))
+    compiled = Decoder(cpu_session(quantized.SerializeToString()), io)
+    tokens = np.random.default_rng(1).integers(0, 32, (2, 12))
+    caches = float_decoder.new_cache(2), compiled.new_cache(2)
+    for chunk in (tokens[:, :8], tokens[:, 8:9], tokens[:, 9:10]):
+        a, _ = float_decoder.step(caches[0], chunk)
+        b, _ = compiled.step(caches[1], chunk)
+    assert np.abs(a - b).max() < 0.5 * np.abs(a).max()
+
+
+@pytest.mark.parametrize("scheme", ["per-channel", "per-token"])
+def test_sliding_window_cache_stays_bounded_and_stores_codes(scheme):
+    """A sliding-window cache (past cut to its last window-1 entries, present likewise) keeps its
+    slices in the code domain: the stored cache never grows past window-1 entries, and it holds
+    the float model's entries encoded (layer 0, whose entries do not depend on an earlier cache)."""
+    window = 6
+    kv, plan, float_decoder, quantized, io = compile_synthetic(4, scheme, form="llama", window=window)
+    assert {t.kept_entries for t in kv.tensors} == {window - 1}
+    onnx.checker.check_model(quantized, full_check=True)
+    compiled = Decoder(cpu_session(quantized.SerializeToString()), io)
+    tokens = np.random.default_rng(2).integers(0, 32, (2, 14))
+    caches = float_decoder.new_cache(2), compiled.new_cache(2)
+    float_decoder.step(caches[0], tokens[:, :4])
+    compiled.step(caches[1], tokens[:, :4])
+    for t in range(4, tokens.shape[1]):
+        _, float_presents = float_decoder.step(caches[0], tokens[:, t : t + 1])
+        _, presents = compiled.step(caches[1], tokens[:, t : t + 1])
+    for tensor, k in zip(kv.tensors, io.kv):
+        assert presents[k.output].shape[tensor.axes.seq] == window - 1
+        if tensor.layer == 0:
+            codec = plan.for_input(tensor.past_input).codec(tensor)
+            params = {p.kind: presents[p.output] for p in k.params}
+            decoded = codec.decode(presents[k.output], params.get("scale"), params.get("zero_point"))
+            expected = codec.decode(*codec.encode(float_presents[k.output]))
+            np.testing.assert_allclose(decoded, expected, atol=1e-6)
