@@ -15,7 +15,9 @@
    single swap that still fits and lowers the KL. 2-bit candidates are used only where they are
    harmless (KL <= 0.0005 nats: single-tensor KLs do not add up exactly, and a 2-bit tensor's
    real cost was seen to exceed its measured one); float is never chosen.
-The report records every tensor's choice, its KL and the alternatives it beat.
+The report records every tensor's choice, its KL and the alternatives it beat, and the same
+measurements give the summed KL auto would reach at other budgets (`QuantPlan.budget_curve`):
+what a failed quality gate's advice is built from.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.sensitivity import mean_kl, reference_log_probs
 
 HARMLESS_KL = 0.0005  # nats: where 2-bit storage is allowed
+CURVE_STEPS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # budgets above --kv-bits the curve is computed at (up to 8)
 SENSITIVITY_WINDOWS = 8
 SENSITIVITY_WINDOW = 128
 SENSITIVITY_PREFILL = 32
@@ -191,7 +194,8 @@ def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, variant: VariantFac
     reference_logits, _ = decoder.step(decoder.new_cache(1), windows[:1, :2])
     windows = _windows(windows, reference_logits.shape[-1])
     reference = reference_log_probs(decoder, windows, SENSITIVITY_PREFILL)
-    advance = progress("measuring sensitivity", sum(len(c) for c in candidates))
+    count = sum(len(c) for c in candidates)
+    advance = progress(f"measuring sensitivity ({count} candidate storages)", count)
     options = []
     for unit, unit_candidates in zip(unit_list, candidates):
         elements = [t.elements_per_token for t in unit]
@@ -205,7 +209,9 @@ def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, variant: VariantFac
         if not uniform:
             unit_options = [o for o in unit_options if o.plans[0].bits != 2 or o.kl <= HARMLESS_KL]
         options.append(unit_options)
-    chosen = choose(options, [sum(t.elements_per_token for t in unit) for unit in unit_list], float(budget))
+    weights = [sum(t.elements_per_token for t in unit) for unit in unit_list]
+    chosen = choose(options, weights, float(budget))
+    curve = budget_curve(options, weights, float(budget))
     tensors = []
     for option, alternatives in zip(chosen, options):
         evidence = {o.name: round(o.kl, 6) for o in alternatives}
@@ -213,7 +219,19 @@ def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, variant: VariantFac
         tensors += [replace(plan, reason=reason, evidence=evidence) for plan in option.plans]
     order = {t.past_input: i for i, t in enumerate(kv.tensors)}
     tensors.sort(key=lambda p: order[p.past_input])
-    return QuantPlan(tuple(tensors), scheme="auto", bits=float(budget), clip=clip)
+    return QuantPlan(tuple(tensors), scheme="auto", bits=float(budget), clip=clip, budget_curve=curve)
+
+
+def budget_curve(options: list[list[Option]], weights: list[int], budget: float) -> tuple[tuple[float, float], ...]:
+    """(budget, summed KL of auto's choice at that budget) at --kv-bits and a few budgets above it."""
+    curve = []
+    for step in CURVE_STEPS:
+        bits = min(8.0, budget + step)
+        if curve and bits <= curve[-1][0]:
+            continue
+        chosen = choose(options, weights, bits)
+        curve.append((bits, round(sum(option.kl for option in chosen), 6)))
+    return tuple(curve)
 
 
 def _only(kv: KVGraph, plans: tuple[TensorPlan, ...], budget: float, clip: str) -> QuantPlan:

@@ -7,12 +7,15 @@ shows what the analysis finds. Exit codes: 0 success, 2 bad input (one-line erro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -50,15 +53,30 @@ def cli() -> None:
     """
 
 
-def _rich_progress(console: Console) -> tuple[Progress, Callable[[str, int], Callable[[int], None]]]:
+def _rich_progress(console: Console) -> tuple[Any, Callable[[str, int], Callable[[int], None]]]:
+    """Progress for the pipeline's stages: bars on a terminal; without one (a CI log, a file), one
+    plain line per stage with the time elapsed since the compile started."""
+    if not console.is_terminal:
+        return _plain_progress(console)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), console=console, transient=True)
 
     def start(description: str, total: int) -> Callable[[int], None]:
-        task = bar.add_task(description, total=total)
+        task = bar.add_task(description, total=total or None)
         return lambda units: bar.advance(task, units)
 
     return bar, start
+
+
+def _plain_progress(console: Console) -> tuple[Any, Callable[[str, int], Callable[[int], None]]]:
+    started = time.perf_counter()
+
+    def start(description: str, total: int) -> Callable[[int], None]:
+        console.print(f"kvcompile: [{time.perf_counter() - started:7.1f} s] {description}",
+                      markup=False, highlight=False, soft_wrap=True)
+        return lambda _units: None
+
+    return contextlib.nullcontext(), start
 
 
 def _summary_table(report: dict) -> Table:

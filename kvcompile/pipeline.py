@@ -24,7 +24,8 @@ import onnxscript.version_converter
 
 from kvcompile import __version__
 from kvcompile.errors import BadInputError, KvCompileError, QualityGateError, UnsupportedModelError
-from kvcompile.kvgraph import DECOMPOSED, GROUP_QUERY_ATTENTION, KVGraph
+from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph
+from kvcompile.limits import ModelLimits, read_limits
 from kvcompile.manifest import Manifest, TargetIO, float_model_io
 from kvcompile.model_io import (
     ORT_OPS_IN_ONNX_DOMAIN,
@@ -35,11 +36,13 @@ from kvcompile.model_io import (
     staged_output_dir,
 )
 from kvcompile.passes.find_kv_cache import find_kv_cache, load_kv_map
+from kvcompile.passes.normalize import NormalizeExportPass
 from kvcompile.passes.quantize_gqa import QuantizeGQACachePass
 from kvcompile.passes.transform_kv import KVTransform, TransformKVPass
 from kvcompile.passes.quantize_kv_boundary import (
     QuantizeKVBoundaryPass,
 )
+from kvcompile.advice import gate_advice
 from kvcompile.autoplan import auto_plan
 from kvcompile.fusion import decide as decide_fusion
 from kvcompile.plan import QuantPlan, check_options, make_plan, stored_kvio
@@ -60,7 +63,7 @@ from kvcompile.runtimes.calibrate import KVStats, collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.perplexity import DecodeScore, decode_path_scores
 from kvcompile.runtimes.session import ORT_ERRORS, cpu_session
-from kvcompile.tokens import bundled_text, find_tokenizer, load_token_ids, make_windows
+from kvcompile.tokens import MIN_TEXT_WINDOWS, bundled_text, find_tokenizer, load_token_ids, make_windows
 
 AVAILABLE_TARGETS = ("ort-cpu", "qnn-htp", "nnapi", "tflite")
 MIN_OPSET = 18  # BitwiseAnd/BitwiseOr used by the packing fragments
@@ -83,7 +86,7 @@ class CompileOptions:
     fold_scales: bool = False
     fuse_attention: str = "auto"  # auto | on | off
     socs: tuple[str, ...] = ("SM8650",)  # qnn-htp
-    max_context: int = 1024  # static-shape targets
+    max_context: int | None = None  # static-shape targets: tokens the buffer holds (None: 1024 or the model's limit)
     targets: tuple[str, ...] = ("ort-cpu",)
     calib: Path | None = None
     calib_tokens: int = 8192
@@ -130,19 +133,57 @@ def resolve_targets(requested: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(targets)
 
 
+def normalize_export(model: ir.Model) -> bool:
+    """Fold the constant computations exporters leave (in place); True if the graph changed."""
+    return NormalizeExportPass()(model).modified
+
+
 def analyze(model: ir.Model, kv_map: Path | None) -> KVGraph:
     return load_kv_map(model, kv_map) if kv_map is not None else find_kv_cache(model)
 
 
 def refuse_unsupported_attention(kv: KVGraph) -> None:
-    """Decomposed attention gets the Q/DQ boundary; GroupQueryAttention its own quantized cache."""
-    others = sorted(set(kv.attention_forms) - {DECOMPOSED, GROUP_QUERY_ATTENTION})
-    if others:
+    """A cache grown by a Concat gets the Q/DQ boundary (whatever attention reads it);
+    GroupQueryAttention's cache its own quantized form; an attention op that keeps the cache
+    itself (its past/present slots) is refused."""
+    kept = sorted({t.attention for t in kv.tensors if t.concat_node is None and t.attention != GROUP_QUERY_ATTENTION})
+    if kept:
         raise UnsupportedModelError(
-            f"the KV cache is read by {', '.join(others)}; kvcompile {__version__} rewrites "
-            "decomposed attention (Concat + MatMul/Softmax) and com.microsoft.GroupQueryAttention. "
-            "Export with decomposed attention (torch.onnx / optimum) or the onnxruntime-genai builder"
+            f"the KV cache is kept inside {', '.join(kept)} (its past/present slots); kvcompile {__version__} "
+            "rewrites caches appended by a Concat (decomposed attention, or ONNX Attention fed by a Concat) and "
+            "com.microsoft.GroupQueryAttention's. Export with the cache concatenated outside the attention op "
+            "(torch.onnx / optimum) or with the onnxruntime-genai builder"
         )
+
+
+DEFAULT_STATIC_CONTEXT = 1024
+MIN_WINDOW = 16  # the shortest evaluation window that still leaves decode steps after a prefill
+
+
+def within_limits(options: CompileOptions, limits: ModelLimits, targets: tuple[str, ...]) -> CompileOptions:
+    """The options with every context kept within the model's limits: calibration and evaluation
+    windows, and the static targets' buffer (1024 by default, else what --max-context asks).
+    An explicit --max-context beyond a limit is refused, naming the limit and where it was read."""
+    window = limits.clamp(options.window)
+    if window < MIN_WINDOW:
+        raise UnsupportedModelError(
+            f"the model takes at most {limits.max_context} tokens ({'; '.join(limits.facts)}); kvcompile calibrates "
+            f"and verifies through windows of at least {MIN_WINDOW} tokens")
+    static = [t for t in targets if t != "ort-cpu"]
+    max_context = options.max_context
+    if static:
+        caps = [(limits.max_context, "the model's context limit"), (limits.window, "its attention window")]
+        caps = [(value, what) for value, what in caps if value is not None]
+        if max_context is None:
+            max_context = min([DEFAULT_STATIC_CONTEXT] + [value for value, _ in caps])
+        for value, what in caps:
+            if max_context > value:
+                raise BadInputError(
+                    f"--max-context {max_context} is longer than {what}, {value} tokens "
+                    f"({'; '.join(limits.facts)}); the static graph attends over its whole buffer: pass "
+                    f"--max-context {value} or less")
+    return dataclasses.replace(options, window=window, prefill=min(options.prefill, window // 4),
+                               max_context=max_context)
 
 
 def _input_ids_name(kv: KVGraph) -> str:
@@ -206,11 +247,11 @@ def quantize_graph(model: ir.Model, kv: KVGraph, plan: QuantPlan) -> ir.Model:
     decomposed attention, the fused kernel's own quantized cache for GroupQueryAttention."""
     _upgrade_opset(model)
     codecs = plan.codecs(kv)
-    forms = {t.past_input: t.attention for t in kv.tensors}
-    decomposed = {name: c for name, c in codecs.items() if forms[name] == DECOMPOSED}
-    fused = {name: c for name, c in codecs.items() if forms[name] == GROUP_QUERY_ATTENTION}
+    appended = {t.past_input for t in kv.tensors if t.concat_node is not None}
+    boundary = {name: c for name, c in codecs.items() if name in appended}
+    fused = {name: c for name, c in codecs.items() if name not in appended}
     passes = ir.passes.PassManager([
-        QuantizeKVBoundaryPass(kv, decomposed),
+        QuantizeKVBoundaryPass(kv, boundary),
         QuantizeGQACachePass(kv, fused),
         ir.passes.common.RemoveUnusedNodesPass(),
         ir.passes.common.TopologicalSortPass(),
@@ -270,18 +311,20 @@ def rotate_kv(model: ir.Model, kv: KVGraph, rotate: str) -> None:
     TransformKVPass(kv, {t.past_input: KVTransform.rotation(t) for t in kv.tensors})(model)
 
 
-def stage_float_model(model: ir.Model, kv: KVGraph, rotate: str | None, work: Path, model_path: Path) -> Path:
+def stage_float_model(model: ir.Model, kv: KVGraph, rotate: str | None, work: Path, model_path: Path,
+                      normalized: bool) -> Path:
     """The float model to calibrate and to build auto's variants from.
 
     --rotate is applied here (in place: the compiled model is built from the rotated graph).
-    The input itself is used when it is self-contained and unrotated; otherwise one copy is
+    The input itself is used when it is self-contained, unrotated and was not changed by
+    `normalize_export` (the KVGraph names its nodes); otherwise one copy is
     written to `work` with its weights in `work/float.onnx.data`, which every variant then
     references (onnxruntime refuses external data outside a model's folder, so links will not do).
     """
     if rotate is not None:
         rotate_kv(model, kv, rotate)
     has_external = len(model_files(model_path)) > 1
-    if rotate is None and not has_external:
+    if rotate is None and not has_external and not normalized:
         return model_path
     path = work / "float.onnx"
     if has_external:  # the in-memory model keeps reading the input's own data files
@@ -385,9 +428,9 @@ def _load_texts(options: CompileOptions, tokenizer: Path | None, vocab: int | No
     evaluation = Path(options.eval_text) if options.eval_text else bundled_text("heldout.txt")
     return _Texts(
         calib_windows=make_windows(load_token_ids(calib, tokenizer, vocab), options.window,
-                                   max(1, options.calib_tokens // options.window), "calibration"),
+                                   max(1, options.calib_tokens // options.window), "calibration", MIN_TEXT_WINDOWS),
         eval_windows=make_windows(load_token_ids(evaluation, tokenizer, vocab), options.window,
-                                  max(1, options.eval_tokens // options.window), "evaluation"),
+                                  max(1, options.eval_tokens // options.window), "evaluation", MIN_TEXT_WINDOWS),
         calib_name=calib.name if options.calib else "bundled calib.txt",
         eval_name=evaluation.name if options.eval_text else "bundled heldout.txt",
     )
@@ -437,7 +480,8 @@ def _verify(float_decoder: Decoder, manifest: Manifest, stage: Path, texts: _Tex
     steps = texts.eval_windows.shape[0] * (options.window - options.prefill - 1)
     float_score, compiled_score = decode_path_scores(
         [float_decoder, compiled], texts.eval_windows, options.prefill,
-        progress=progress("verifying (decode path)", steps))
+        progress=progress(f"verifying through the decode path ({texts.eval_windows.shape[0]} windows of "
+                          f"{texts.eval_windows.shape[1]} tokens)", steps))
     return _score_summary(float_score, compiled_score, options.quality_gate_pct, texts.eval_name)
 
 
@@ -466,6 +510,7 @@ def _report(kv: KVGraph, plan: QuantPlan, stats: KVStats | None, manifest: Manif
             "tensors": tensor_rows(kv, plan, stats),
         },
         "plan": {"bits": plan.bits, "scheme": plan.scheme, "clip": plan.clip, "storage": plan.storage,
+                 "budget_curve": [{"bits": bits, "summed_kl": kl} for bits, kl in plan.budget_curve],
                  "rotate": options.rotate, "fold_scales": options.fold_scales,
                  "bit_widths": list(plan.bit_widths),
                  "choices": {t.label: t.name for t in plan.tensors}},
@@ -537,10 +582,14 @@ def compile_calibrated(options: CompileOptions, targets: tuple[str, ...], model_
         timings[name] = now - clock
         clock = now
 
+    progress(f"loading and analysing {model_path.name}", 0)
     model = load_model(model_path)
+    check_operators(model)
+    normalized = normalize_export(model)
     kv = analyze(model, options.kv_map)
     refuse_unsupported_attention(kv)
-    check_operators(model)
+    limits = read_limits(model, kv, model_path)
+    options = within_limits(options, limits, targets)
     tokenizer = find_tokenizer(model_path, options.tokenizer)
     texts = _load_texts(options, tokenizer, vocab_size(model, kv))
     float_decoder = load_input_model(model_path, kv, texts.calib_windows[0, :8])
@@ -550,10 +599,12 @@ def compile_calibrated(options: CompileOptions, targets: tuple[str, ...], model_
         check_socs(options.socs)
     with tempfile.TemporaryDirectory(prefix="kvcompile-") as work_dir:
         work = Path(work_dir)
-        float_path = stage_float_model(model, kv, options.rotate, work, model_path)
+        float_path = stage_float_model(model, kv, options.rotate, work, model_path, normalized)
         decomposed = (kv, float_path)  # static-shape targets are built from decomposed attention
+        progress(f"checking attention fusion (--fuse-attention {options.fuse_attention})", 0)
         fusion = decide_fusion(options.fuse_attention, options.scheme, options.kv_bits, options.fold_scales,
-                               model_path, float_path, kv, _input_ids_name(kv), texts.calib_windows[:2, :24], work,
+                               model_path, float_path, kv, _input_ids_name(kv), texts.calib_windows.reshape(-1),
+                               limits, work,
                                lambda path, graph, plan: build_variant(path, graph, plan, work, optimize=True,
                                                                        name="latency.onnx"))
         if fusion.fused:
@@ -562,16 +613,19 @@ def compile_calibrated(options: CompileOptions, targets: tuple[str, ...], model_
         calib_decoder = float_decoder if float_path == model_path else Decoder(
             cpu_session(float_path), float_model_io(kv, str(float_path)))
         stats = collect_kv_stats(calib_decoder, texts.calib_windows,
-                                 progress=progress("calibrating", int(texts.calib_windows.size)))
+                                 progress=progress(f"calibrating ({texts.calib_windows.size:,} tokens)",
+                                                   int(texts.calib_windows.size)))
         plan = _plan(kv, stats, calib_decoder, texts, options, float_path, work, progress)
         lap("calibrate_plan_s")
 
+        progress("rewriting the graph", 0)
         if options.fold_scales:
             plan = fold_scales(model, kv, plan)
         quantize_graph(model, kv, plan)
         lap("rewrite_s")
 
         with staged_output_dir(out_dir) as stage:
+            progress(f"writing artifacts ({', '.join(targets)})", 0)
             manifest, target_notes = _emit(model, kv, plan, stage, model_path, tokenizer)
             static_ios = _emit_static_targets(targets, decomposed, float_decoder, plan, stats, stage, texts,
                                               options, target_notes)
@@ -590,7 +644,12 @@ def compile_calibrated(options: CompileOptions, targets: tuple[str, ...], model_
                 report["quality"]["passed"] = False
                 report["quality"]["failed_targets"] = failed
             report["fusion"] = fusion.report()
+            report["limits"] = {**limits.summary(), "eval_window": options.window, "prefill": options.prefill}
             report["timings"].update(fusion.timings())
+            if quality["passed"] is False and not failed:
+                quality["advice"] = gate_advice(plan, quality["ppl_delta_pct"], options.quality_gate_pct,
+                                                fusion.fused or GROUP_QUERY_ATTENTION in kv.attention_forms,
+                                                options.fuse_attention)
             write_report(report, stage)
 
     result = CompileResult(out_dir=out_dir, report=report)
@@ -600,10 +659,11 @@ def compile_calibrated(options: CompileOptions, targets: tuple[str, ...], model_
             raise QualityGateError(
                 f"target(s) {', '.join(failed)} lost more than the {options.quality_gate_pct}% gate; "
                 f"artifacts written to {out_dir} and marked failed (see report.md)", result=result)
+        advice = "; ".join(quality["advice"]) or "see report.md"
         raise QualityGateError(
             f"perplexity rose {quality['ppl_delta_pct']:+.2f}% (gate {options.quality_gate_pct}%): "
             f"{quality['float_ppl']:.3f} -> {quality['quantized_ppl']:.3f}; artifacts written to "
-            f"{out_dir} and marked failed. Try --scheme auto or more --kv-bits",
+            f"{out_dir} and marked failed. Try: {advice}",
             result=result,
         )
     return result
@@ -651,9 +711,11 @@ def compile_uncalibrated(options: CompileOptions, targets: tuple[str, ...], mode
     started = time.perf_counter()
     scheme = check_uncalibrated(options, targets)
     model = load_model(model_path)
+    check_operators(model)
+    normalize_export(model)
     kv = analyze(model, options.kv_map)
     refuse_unsupported_attention(kv)
-    check_operators(model)
+    limits = read_limits(model, kv, model_path)
     if GROUP_QUERY_ATTENTION in kv.attention_forms:
         raise BadInputError("GroupQueryAttention's quantized cache uses calibrated scales; "
                             "drop --no-calibration for this model")
@@ -670,5 +732,6 @@ def compile_uncalibrated(options: CompileOptions, targets: tuple[str, ...], mode
         for name, note in target_notes.items():
             report["targets"][name].update(note, ran=False)
         report["fusion"] = {"fused": False, "reason": "--no-calibration keeps the attention as exported"}
+        report["limits"] = limits.summary()
         write_report(report, stage)
     return CompileResult(out_dir=out_dir, report=report)

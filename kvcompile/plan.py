@@ -105,6 +105,9 @@ class QuantPlan:
     clip: str = "wmse"
     storage: str = STORAGE
     notes: tuple[str, ...] = ()
+    # `auto` only: (budget in bits/element, summed single-tensor KL of the plan it would choose
+    # there), from the same measurements: what more (or fewer) bits would buy.
+    budget_curve: tuple[tuple[float, float], ...] = ()
 
     def for_input(self, past_input: str) -> TensorPlan:
         return next(t for t in self.tensors if t.past_input == past_input)

@@ -161,6 +161,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if quality["passed"] is not None:
         lines += quality_markdown(quality)
+    lines += decisions_markdown(report)
     lines += [
         f"## KV cache ({report['kv']['layers']} layers, found by {report['kv']['discovery']} analysis)",
         "",
@@ -181,6 +182,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def decisions_markdown(report: dict[str, Any]) -> list[str]:
+    """What kvcompile decided about the attention and the contexts it ran, and why."""
+    lines = ["## Decisions", ""]
+    if "fusion" in report:
+        lines.append(f"- attention: {report['fusion']['reason']}")
+    limits = report.get("limits")
+    if limits is not None:
+        context = limits["max_context"]
+        lines.append(f"- model context limit: {f'{context:,} tokens' if context else 'none found in the graph or configs'}")
+        if limits["sliding_window"]:
+            lines.append(f"- shortest attention window: {limits['sliding_window']:,} tokens")
+        lines += [f"  - {fact}" for fact in limits["facts"]]
+        if limits.get("eval_window"):
+            lines.append(f"- calibration and verification windows: {limits['eval_window']} tokens "
+                         f"({limits['prefill']}-token prefill, then one token per step)")
+    return lines + [""]
+
+
 def quality_markdown(quality: dict[str, Any]) -> list[str]:
     return [
         "## Quality (teacher-forced through the decode path)",
@@ -194,7 +213,8 @@ def quality_markdown(quality: dict[str, Any]) -> list[str]:
         f"| mean KL(float \\|\\| compiled) | {_fmt(quality['mean_kl'], 5)} nats |",
         f"| tokens scored | {quality['eval_tokens']} ({quality['eval_text']}) |",
         "",
-    ]
+    ] + ([f"To try (from what this compile measured): {'; '.join(quality['advice'])}", ""]
+         if quality.get("advice") else [])
 
 
 def _tokens(count: int | None) -> str:

@@ -70,13 +70,19 @@ def load_token_ids(source: Path, tokenizer: Path | None, vocab_size: int | None 
     return ids
 
 
-def make_windows(ids: np.ndarray, length: int, count: int, what: str) -> np.ndarray:
-    """`count` non-overlapping windows of `length` tokens [count, length]; refuses short text."""
-    needed = length * count
-    if ids.size < needed:
-        have = ids.size // length
+MIN_TEXT_WINDOWS = 2  # the fewest windows a text may give before it is refused as too short
+
+
+def make_windows(ids: np.ndarray, length: int, count: int, what: str, minimum: int | None = None) -> np.ndarray:
+    """Non-overlapping windows of `length` tokens [n, length]: `count` of them, or with `minimum`
+    as many as the text holds up to `count` (a text a user gives is used whole). Refuses a text
+    with fewer than `minimum` (or `count`) windows."""
+    have = ids.size // length
+    least = count if minimum is None else min(minimum, count)
+    if have < least:
         raise BadInputError(
-            f"{what} text has {ids.size} tokens; {count} windows of {length} need {needed}. "
-            f"Give a longer text or fewer tokens (it holds {have} window(s))"
+            f"{what} text has {ids.size} tokens: {have} window(s) of {length}, and at least {least} are needed "
+            f"({least * length} tokens); give a longer text"
         )
-    return ids[:needed].reshape(count, length)
+    n = min(count, have)
+    return ids[: n * length].reshape(n, length)

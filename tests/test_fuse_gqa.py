@@ -10,6 +10,7 @@ import pytest
 
 from conftest import DYNAMO
 from kvcompile.errors import UnsupportedModelError
+from kvcompile.limits import ModelLimits
 from kvcompile.kvgraph import GROUP_QUERY_ATTENTION
 from kvcompile.manifest import float_model_io
 from kvcompile.model_io import load_model
@@ -78,11 +79,23 @@ def test_decide_checks_the_fused_float_model(tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(proto.SerializeToString())
     kv = find_kv_cache(ir.serde.deserialize_model(proto))
-    tokens = np.random.default_rng(0).integers(0, 32, (2, 24))
-    decision = decide("auto", "auto", 4, False, path, path, kv, "input_ids", tokens, tmp_path, None)
+    tokens = np.random.default_rng(0).integers(0, 32, 64)
+    limits = ModelLimits(max_context=None, window=None)
+    decision = decide("auto", "auto", 4, False, path, path, kv, "input_ids", tokens, limits, tmp_path, None)
     assert not decision.fused and "does not reproduce the model" in decision.reason
     with pytest.raises(UnsupportedModelError, match="cannot fuse"):
-        decide("on", "auto", 4, False, path, path, kv, "input_ids", tokens, tmp_path, None)
+        decide("on", "auto", 4, False, path, path, kv, "input_ids", tokens, limits, tmp_path, None)
     for scheme, bits, fold, message in (("kivi", 4, False, "per-token scales"), ("per-channel", 8, False, "not 8-bit"),
                                         ("per-channel", 4, True, "--fold-scales")):
-        assert message in decide("auto", scheme, bits, fold, path, path, kv, "input_ids", tokens, tmp_path, None).reason
+        assert message in decide("auto", scheme, bits, fold, path, path, kv, "input_ids", tokens, limits, tmp_path,
+                                 None).reason
+
+
+def test_the_fusion_check_runs_past_the_window_and_within_the_limit():
+    """The fused kernel's causal mask replaces the model's: a sliding window only shows past it."""
+    from kvcompile.fusion import CHECK_CONTEXT, check_context
+
+    assert check_context(ModelLimits(None, None), 100_000) == CHECK_CONTEXT
+    assert check_context(ModelLimits(None, 4096), 100_000) > 4096
+    assert check_context(ModelLimits(256, None), 100_000) == 256
+    assert check_context(ModelLimits(None, None), 300) == 300
