@@ -150,7 +150,8 @@ def export_genai(hf_dir: Path, out_dir: Path, precision: str = "fp32") -> Path:
     if done.returncode != 0 or not (out_dir / "model.onnx").is_file():
         lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
         errors = [line for line in lines if "Error" in line or "not supported" in line.lower()]
-        raise ExportRefused((errors or lines or [f"builder exited {done.returncode}"])[-1][:300])
+        reason = (errors or lines or [f"builder exited {done.returncode}"])[-1][:300]
+        raise ExportRefused(reason.replace(str(hf_dir), hf_dir.name))
     return out_dir / "model.onnx"
 
 
