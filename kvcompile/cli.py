@@ -146,8 +146,9 @@ def _summary_table(report: dict) -> Table:
               help="Artifact to build (repeatable, or 'all').")
 @click.option("--soc", "socs", multiple=True, default=("SM8650",), show_default=True,
               help="qnn-htp: Snapdragon SoC(s) to compile for (SM8450, SM8550, SM8650, SM8750, SM8850).")
-@click.option("--max-context", type=click.IntRange(min=2), default=1024, show_default=True,
-              help="Static-shape targets (qnn-htp): tokens the fixed cache buffer holds.")
+@click.option("--max-context", type=click.IntRange(min=2), default=None,
+              help="Static-shape targets (qnn-htp, nnapi, tflite): tokens the fixed cache buffer holds "
+                   "[default: 1024, or less if the model's context or attention window is shorter].")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration text, or token ids as .npy [default: bundled text].")
 @click.option("--calib-tokens", type=click.IntRange(min=1), default=8192, show_default=True,

@@ -148,7 +148,7 @@ def decide(mode: str, scheme: str, bits: float, fold_scales: bool, model_path: P
         path = work / "fused.onnx"
         ir.save(model, path)
         fused_kv = find_kv_cache(model)
-        original = Decoder(cpu_session(model_path), float_model_io(kv, str(model_path)))
+        original = Decoder(cpu_session(model_path), float_model_io(kv, str(model_path)), input_model=model_path.name)
         fused = Decoder(cpu_session(path), float_model_io(fused_kv, str(path)))
         context = check_context(limits, tokens.size)
         if limits.window is not None and context <= limits.window:

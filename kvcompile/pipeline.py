@@ -142,10 +142,18 @@ def analyze(model: ir.Model, kv_map: Path | None) -> KVGraph:
     return load_kv_map(model, kv_map) if kv_map is not None else find_kv_cache(model)
 
 
-def refuse_unsupported_attention(kv: KVGraph) -> None:
+def refuse_unsupported_attention(model: ir.Model, kv: KVGraph) -> None:
     """A cache grown by a Concat gets the Q/DQ boundary (whatever attention reads it);
     GroupQueryAttention's cache its own quantized form; an attention op that keeps the cache
-    itself (its past/present slots) is refused."""
+    itself (its past/present slots) is refused, and so is a GroupQueryAttention cache kept as a
+    fixed ring buffer (`sliding_window_cache=1`), which the runner must own and rotate."""
+    for node in model.graph:
+        ring = node.attributes.get("sliding_window_cache")
+        if node.op_type == "GroupQueryAttention" and ring is not None and ring.as_int() == 1:
+            raise UnsupportedModelError(
+                f"{node.name} keeps its cache as a fixed sliding-window ring buffer (GroupQueryAttention "
+                "sliding_window_cache=1); kvcompile compiles caches that grow (or are sliced) in the graph. "
+                "Export with a growing cache (torch.onnx / optimum)")
     kept = sorted({t.attention for t in kv.tensors if t.concat_node is None and t.attention != GROUP_QUERY_ATTENTION})
     if kept:
         raise UnsupportedModelError(
@@ -365,10 +373,11 @@ class VariantBuilder:
 def load_input_model(model_path: Path, kv: KVGraph, tokens: np.ndarray) -> Decoder:
     """The user's model in onnxruntime, checked to load and to run a prefill and a decode step.
 
-    Whatever onnxruntime refuses here is the input's problem (exit 2, one line); every later
-    onnxruntime failure is on a graph kvcompile wrote, so it is kvcompile's bug (exit 1)."""
+    Whatever onnxruntime refuses here is the input's problem (exit 2, one line), and so is a later
+    failure of this decoder (it runs the model as given, e.g. at a longer context); onnxruntime
+    failures on graphs kvcompile wrote are kvcompile's bugs (exit 1)."""
     try:
-        decoder = Decoder(cpu_session(model_path), float_model_io(kv, str(model_path)))
+        decoder = Decoder(cpu_session(model_path), float_model_io(kv, str(model_path)), input_model=model_path.name)
         cache = decoder.new_cache(1)
         decoder.step(cache, tokens[None, :-1])
         logits, _ = decoder.step(cache, tokens[None, -1:])
@@ -587,7 +596,7 @@ def compile_calibrated(options: CompileOptions, targets: tuple[str, ...], model_
     check_operators(model)
     normalized = normalize_export(model)
     kv = analyze(model, options.kv_map)
-    refuse_unsupported_attention(kv)
+    refuse_unsupported_attention(model, kv)
     limits = read_limits(model, kv, model_path)
     options = within_limits(options, limits, targets)
     tokenizer = find_tokenizer(model_path, options.tokenizer)
@@ -714,7 +723,7 @@ def compile_uncalibrated(options: CompileOptions, targets: tuple[str, ...], mode
     check_operators(model)
     normalize_export(model)
     kv = analyze(model, options.kv_map)
-    refuse_unsupported_attention(kv)
+    refuse_unsupported_attention(model, kv)
     limits = read_limits(model, kv, model_path)
     if GROUP_QUERY_ATTENTION in kv.attention_forms:
         raise BadInputError("GroupQueryAttention's quantized cache uses calibrated scales; "

@@ -92,6 +92,16 @@ def example_inputs(model: PreTrainedModel, dtype: torch.dtype, past_len: int = 5
     return input_ids, attention_mask, position_ids, past
 
 
+def past_length_names(model: PreTrainedModel) -> list[str]:
+    """The symbolic name of each layer's past length. Hybrid models (Gemma 2/3: sliding-window
+    layers beside full-attention ones) hold caches of different lengths, which must not share a
+    dim name (onnxruntime binds one size per name)."""
+    types = getattr(model.config, "layer_types", None) or []
+    hybrid = len(set(types)) > 1
+    return ["past_window_length" if hybrid and kind == "sliding_attention" else "past_sequence_length"
+            for kind in (types if hybrid else [None] * model.config.num_hidden_layers)]
+
+
 def _io_names(model: PreTrainedModel) -> tuple[list[str], list[str]]:
     past, present = kv_names(model.config.num_hidden_layers)
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
@@ -101,12 +111,11 @@ def export_dynamo(model: PreTrainedModel, out_dir: Path, dtype: torch.dtype = to
                   opset: int = 18, external_data: bool = False) -> Path:
     """torch.onnx's dynamo exporter; string dim names (no Dim arithmetic), nested past spec."""
     model = model.to(dtype).eval()
-    past_spec = {0: "batch", 2: "past_sequence_length"}
     dynamic_shapes = {
         "input_ids": {0: "batch", 1: "sequence_length"},
         "attention_mask": {0: "batch", 1: "total_sequence_length"},
         "position_ids": {0: "batch", 1: "sequence_length"},
-        "past": tuple((past_spec, past_spec) for _ in range(model.config.num_hidden_layers)),
+        "past": tuple(({0: "batch", 2: name}, {0: "batch", 2: name}) for name in past_length_names(model)),
     }
     input_names, output_names = _io_names(model)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,8 +137,10 @@ def export_torchscript(model: PreTrainedModel, out_dir: Path, opset: int = 18,
                     "attention_mask": {0: "batch", 1: "total_sequence_length"},
                     "position_ids": {0: "batch", 1: "sequence_length"},
                     "logits": {0: "batch", 1: "sequence_length"}}
-    dynamic_axes.update({name: {0: "batch", 2: "past_sequence_length"} for name in past})
-    dynamic_axes.update({name: {0: "batch", 2: "total_sequence_length"} for name in present})
+    lengths = [length for length in past_length_names(model) for _ in range(2)]
+    dynamic_axes.update({name: {0: "batch", 2: length} for name, length in zip(past, lengths)})
+    grown = {"past_sequence_length": "total_sequence_length", "past_window_length": "present_window_length"}
+    dynamic_axes.update({name: {0: "batch", 2: grown[length]} for name, length in zip(present, lengths)})
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     with torch.no_grad():

@@ -5,14 +5,15 @@ What it matches
     artifacts that follow from them: Concats with zero-length operands (the TorchScript exporter
     concatenates a model's past cache onto an empty tensor before appending the new entries),
     Identity chains, Constant nodes instead of initializers.
-  - `Gather(Shape(x), i)` where dim i of x is a fixed size once shapes are inferred
-    symbolically (onnxruntime's symbolic shape inference, `passes.symbolic_shapes`): TorchScript
-    exports compute an attention output's head_dim from the repeated value cache's shape.
+  - `Gather(Shape(x), i)` and `Slice(Shape(x), a, b)` where the dims read are fixed sizes once
+    shapes are inferred symbolically (onnxruntime's symbolic shape inference,
+    `passes.symbolic_shapes`): TorchScript exports compute an attention output's head_dim from
+    the repeated value cache's shape, and SDPA's scale from the query's.
 
 What it rewrites it to
   The folded values, as onnxscript's constant folder computes them (`FoldConstantsPass`, with
   its size limits, so weights are never materialised), a constant for each fixed dim read from
-  a shape (an onnxscript rewrite rule), then unused nodes removed.
+  a shape (onnxscript rewrite rules), then unused nodes removed.
 
 Why
   The analysis follows the cache through the graph's dataflow, and the fused attention keeps
@@ -36,36 +37,64 @@ from kvcompile.passes.constants import constant_ints
 from kvcompile.passes.symbolic_shapes import SymbolicShapeInferencePass
 
 
+def _shape_dims(shape: ir.Value) -> list | None:
+    """The dims a Shape node's output lists (its start/end attributes applied), or None."""
+    node = shape.producer()
+    x = node.inputs[0]
+    if x is None or x.shape is None:
+        return None
+    start = node.attributes["start"].as_int() if "start" in node.attributes else 0
+    end = node.attributes["end"].as_int() if "end" in node.attributes else x.shape.rank()
+    return list(x.shape.dims)[slice(start, end)]
+
+
 def _dim_of_shape(op, x, index):
     return op.Gather(op.Shape(x, _allow_other_attributes=True, _outputs=["shape"]), index, axis=0)
 
 
-def _fixed_dims(x: ir.Value, index: ir.Value, shape: ir.Value) -> list[int] | None:
-    """The fixed sizes `Gather(Shape(x), index)` reads, or None if any is not fixed."""
-    indices = constant_ints(index)
-    if indices is None or x.shape is None or index.shape is None or index.shape.rank() > 1:
+def _gathered(index: ir.Value, shape: ir.Value) -> np.ndarray | None:
+    """The fixed sizes `Gather(Shape(x), index)` reads (shaped like `index`), or None."""
+    indices, dims = constant_ints(index), _shape_dims(shape)
+    if indices is None or dims is None:
         return None
-    node = shape.producer()
-    rank = x.shape.rank()
-    start = node.attributes["start"].as_int() if "start" in node.attributes else 0
-    end = node.attributes["end"].as_int() if "end" in node.attributes else rank
-    dims = list(x.shape.dims)[slice(start, end)]
+    rank = len(ir.convenience.get_const_tensor(index).shape)
+    if rank > 1:
+        return None
     picked = [dims[i] for i in indices if -len(dims) <= i < len(dims)]
     if len(picked) != len(indices) or not all(isinstance(d, int) for d in picked):
         return None
-    return picked
+    array = np.array(picked, np.int64)
+    return array if rank == 1 else array.reshape(())
 
 
-def _is_fixed(context, x, index, shape, **_) -> bool:
-    return _fixed_dims(x, index, shape) is not None
+def _slice_of_shape(op, x, starts, ends):
+    return op.Slice(op.Shape(x, _allow_other_attributes=True, _outputs=["shape"]), starts, ends,
+                    _allow_other_inputs=True, _outputs=["sliced"])
 
 
-def _as_constant(op, x, index, shape, **_):
-    dims = np.array(_fixed_dims(x, index, shape), np.int64)
-    return op.Constant(value=ir.tensor(dims if index.shape.rank() == 1 else dims.reshape(())))
+def _sliced(shape: ir.Value, sliced: ir.Value) -> np.ndarray | None:
+    """The fixed sizes `Slice(Shape(x), starts, ends[, axes, steps])` reads, or None."""
+    node, dims = sliced.producer(), _shape_dims(shape)
+    params = [constant_ints(v) if v is not None else None for v in node.inputs[1:5]]
+    params += [None] * (4 - len(params))
+    starts, ends, axes, steps = params
+    if dims is None or starts is None or ends is None or len(starts) != 1 or axes not in (None, [0], [-1]):
+        return None
+    step = 1 if steps is None else steps[0]
+    picked = dims[slice(starts[0], ends[0], step)] if step else None
+    if picked is None or not all(isinstance(d, int) for d in picked):
+        return None
+    return np.array(picked, np.int64)
 
 
-STATIC_DIM_RULE = RewriteRule(_dim_of_shape, _as_constant, _is_fixed, name="StaticDimOfShape")
+STATIC_DIM_RULES = [
+    RewriteRule(_dim_of_shape, lambda op, index, shape, **_: op.Constant(value=ir.tensor(_gathered(index, shape))),
+                lambda context, index, shape, **_: _gathered(index, shape) is not None, name="StaticDimOfShape",
+                remove_nodes=False),
+    RewriteRule(_slice_of_shape, lambda op, shape, sliced, **_: op.Constant(value=ir.tensor(_sliced(shape, sliced))),
+                lambda context, shape, sliced, **_: _sliced(shape, sliced) is not None, name="StaticSliceOfShape",
+                remove_nodes=False),
+]
 
 
 def _fold() -> FoldConstantsPass:
@@ -81,7 +110,7 @@ class NormalizeExportPass(ir.passes.InPlacePass):
         modified = _fold()(model).modified
         cleanup(model)
         SymbolicShapeInferencePass()(model)
-        if RewritePass([STATIC_DIM_RULE])(model).modified:
+        if RewritePass(STATIC_DIM_RULES)(model).modified:
             _fold()(model)
             modified = True
         if modified:

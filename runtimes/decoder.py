@@ -13,6 +13,7 @@ import onnxruntime as ort
 from kvcompile.errors import BadInputError
 from kvcompile.manifest import TargetIO
 from kvcompile.runtimes.kvcache import GrowingCache, StaticCache, stored_tensors
+from kvcompile.runtimes.session import ORT_ERRORS
 
 _INPUT_DTYPES = {"int64": np.int64, "int32": np.int32, "float": np.float32, "float32": np.float32,
                "float16": np.float16}
@@ -21,9 +22,12 @@ _INPUT_DTYPES = {"int64": np.int64, "int32": np.int32, "float": np.float32, "flo
 class Decoder:
     """Runs prefill and decode steps of one model on one onnxruntime session."""
 
-    def __init__(self, session: ort.InferenceSession, io: TargetIO):
+    def __init__(self, session: ort.InferenceSession, io: TargetIO, input_model: str | None = None):
+        """`input_model`: the user's model file name when this session runs the model as given;
+        onnxruntime failures are then the input's problem (BadInputError), not kvcompile's."""
         self.session = session
         self.io = io
+        self.input_model = input_model
         self.output_names = [io.logits] + [output for _, output, _, _ in stored_tensors(io)]
         self._dtypes = {i.name: _INPUT_DTYPES.get(i.dtype, np.int64) for i in io.inputs}
 
@@ -71,5 +75,14 @@ class Decoder:
         return logits, presents
 
     def _run(self, cache: GrowingCache, input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        outputs = self.session.run(self.output_names, self._feeds(cache, input_ids))
+        try:
+            outputs = self.session.run(self.output_names, self._feeds(cache, input_ids))
+        except ORT_ERRORS as exc:
+            if self.input_model is None:
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BadInputError(
+                f"onnxruntime fails running {self.input_model} as given, with {cache.length} tokens cached and "
+                f"{input_ids.shape[1]} fed: {first[:300]}; the export does not run at this context (check its "
+                "dynamic dimensions)") from None
         return outputs[0].astype(np.float32, copy=False), dict(zip(self.output_names[1:], outputs[1:]))

@@ -43,3 +43,33 @@ def test_a_model_without_artifacts_is_left_alone():
     nodes = len(model.graph)
     assert not NormalizeExportPass()(model).modified
     assert len(model.graph) == nodes
+
+
+def test_fixed_dims_read_from_shapes_become_constants():
+    """TorchScript exports compute SDPA's scale from Slice(Shape(q), -1) and a reshape target from
+    Gather(Shape(v), 3); where those dims are fixed they fold to constants, leaving no reader of
+    the tensor but its real consumers."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Slice", ["shape", "minus_one", "big"], ["last"], name="slice"),
+        helper.make_node("Gather", ["shape", "two"], ["dim"], name="gather", axis=0),
+        helper.make_node("Mul", ["last", "dim"], ["product"], name="mul_dims"),
+        helper.make_node("Cast", ["product"], ["scale"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "scale"], ["y"], name="mul"),
+    ]
+    constants = [numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+                 numpy_helper.from_array(np.array([2**62], np.int64), "big"),
+                 numpy_helper.from_array(np.array(2, np.int64), "two")]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], constants),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model = ir.serde.deserialize_model(proto)
+    assert NormalizeExportPass()(model).modified
+    assert "Shape" not in [node.op_type for node in model.graph]
+    normalized = ir.serde.serialize_model(model)
+    feeds = {"x": np.random.default_rng(0).normal(size=(2, 4, 8)).astype(np.float32)}
+    expected = cpu_session(proto.SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(cpu_session(normalized.SerializeToString()).run(None, feeds)[0], expected, rtol=1e-6)
