@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -192,7 +193,7 @@ def export_form(form: str, model_loader, hf_dir: Path, out_dir: Path, external_d
         raise
     except Exception as exc:  # exporters fail with many error types; keep their first line
         shutil.rmtree(out_dir, ignore_errors=True)
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = re.sub(r"\x1b\[[0-9;]*m", "", (str(exc).strip().splitlines() or [""])[0])  # no terminal colours
         raise ExportRefused(f"{type(exc).__name__}: {first[:300]}") from exc
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file() and not (out_dir / name).is_file():

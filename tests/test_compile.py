@@ -130,6 +130,7 @@ def test_outliers_per_tensor_fails_gate_auto_and_folding_pass(tmp_path):
     result = kvcompile(str(OUTLIERS), "--kv-bits", "4", "--scheme", "per-tensor", "-o", str(out))
     assert result.returncode == 3, result.stderr
     assert "perplexity rose" in result.stderr and "gate" in result.stderr
+    assert "Try: --scheme auto (not run in this compile)" in result.stderr, "advice names what is not in use"
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "failed-quality-gate" and not report["quality"]["passed"]
     assert (out / "ort-cpu" / "model.onnx").is_file(), "artifacts are kept, marked failed"
@@ -343,3 +344,47 @@ def test_ort_format_is_skipped_for_weights_it_cannot_hold(tmp_path, monkeypatch)
     target = report["targets"]["ort-cpu"]
     assert target["ort_format"] is None and "FlatBuffer" in target["ort_format_note"]
     assert not (tmp_path / "big" / "ort-cpu" / "model.ort").exists()
+
+
+def test_gate_advice_from_auto_is_measured_and_never_what_is_in_use(tmp_path):
+    """A failed gate under --scheme auto: the advice reads auto's own budget curve (the summed KL
+    its measurements give at larger --kv-bits) and never suggests --scheme auto or the budget in use."""
+    out = tmp_path / "strict"
+    result = kvcompile(str(DYNAMO), "--fuse-attention", "off", "--quality-gate", "-1", "-o", str(out),
+                       "--calib-tokens", "2048", "--eval-tokens", "2048")
+    assert result.returncode == 3, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    curve = report["plan"]["budget_curve"]
+    assert curve[0]["bits"] == 4 and curve[-1]["bits"] == 8
+    assert curve[-1]["summed_kl"] < curve[0]["summed_kl"], "8 bits measured better than 4"
+    advice = report["quality"]["advice"]
+    assert advice and all("--scheme auto" not in a and not a.startswith("--kv-bits 4:") for a in advice)
+    assert any("--kv-bits" in a for a in advice) and "--fuse-attention off" not in " ".join(advice)
+    assert "Try: " + advice[0] in result.stderr and "To try" in (out / "report.md").read_text()
+
+
+def test_a_users_short_text_is_used_whole(tmp_path, heldout_ids):
+    """A text shorter than --eval-tokens asks for is used whole (its windows counted in the report),
+    and refused only below the stated minimum of 2 windows."""
+    text = tmp_path / "mine.npy"
+    np.save(text, heldout_ids[: 9 * 256 + 100])
+    report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "o", eval_text=text,
+                                          calib_tokens=2048)).report
+    assert report["quality"]["eval_tokens"] == 9 * (256 - 32 - 1)
+    assert report["quality"]["eval_text"] == "mine.npy"
+    np.save(text, heldout_ids[:300])
+    result = kvcompile(str(DYNAMO), "--eval", str(text), "-o", str(tmp_path / "short"), "--calib-tokens", "2048")
+    assert result.returncode == 2
+    assert "1 window(s) of 256, and at least 2 are needed" in result.stderr
+
+
+def test_progress_without_a_terminal_is_one_plain_line_per_stage(tmp_path):
+    result = kvcompile(str(DYNAMO), "-o", str(tmp_path / "p"), "--calib-tokens", "1024", "--eval-tokens", "1024")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    stages = ["loading and analysing", "checking attention fusion", "calibrating (1,024 tokens)",
+              "measuring sensitivity", "rewriting the graph", "writing artifacts", "verifying through"]
+    for stage in stages:
+        assert sum(stage in line for line in lines) == 1, (stage, result.stderr)
+    assert all(line.startswith("kvcompile: [") and " s] " in line for line in lines), result.stderr
+    assert "\x1b" not in result.stderr and "\r" not in result.stderr, "no terminal control codes in a log"
