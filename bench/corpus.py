@@ -11,9 +11,14 @@ For each model x form it records what happened:
     written), `refused` (2, one line naming the construct), `internal-error` (1: a bug, never
     acceptable), with the perplexity change, memory ratio, attention form, time and peak RSS.
 
-    python -m bench.corpus [--families F ...] [--forms F ...] [--smollm2 FORM ...]   # -> build/corpus.json
-    python -m bench.corpus --table                                                    # README table
+    python -m bench.corpus [--families F ...] [--forms F ...] [--smollm2] [--workers N]   # -> build/corpus.json
+    python -m bench.corpus --table                                                        # README table
 
+Corpus models are compiled with CORPUS_FLAGS (shorter texts than the defaults). SmolLM2's dynamo
+export, what most users bring, is compiled with the default flags; its other exports with
+SMOLLM2_FLAGS (one scheme, short texts: `auto` measures 60 candidates on a 30-layer model,
+minutes each compile). Exports are built first, then cases run `--workers` at a time (each in its
+own process; two workers on two cores finish the corpus about 1.6x sooner).
 The tests (`tests/corpus/`) run the same cases and compare each outcome with what is expected.
 """
 
@@ -23,6 +28,8 @@ import argparse
 import json
 import sys
 import time
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,8 +39,21 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "build" / "corpus.json"
 # Shorter calibration and verification than the default (8192 / 12288 tokens), so the whole
 # corpus fits in CI: 16 evaluation windows of 256 tokens, longer than every sliding window.
-CORPUS_FLAGS = ["--calib-tokens", "2048", "--eval-tokens", "4096"]
+CORPUS_FLAGS = ("--calib-tokens", "2048", "--eval-tokens", "4096")
+SMOLLM2_FLAGS = ("--scheme", "per-channel", "--calib-tokens", "2048", "--eval-tokens", "2048")
+SMOLLM2 = "smollm2"
 FIDELITY_TOKENS, FIDELITY_PREFILL = 256, 32
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # a corpus family or "smollm2"
+    form: str  # an exporter form (models/exporters.py FORMS)
+    flags: tuple[str, ...] = CORPUS_FLAGS  # kvcompile flags besides the model and -o
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.form}"
 
 
 @dataclass
@@ -50,6 +70,7 @@ class CaseResult:
     limits: str = ""
     seconds: float | None = None
     rss_mib: float | None = None
+    flags: str = ""
 
 
 OUTCOMES = {0: "passed", 2: "refused", 3: "failed-quality-gate"}
@@ -57,7 +78,7 @@ OUTCOMES = {0: "passed", 2: "refused", 3: "failed-quality-gate"}
 
 def model_path(model: str, form: str) -> Path:
     """Build (once, cached outside git) and return the export; raises ExportRefused."""
-    if model == "smollm2":
+    if model == SMOLLM2:
         from models.real import build_form
 
         return build_form(form)
@@ -87,7 +108,7 @@ def export_fidelity(model: str, path: Path) -> float:
     logits = [decoder.step(cache, ids[None, :FIDELITY_PREFILL])[0]]
     logits += [decoder.step(cache, ids[None, t : t + 1])[0] for t in range(FIDELITY_PREFILL, ids.size)]
     onnx_logits = np.concatenate(logits, axis=1)[0]
-    if model == "smollm2":
+    if model == SMOLLM2:
         from models.real import build_hf, load_float32
         reference_model = load_float32(build_hf())
     else:
@@ -98,24 +119,23 @@ def export_fidelity(model: str, path: Path) -> float:
     return float(np.abs(onnx_logits - reference).max())
 
 
-def run_case(model: str, form: str, work: Path, flags: list[str] | None = None,
-             fidelity: bool = True) -> CaseResult:
+def run_case(case: Case, work: Path, fidelity: bool = True) -> CaseResult:
     """Export (cached), check the export, compile with the real CLI in a fresh process."""
     from models.exporters import ExportRefused
 
+    model, form = case.model, case.form
     try:
         path = model_path(model, form)
     except ExportRefused as exc:
         return CaseResult(model, form, "exporter-refused", message=str(exc))
-    result = CaseResult(model, form, "internal-error")
+    result = CaseResult(model, form, "internal-error", flags=" ".join(case.flags) or "(defaults)")
     if fidelity:
         try:
             result.export_max_error = round(export_fidelity(model, path), 6)
         except Exception as exc:  # recorded, not fatal: kvcompile's own outcome is what is tested
             result.message = f"fidelity check failed: {type(exc).__name__}: {exc}"[:300]
     out = work / f"{model}-{form}"
-    command = [sys.executable, "-m", "kvcompile.cli", str(path), "-o", str(out), "--json",
-               *(CORPUS_FLAGS if flags is None else flags)]
+    command = [sys.executable, "-m", "kvcompile.cli", str(path), "-o", str(out), "--json", *case.flags]
     measured = run_measured(command)
     result.exit_code = measured.returncode
     result.seconds, result.rss_mib = round(measured.seconds, 1), round(measured.rss_mib)
@@ -136,17 +156,50 @@ def run_case(model: str, form: str, work: Path, flags: list[str] | None = None,
     return result
 
 
-def corpus_cases(families: list[str] | None = None, forms: list[str] | None = None) -> list[tuple[str, str]]:
+def corpus_cases(families: list[str] | None = None, forms: list[str] | None = None) -> list[Case]:
     from models.exporters import FORMS
     from models.families import FAMILIES
 
     names = families or [f.name for f in FAMILIES]
-    return [(name, form) for name in names for form in (forms or FORMS)]
+    return [Case(name, form) for name in names for form in (forms or FORMS)]
+
+
+def smollm2_cases() -> list[Case]:
+    """The dynamo export with the default flags; every other export with SMOLLM2_FLAGS."""
+    from models.exporters import FORMS
+
+    return [Case(SMOLLM2, form, () if form == "dynamo" else SMOLLM2_FLAGS) for form in FORMS]
+
+
+def build_exports(cases: list[Case], workers: int) -> None:
+    """Build every case's export into the cache, `workers` exporter processes at a time
+    (exporters are mostly single-threaded). SmolLM2's float32 checkpoint is made first: its
+    exports all start from it."""
+    families = sorted({case.model for case in cases if case.model != SMOLLM2})
+    forms = {case.model: sorted({c.form for c in cases if c.model == case.model}) for case in cases}
+    commands = [[sys.executable, "-m", "models.families", "export", name, "--forms", *forms[name]] for name in families]
+    if SMOLLM2 in forms:
+        from models.real import build_hf
+
+        build_hf()
+        commands += [[sys.executable, "-m", "models.real", "--forms", form] for form in forms[SMOLLM2]]
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda command: subprocess.run(command, cwd=REPO, capture_output=True), commands))
+
+
+def run_cases(cases: list[Case], work: Path, workers: int = 2, fidelity: bool = True) -> dict[str, CaseResult]:
+    """Build the exports, then compile every case, `workers` at a time, longest first."""
+    build_exports(cases, workers)
+    order = sorted(cases, key=lambda case: (case.model != SMOLLM2, case.flags != ()))
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda case: run_case(case, work, fidelity), order))
+    by_key = {case.key: result for case, result in zip(order, results)}
+    return {case.key: by_key[case.key] for case in cases}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | exporter form | outcome | attention | PPL delta | memory vs fp16 | limits | export vs transformers | time | peak RSS |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | exporter form | outcome | attention | PPL delta | memory vs fp16 | limits | export vs "
+             "transformers | time | peak RSS |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         outcome = r["outcome"] if not r["message"] or r["outcome"] == "passed" else f"{r['outcome']}: {r['message']}"
         delta = "-" if r["ppl_delta_pct"] is None else f"{r['ppl_delta_pct']:+.2f}%"
@@ -163,7 +216,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="*", default=None)
     parser.add_argument("--forms", nargs="*", default=None)
-    parser.add_argument("--smollm2", nargs="*", default=[], help="SmolLM2 forms to run too (default flags)")
+    parser.add_argument("--smollm2", action="store_true", help="run SmolLM2's exports too")
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="print the README table from build/corpus.json")
     args = parser.parse_args()
     if args.table:
@@ -172,18 +226,14 @@ def main() -> None:
     import tempfile
 
     started = time.time()
-    results = []
+    cases = corpus_cases(args.families, args.forms) + (smollm2_cases() if args.smollm2 else [])
     with tempfile.TemporaryDirectory(prefix="kvcompile-corpus-") as tmp:
-        cases = [(m, f, None) for m, f in corpus_cases(args.families, args.forms)]
-        cases += [("smollm2", form, []) for form in args.smollm2]
-        for model, form, flags in cases:
-            result = run_case(model, form, Path(tmp), flags)
-            results.append(asdict(result))
-            print(f"{model}/{form}: {result.outcome} {result.message[:160]}", flush=True)
+        results = [asdict(result) for result in run_cases(cases, Path(tmp), args.workers).values()]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"seconds": round(time.time() - started), "flags": CORPUS_FLAGS,
-                                   "cases": results}, indent=2) + "\n")
+    RESULTS.write_text(json.dumps({"seconds": round(time.time() - started), "workers": args.workers,
+                                   "corpus_flags": list(CORPUS_FLAGS), "cases": results}, indent=2) + "\n")
     print(table(results))
+    print(f"{len(results)} cases in {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

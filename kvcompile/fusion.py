@@ -126,11 +126,12 @@ def _unfusable_options(scheme: str, bits: float, fold_scales: bool) -> str | Non
     return None
 
 
-def decide(mode: str, scheme: str, bits: float, fold_scales: bool, model_path: Path, float_path: Path,
+def decide(mode: str, scheme: str, bits: float, fold_scales: bool, original: Decoder, float_path: Path,
            kv: KVGraph, input_ids: str, tokens: np.ndarray, limits: ModelLimits, work: Path,
            variant_for) -> FusionDecision:
-    """Try fusing the float model at `float_path`; `tokens` (1-D) are real text for the float
-    check, `variant_for(path, kv, plan)` builds 4-bit variants for the latency probe."""
+    """Try fusing the float model at `float_path`; `original` runs the model as given, `tokens`
+    (1-D) are real text for the float check, `variant_for(path, kv, plan)` builds 4-bit variants
+    for the latency probe."""
     if mode not in MODES:
         raise BadInputError(f"--fuse-attention {mode!r}: use one of {', '.join(MODES)}")
     if mode == "off" or DECOMPOSED not in kv.attention_forms:
@@ -148,7 +149,6 @@ def decide(mode: str, scheme: str, bits: float, fold_scales: bool, model_path: P
         path = work / "fused.onnx"
         ir.save(model, path)
         fused_kv = find_kv_cache(model)
-        original = Decoder(cpu_session(model_path), float_model_io(kv, str(model_path)), input_model=model_path.name)
         fused = Decoder(cpu_session(path), float_model_io(fused_kv, str(path)))
         context = check_context(limits, tokens.size)
         if limits.window is not None and context <= limits.window:

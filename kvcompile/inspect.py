@@ -5,21 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvcompile.kvgraph import DECOMPOSED, KVGraph
+from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph
 from kvcompile.model_io import load_model
 from kvcompile.pipeline import analyze, normalize_export
 from kvcompile.report import layout_name
 
 
 def would_do(kv: KVGraph) -> str:
-    forms = set(kv.attention_forms)
-    if forms == {DECOMPOSED}:
-        return ("store every K and V cache tensor in 4 bits (uint8 graph I/O, two codes per byte "
-                "along head_dim) with calibrated static scales, dequantized in-graph before "
-                "attention (target ort-cpu), then verify perplexity through the decode path")
-    other = ", ".join(sorted(forms - {DECOMPOSED}))
-    return (f"nothing yet: the cache is read by {other}, which needs the fused quantized-KV "
-            "lowering; `kvcompile compile` refuses such models with a message until it lands")
+    """What a default compile would do with this cache, by how the cache is kept."""
+    appended = [t for t in kv.tensors if t.concat_node is not None]
+    fused = [t for t in kv.tensors if t.attention == GROUP_QUERY_ATTENTION]
+    kept = sorted({t.attention for t in kv.tensors if t not in appended and t not in fused})
+    if kept:
+        return (f"refuse it: the cache is kept inside {', '.join(kept)} (its past/present slots), which kvcompile "
+                "does not rewrite")
+    parts = []
+    if appended:
+        sliding = " (sliding-window caches stay bounded)" if any(t.kept_entries for t in appended) else ""
+        parts.append(f"store the {len(appended)} Concat-appended cache tensors in 4 bits (uint8 graph I/O, two codes "
+                     f"per byte along head_dim){sliding}, fusing decomposed attention into GroupQueryAttention "
+                     "where the fused float model reproduces the original, else dequantizing in-graph (Q/DQ)")
+    if fused:
+        parts.append(f"give the {len(fused)} GroupQueryAttention cache tensors the kernel's own 4-bit cache")
+    return "; ".join(parts) + ", with calibrated scales chosen by auto, then verify perplexity through the decode path"
 
 
 def inspect_model(model_path: Path, kv_map: Path | None = None) -> dict[str, Any]:

@@ -612,7 +612,7 @@ def compile_calibrated(options: CompileOptions, targets: tuple[str, ...], model_
         decomposed = (kv, float_path)  # static-shape targets are built from decomposed attention
         progress(f"checking attention fusion (--fuse-attention {options.fuse_attention})", 0)
         fusion = decide_fusion(options.fuse_attention, options.scheme, options.kv_bits, options.fold_scales,
-                               model_path, float_path, kv, _input_ids_name(kv), texts.calib_windows.reshape(-1),
+                               float_decoder, float_path, kv, _input_ids_name(kv), texts.calib_windows.reshape(-1),
                                limits, work,
                                lambda path, graph, plan: build_variant(path, graph, plan, work, optimize=True,
                                                                        name="latency.onnx"))

@@ -43,14 +43,17 @@ class FlatCacheDecoder(torch.nn.Module):
     """Wraps an HF causal LM so the KV cache enters and leaves as flat tensors (graph I/O).
 
     The cache layers are the model's own (`DynamicCache(config=...)`): full-attention layers grow,
-    sliding-window layers keep their last `sliding_window - 1` entries, as the model runs them."""
+    sliding-window layers keep their last `sliding_window - 1` entries, as the model runs them.
+    `full_cache`: every layer keeps every token (`DynamicCache()`, as older transformers and
+    exporters did); a sliding window then lives in the attention mask only."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, full_cache: bool = False):
         super().__init__()
         self.model = model
+        self.full_cache = full_cache
 
     def forward(self, input_ids, attention_mask, position_ids, past):
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache() if self.full_cache else DynamicCache(config=self.model.config)
         for layer, (key, value) in enumerate(past):
             cache.update(key, value, layer)
         out = self.model(
@@ -109,7 +112,7 @@ def _io_names(model: PreTrainedModel) -> tuple[list[str], list[str]]:
 
 
 def export_dynamo(model: PreTrainedModel, out_dir: Path, dtype: torch.dtype = torch.float32,
-                  opset: int = 18, external_data: bool = False) -> Path:
+                  opset: int = 18, external_data: bool = False, full_cache: bool = False) -> Path:
     """torch.onnx's dynamo exporter; string dim names (no Dim arithmetic), nested past spec."""
     model = model.to(dtype).eval()
     dynamic_shapes = {
@@ -122,7 +125,7 @@ def export_dynamo(model: PreTrainedModel, out_dir: Path, dtype: torch.dtype = to
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     with torch.no_grad():
-        torch.onnx.export(FlatCacheDecoder(model).eval(), example_inputs(model, dtype), path, dynamo=True,
+        torch.onnx.export(FlatCacheDecoder(model, full_cache).eval(), example_inputs(model, dtype), path, dynamo=True,
                           dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
                           opset_version=opset, external_data=external_data)
     return path

@@ -81,14 +81,15 @@ def test_decide_checks_the_fused_float_model(tmp_path):
     kv = find_kv_cache(ir.serde.deserialize_model(proto))
     tokens = np.random.default_rng(0).integers(0, 32, 64)
     limits = ModelLimits(max_context=None, window=None)
-    decision = decide("auto", "auto", 4, False, path, path, kv, "input_ids", tokens, limits, tmp_path, None)
+    original = Decoder(cpu_session(path), float_model_io(kv, str(path)))
+    decision = decide("auto", "auto", 4, False, original, path, kv, "input_ids", tokens, limits, tmp_path, None)
     assert not decision.fused and "does not reproduce the model" in decision.reason
     with pytest.raises(UnsupportedModelError, match="cannot fuse"):
-        decide("on", "auto", 4, False, path, path, kv, "input_ids", tokens, limits, tmp_path, None)
+        decide("on", "auto", 4, False, original, path, kv, "input_ids", tokens, limits, tmp_path, None)
     for scheme, bits, fold, message in (("kivi", 4, False, "per-token scales"), ("per-channel", 8, False, "not 8-bit"),
                                         ("per-channel", 4, True, "--fold-scales")):
-        assert message in decide("auto", scheme, bits, fold, path, path, kv, "input_ids", tokens, limits, tmp_path,
-                                 None).reason
+        assert message in decide("auto", scheme, bits, fold, original, path, kv, "input_ids", tokens, limits,
+                                 tmp_path, None).reason
 
 
 def test_the_fusion_check_runs_past_the_window_and_within_the_limit():
@@ -99,3 +100,25 @@ def test_the_fusion_check_runs_past_the_window_and_within_the_limit():
     assert check_context(ModelLimits(None, 4096), 100_000) > 4096
     assert check_context(ModelLimits(256, None), 100_000) == 256
     assert check_context(ModelLimits(None, None), 300) == 300
+
+
+@pytest.mark.slow
+def test_a_sliding_window_kept_in_the_mask_is_not_fused_away(tmp_path):
+    """Regression (issue 14): a Mistral-style export whose cache keeps every token while its mask
+    applies a 64-token window was fused as full attention (checked over 24 tokens) and lost 45%.
+    The check now runs past any window: the fused float model differs there, so the attention
+    stays decomposed and the compile keeps the model's quality."""
+    import shutil
+
+    from kvcompile.pipeline import CompileOptions, compile_model
+    from models.exporters import export_dynamo
+    from models.families import family_dir, load_float32
+
+    path = export_dynamo(load_float32("mistral"), tmp_path / "mistral", full_cache=True)
+    shutil.copyfile(family_dir("mistral") / "tokenizer.json", path.parent / "tokenizer.json")
+    assert find_kv_cache(load_model(path)).tensors[0].kept_entries is None, "the window is in the mask only"
+    report = compile_model(CompileOptions(model=path, out_dir=tmp_path / "out", calib_tokens=2048,
+                                          eval_tokens=4096)).report
+    assert not report["fusion"]["fused"]
+    assert "does not reproduce the model over 1024 tokens" in report["fusion"]["reason"]
+    assert report["quality"]["passed"] and report["quality"]["ppl_delta_pct"] < 1.0

@@ -1,8 +1,9 @@
 """The conformance contract on the corpus: 14 transformers families x every exporter form.
 
 Each model is exported (models/exporters.py, cached outside git) and compiled by the real
-`kvcompile` command in a fresh process, with shorter texts than the default (bench.corpus
-CORPUS_FLAGS: 16 evaluation windows of 256 tokens, longer than every sliding window here).
+`kvcompile` command in a fresh process (the `conformance` fixture), with shorter texts than the
+default (bench.corpus CORPUS_FLAGS: 16 evaluation windows of 256 tokens, longer than every
+sliding window here).
 
 Every legitimate model ends in exit 0 (compiled, gate passed), 2 (refused: one line naming the
 construct) or 3 (gate failed, honest report), never 1. Beyond that, each case must end exactly as
@@ -15,7 +16,7 @@ import json
 
 import pytest
 
-from bench.corpus import corpus_cases, run_case
+from bench.corpus import corpus_cases
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +39,10 @@ KVCOMPILE_REFUSES = {
 }
 
 
-@pytest.mark.parametrize("model,form", corpus_cases())
-def test_every_corpus_model_compiles_or_is_refused_by_name(model, form, tmp_path):
-    result = run_case(model, form, tmp_path, fidelity=False)
+@pytest.mark.parametrize("case", corpus_cases(), ids=lambda case: case.key)
+def test_every_corpus_model_compiles_or_is_refused_by_name(case, conformance):
+    work, results = conformance
+    model, form, result = case.model, case.form, results[case.key]
     assert result.outcome != "internal-error", f"exit {result.exit_code}: {result.message}"
     if (model, form) in EXPORTER_REFUSES:
         assert result.outcome == "exporter-refused" and EXPORTER_REFUSES[(model, form)] in result.message
@@ -52,7 +54,7 @@ def test_every_corpus_model_compiles_or_is_refused_by_name(model, form, tmp_path
         assert result.message.startswith("kvcompile: error: ") and "\n" not in result.message
         return
     assert result.outcome == "passed", f"{result.outcome}: {result.message}"
-    report = json.loads((tmp_path / f"{model}-{form}" / "report.json").read_text())
+    report = json.loads((work / f"{model}-{form}" / "report.json").read_text())
     limits = report["limits"]
     if limits["sliding_window"] is not None:  # checked at a context longer than the window
         assert limits["eval_window"] > limits["sliding_window"]
