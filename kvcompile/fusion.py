@@ -45,7 +45,10 @@ REFERENCE_CONTEXT = 1024  # the decode step timed for the report
 CHECK_CONTEXT = 1024  # positions the fused float model is compared at (more if the model has a longer window)
 CHECK_CHUNK = 256  # tokens fed per step of the check (the cache grows chunk by chunk, then single tokens)
 CHECK_DECODE_STEPS = 8
-FLOAT_TOLERANCE = 1e-3  # max |logit difference| (relative to the largest logit, at least 1e-3 absolute)
+# Max |logit difference| relative to the largest logit, by cache dtype: float16 models differ by
+# ~1e-3 of the largest logit over 30 layers from rounding alone (SmolLM2), a mask the kernel
+# drops by far more (a 64-token sliding window: 0.61).
+FLOAT_TOLERANCE = {"float32": 1e-3, "float16": 1e-2}
 DYNAMIC_SCHEMES = ("per-token", "per-group", "kivi")
 
 
@@ -156,7 +159,8 @@ def decide(mode: str, scheme: str, bits: float, fold_scales: bool, original: Dec
                 f"the model's attention window is {limits.window} tokens and only {context} can be checked "
                 "(model limit or calibration text): the fused attention cannot be shown to keep it")
         difference = _float_difference(original, fused, tokens[None, :context])
-        if difference > FLOAT_TOLERANCE:
+        tolerance = max(FLOAT_TOLERANCE[t.dtype] for t in kv.tensors)
+        if difference > tolerance:
             raise UnsupportedModelError(
                 f"the fused attention does not reproduce the model over {context} tokens (max logit difference "
                 f"{difference:.2g} of the largest logit): its attention is not plain causal attention "
@@ -174,5 +178,5 @@ def decide(mode: str, scheme: str, bits: float, fold_scales: bool, original: Dec
     reason = (f"fused into GroupQueryAttention ({'--fuse-attention on' if mode == 'on' else 'auto'}): its "
               f"4-bit cache is read inside attention; the fused float model matched the original's "
               f"logits at every position up to {context} tokens (max difference {difference:.1g} of the "
-              f"largest logit, tolerance {FLOAT_TOLERANCE})")
+              f"largest logit, tolerance {tolerance:g})")
     return FusionDecision(True, reason, model, fused_kv, path, latency_ms, latency_context)

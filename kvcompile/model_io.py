@@ -139,8 +139,7 @@ def check_graph(proto: onnx.ModelProto, path: Path, checker: bool) -> None:
                                 "by any node; re-export it")
     if not checker:
         return
-    patched = onnx.ModelProto()
-    patched.CopyFrom(proto)
+    patched = _structure_only(proto)
     for node in patched.graph.node:
         if node.domain == "" and node.op_type in ORT_OPS_IN_ONNX_DOMAIN:
             node.domain = "com.microsoft"
@@ -151,6 +150,56 @@ def check_graph(proto: onnx.ModelProto, path: Path, checker: bool) -> None:
     except onnx.checker.ValidationError as exc:
         first = (str(exc).strip().splitlines() or ["invalid"])[0]
         raise BadInputError(f"{str(path)!r} is not a valid ONNX model ({first[:300]}); re-export it") from None
+
+
+CHECKED_INITIALIZER_LIMIT = 1 << 16  # elements; larger initializers reach onnx's checker as typed inputs
+
+
+def _structure_only(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model for onnx's checker with every large initializer replaced by a typed
+    graph input: the checker sees every node, attribute and schema, and a model that keeps its
+    weights inline (the TorchScript exporter's, up to 2 GB) is not copied twice more in memory.
+    The replaced tensors' own data sizes are checked here instead (`_check_tensor_size`)."""
+    patched = onnx.ModelProto(ir_version=proto.ir_version, producer_name=proto.producer_name,
+                              producer_version=proto.producer_version, domain=proto.domain,
+                              model_version=proto.model_version)
+    patched.opset_import.extend(proto.opset_import)
+    patched.functions.extend(proto.functions)
+    graph, source = patched.graph, proto.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    for tensor in source.initializer:
+        elements = 1
+        for dim in tensor.dims:
+            elements *= dim
+        if elements <= CHECKED_INITIALIZER_LIMIT:
+            graph.initializer.append(tensor)
+        else:
+            _check_tensor_size(tensor, elements)
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return patched
+
+
+def _check_tensor_size(tensor: onnx.TensorProto, elements: int) -> None:
+    """An inline tensor's data must hold exactly its dims' elements (what onnx's checker checks)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        raise BadInputError(f"initializer {tensor.name!r} has an unknown data type ({tensor.data_type}); "
+                            "re-export the model") from None
+    if tensor.HasField("raw_data"):
+        held, expected = len(tensor.raw_data), elements * itemsize
+    else:
+        field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+        held, expected = len(getattr(tensor, field)), elements
+    if held != expected:
+        raise BadInputError(f"initializer {tensor.name!r} holds {held} data entries for dims {list(tensor.dims)} "
+                            f"(expected {expected}); the file is damaged or truncated: re-export it")
 
 
 def model_files(path: Path) -> list[Path]:

@@ -325,20 +325,17 @@ def stage_float_model(model: ir.Model, kv: KVGraph, rotate: str | None, work: Pa
 
     --rotate is applied here (in place: the compiled model is built from the rotated graph).
     The input itself is used when it is self-contained, unrotated and was not changed by
-    `normalize_export` (the KVGraph names its nodes); otherwise one copy is
-    written to `work` with its weights in `work/float.onnx.data`, which every variant then
-    references (onnxruntime refuses external data outside a model's folder, so links will not do).
+    `normalize_export` (the KVGraph names its nodes); otherwise one copy is written to `work`
+    with its weights in `work/float.onnx.data`, which every variant then references (onnxruntime
+    refuses external data outside a model's folder, so links will not do), so that loading a
+    variant reads its graph and not its weights.
     """
     if rotate is not None:
         rotate_kv(model, kv, rotate)
-    has_external = len(model_files(model_path)) > 1
-    if rotate is None and not has_external and not normalized:
+    if rotate is None and len(model_files(model_path)) == 1 and not normalized:
         return model_path
     path = work / "float.onnx"
-    if has_external:  # the in-memory model keeps reading the input's own data files
-        ir.save(model, path, external_data="float.onnx.data", size_threshold_bytes=1024)
-    else:
-        ir.save(model, path)
+    ir.save(model, path, external_data="float.onnx.data", size_threshold_bytes=1024)
     return path
 
 
@@ -558,7 +555,14 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
 
 def blame_invalid_input(model_path: Path, exc: Exception) -> None:
     """After an unexpected failure: if the input fails onnx's full check (strict shape and type
-    inference), that is the likely cause, and the user gets it as a bad-input error (exit 2)."""
+    inference), or holds text that is not UTF-8 (names, doc strings, metadata: onnx_ir fails to
+    write them back), that is the likely cause, and the user gets it as a bad-input error (exit 2)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, UnicodeDecodeError):
+            raise BadInputError(f"{model_path.name} holds text that is not UTF-8 (a name, doc string or metadata "
+                                "entry); the file is damaged: re-export it") from None
+        cause = cause.__cause__ or cause.__context__
     fault = input_fault(model_path)
     if fault is not None:
         raise BadInputError(f"could not compile {model_path.name} ({type(exc).__name__}), and the model fails "
@@ -591,8 +595,7 @@ def compile_calibrated(options: CompileOptions, targets: tuple[str, ...], model_
         timings[name] = now - clock
         clock = now
 
-    progress(f"loading and analysing {model_path.name}", 0)
-    model = load_model(model_path)
+    model = load_model(model_path)  # not announced: a refused input gets its one line and nothing else
     check_operators(model)
     normalized = normalize_export(model)
     kv = analyze(model, options.kv_map)

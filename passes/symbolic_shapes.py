@@ -8,7 +8,9 @@ What it matches
 What it rewrites
   Nothing in the graph: it sets those values' shapes from onnxruntime's symbolic shape inference
   (`onnxruntime.tools.symbolic_shape_infer`, which propagates shape arithmetic with sympy), run on
-  a copy of the graph without weight data (external data stays on disk).
+  a copy of the graph in which every large initializer is a typed graph input: shape arithmetic
+  needs the values of small constants only, and a copy of the weights would double the memory
+  of a model that keeps them inline.
 
 Why
   The fusion and transform passes read the number of query heads from the query's shape. If the
@@ -24,6 +26,27 @@ import logging
 
 import onnx
 import onnx_ir as ir
+from onnx import helper
+
+SHAPE_CONSTANT_LIMIT = 1024  # initializers with more elements are weights: passed by type and shape
+
+def _without_weights(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto with its large initializers as graph inputs (type and shape only)."""
+    initializers = model.graph.initializers
+    kept = list(initializers.items())
+    large = [value for _, value in kept if value.const_value is not None and value.const_value.size > SHAPE_CONSTANT_LIMIT]
+    try:
+        for value in large:
+            del initializers[value.name]
+        proto = ir.serde.serialize_model(model)
+    finally:  # restore every initializer, in its order
+        for name in list(initializers):
+            del initializers[name]
+        for name, value in kept:
+            initializers[name] = value
+    proto.graph.input.extend(helper.make_tensor_value_info(value.name, value.dtype.value, list(value.shape.dims))
+                             for value in large)
+    return proto
 
 
 def _shape(type_proto: onnx.TypeProto) -> ir.Shape | None:
@@ -46,10 +69,10 @@ class SymbolicShapeInferencePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        proto = ir.serde.serialize_model(model)
         quiet = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
         level, quiet.level = quiet.level, logging.CRITICAL
         try:
+            proto = _without_weights(model)
             with contextlib.redirect_stdout(io.StringIO()):
                 inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
         except Exception:  # it raises many kinds of errors on graphs it cannot follow

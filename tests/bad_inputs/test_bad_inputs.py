@@ -34,11 +34,13 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 def assert_refused(result: subprocess.CompletedProcess, message: str, workdir: Path, before: dict[str, str]) -> None:
-    """Exit 2, one line that contains `message`, no traceback, and `workdir` exactly as before."""
+    """Exit 2, one error line that contains `message` (after the plain progress lines of any
+    stage that started, as a CI log shows them), no traceback, and `workdir` exactly as before."""
     assert result.returncode == 2, (result.returncode, result.stderr)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("kvcompile: error: ") and message in lines[0], lines[0]
+    progress = [line for line in lines if line.startswith("kvcompile: [")]
+    assert len(lines) == len(progress) + 1, result.stderr
+    assert lines[-1].startswith("kvcompile: error: ") and message in lines[-1], lines[-1]
     assert "Traceback" not in result.stderr
     assert tree_digest(workdir) == before, "nothing written, nothing modified"
 
