@@ -1,4 +1,7 @@
-"""Shared fixtures: paths of the committed fixture models and small helpers."""
+"""Shared fixtures: paths of the committed fixture models, small helpers, and the conformance run.
+
+There is one conftest.py for the whole tree: test modules import it as `conftest`, and a second
+one under tests/corpus/ would shadow it under that module name."""
 
 from __future__ import annotations
 
@@ -27,3 +30,14 @@ def heldout_ids() -> np.ndarray:
     from kvcompile.tokens import load_token_ids
 
     return load_token_ids(HELDOUT, TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def conformance(tmp_path_factory):
+    """One conformance run for the corpus and SmolLM2 tests (tests/corpus/): every export built
+    (cached outside git), then every case compiled by the real CLI, two at a time (two cores)."""
+    from bench.corpus import SMOLLM2_CI_FORMS, corpus_cases, run_cases, smollm2_cases
+
+    work = tmp_path_factory.mktemp("conformance")
+    cases = corpus_cases() + smollm2_cases(SMOLLM2_CI_FORMS)
+    return work, run_cases(cases, work, workers=2, fidelity=False)
