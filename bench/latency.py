@@ -39,7 +39,8 @@ def _compiled(out: Path) -> Decoder:
     return Decoder(cpu_session(out / io.model, threads=THREADS), io)
 
 
-def latency_rows(model: Path, work: Path) -> list[dict]:
+def latency_rows(model: Path, work: Path, contexts: tuple[int, ...] = CONTEXTS) -> list[dict]:
+    work.mkdir(parents=True, exist_ok=True)
     fused_float = load_model(model)
     FuseGroupQueryAttentionPass(find_kv_cache(fused_float), "input_ids")(fused_float)
     ir.passes.common.RemoveUnusedNodesPass()(fused_float)
@@ -57,7 +58,7 @@ def latency_rows(model: Path, work: Path) -> list[dict]:
     kv = find_kv_cache(load_model(model))
     float_bytes = sum(t.elements_per_token for t in kv.tensors) * 4
     rows = []
-    for context in CONTEXTS:
+    for context in contexts:
         seconds = compare_decode_latency(decoders, context)
         rows.append({
             "context": context,

@@ -3,8 +3,10 @@
 Quality: kvcompile's schemes on the fixture and the outlier fixture, and the peers (the
 onnxruntime-genai builder's int4 KV cache, HF QuantizedCache int4) on the same model and the
 same held-out windows, all scored through the decode path. Compile: wall time and peak RSS of
-the default compile in a fresh process. Results go to bench/results.json; `--table` reprints
-the README tables from it.
+the default compile in a fresh process. The real model, SmolLM2-135M-Instruct (models/real.py,
+built from its wheel into the model cache): its default compile (time, peak RSS, quality as its
+report states them) and its decode-step latency. Results go to bench/results.json; `--table`
+reprints the README tables from it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from bench.latency import THREADS as LATENCY_THREADS
 from bench.latency import latency_rows, latency_table
-from bench.measure import measure
+from bench.measure import measure, run_measured
 from bench.peers import genai_int4_scores, hf_quantized_cache_scores
 from bench.scale import scale_rows, scale_table
 from kvcompile.errors import QualityGateError
@@ -119,6 +122,50 @@ def default_compile_cost(work: Path) -> dict:
             "seconds": round(seconds, 1), "peak_rss_mib": round(rss_mib, 1)}
 
 
+SMOLLM2_CONTEXTS = (1024, 4096)
+
+
+def smollm2_figures(work: Path) -> dict:
+    """SmolLM2's torch.onnx export (what most users bring): `kvcompile MODEL --kv-bits 4` in a
+    fresh process, its report's figures, and the decode-step latency of its float, Q/DQ and
+    fused forms at 1,024 and 4,096 tokens."""
+    from models.real import build_form
+
+    model = build_form("dynamo")
+    out = work / "smollm2"
+    command = [sys.executable, "-m", "kvcompile.cli", str(model), "--kv-bits", "4", "-o", str(out)]
+    measured = run_measured(command)
+    if measured.returncode not in (0, 3):  # 3: failed its gate, with an honest report
+        sys.stderr.write(measured.stderr[-2000:])
+        raise subprocess.CalledProcessError(measured.returncode, command, measured.stdout, measured.stderr)
+    report = json.loads((out / "report.json").read_text())
+    quality = report["quality"]
+    weight_bytes = sum(f.stat().st_size for f in model.parent.iterdir() if f.name.startswith("model.onnx"))
+    return {
+        "command": "kvcompile ~/.cache/kvcompile/models/smollm2/dynamo/model.onnx --kv-bits 4",
+        "seconds": round(measured.seconds, 1), "peak_rss_mib": round(measured.rss_mib, 1),
+        "weight_bytes": weight_bytes, "exit_code": measured.returncode,
+        "timings": report["timings"], "fused": report["fusion"]["fused"],
+        "ratio_vs_fp16": report["memory"]["ratio_vs_fp16"],
+        "bits_per_element": report["memory"]["avg_bits_per_element"],
+        "choices": sorted(set(report["plan"]["choices"].values())),
+        "quality": {key: quality.get(key) for key in
+                    ("float_ppl", "quantized_ppl", "ppl_delta_pct", "top1_agreement", "mean_kl", "passed", "advice")},
+        "latency": latency_rows(model, work / "smollm2-latency", SMOLLM2_CONTEXTS),
+    }
+
+
+def smollm2_summary(figures: dict) -> str:
+    quality = figures["quality"]
+    gate = "passed" if quality["passed"] else "FAILED the gate"
+    return (f"SmolLM2 default compile: {figures['seconds']:.0f} s, peak RSS {figures['peak_rss_mib']:,.0f} MiB "
+            f"({figures['peak_rss_mib'] * 2**20 / figures['weight_bytes']:.1f}x the weights), exit "
+            f"{figures['exit_code']}; {'fused GroupQueryAttention' if figures['fused'] else 'Q/DQ'}, "
+            f"{figures['bits_per_element']:.3f} bits/element, {figures['ratio_vs_fp16']:.2f}x smaller than fp16; "
+            f"PPL {quality['float_ppl']:.3f} -> {quality['quantized_ppl']:.3f} ({quality['ppl_delta_pct']:+.2f}%), "
+            f"top-1 {100 * quality['top1_agreement']:.1f}%, KL {quality['mean_kl']:.4f}: {gate}")
+
+
 def quality_table(results: dict) -> str:
     lines = [
         "| model | method | form | bits/element | memory vs fp16 | PPL (float -> quantized) | delta | top-1 agree | "
@@ -138,10 +185,21 @@ def quality_table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="reprint the tables from results.json")
+    parser.add_argument("--smollm2-only", action="store_true",
+                        help="measure only SmolLM2's figures and replace them in results.json")
     args = parser.parse_args()
+    if args.smollm2_only:
+        results = json.loads(RESULTS.read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            results["smollm2"] = smollm2_figures(Path(tmp))
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        print(smollm2_summary(results["smollm2"]), latency_table(results["smollm2"]["latency"]), sep="\n\n")
+        return
     if args.table:
         results = json.loads(RESULTS.read_text())
         print(quality_table(results), latency_table(results["latency"]), scale_table(results["scale"]), sep="\n\n")
+        if "smollm2" in results:
+            print("", smollm2_summary(results["smollm2"]), latency_table(results["smollm2"]["latency"]), sep="\n\n")
         return
     windows = make_windows(load_token_ids(bundled_text("heldout.txt"), TOKENIZER), WINDOW, EVAL_WINDOWS, "held-out")
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,6 +220,8 @@ def main() -> None:
         latency = latency_rows(FIXTURES["fixture"], work)
         cost = default_compile_cost(work)
         scale = scale_rows(work)
+        print("SmolLM2", file=sys.stderr, flush=True)
+        smollm2 = smollm2_figures(work)
     results = {
         "machine": {"python": platform.python_version(), "processor": platform.machine(), "cpus": os.cpu_count()},
         "eval": {"windows": EVAL_WINDOWS, "window": WINDOW, "prefill": PREFILL, "text": "models/data/heldout.txt"},
@@ -170,9 +230,11 @@ def main() -> None:
         "latency_threads": LATENCY_THREADS,
         "default_compile": cost,
         "scale": scale,
+        "smollm2": smollm2,
     }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(quality_table(results), latency_table(latency), scale_table(scale), sep="\n\n")
+    print(quality_table(results), latency_table(latency), scale_table(scale), smollm2_summary(smollm2),
+          latency_table(smollm2["latency"]), sep="\n\n")
     print(f"\ndefault compile: {cost['seconds']} s, peak RSS {cost['peak_rss_mib']} MiB")
     print(f"written to {RESULTS.relative_to(REPO)}")
 
