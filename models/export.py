@@ -20,8 +20,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from models.exporters import FlatCacheDecoder, example_inputs, kv_names
 from models.outliers import inject_outliers
 
 MODELS_DIR = Path(__file__).resolve().parent
@@ -30,49 +31,6 @@ HF_DIR = FIXTURE_DIR / "hf"
 OUTLIER_DIR = MODELS_DIR / "fixture-outliers"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 OPSET = 18
-
-
-class FlatCacheDecoder(torch.nn.Module):
-    """Wraps an HF causal LM so the KV cache enters and leaves as flat tensors (graph I/O)."""
-
-    def __init__(self, model: LlamaForCausalLM):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids, past):
-        cache = DynamicCache(config=self.model.config)
-        for layer, (key, value) in enumerate(past):
-            cache.update(key, value, layer)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        present = []
-        for layer in out.past_key_values.layers:
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
-
-
-def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    return past, present
-
-
-def example_inputs(model: LlamaForCausalLM, dtype: torch.dtype, past_len: int = 5, new_len: int = 3):
-    cfg = model.config
-    shape = (1, cfg.num_key_value_heads, past_len, cfg.head_dim)
-    past = tuple(
-        (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-        for _ in range(cfg.num_hidden_layers)
-    )
-    input_ids = torch.zeros((1, new_len), dtype=torch.long)
-    attention_mask = torch.ones((1, past_len + new_len), dtype=torch.long)
-    position_ids = torch.arange(past_len, past_len + new_len)[None]
-    return input_ids, attention_mask, position_ids, past
 
 
 def export_dynamo(model: LlamaForCausalLM, out_dir: Path, dtype: torch.dtype = torch.float32,
