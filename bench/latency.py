@@ -45,7 +45,7 @@ def latency_rows(model: Path, work: Path, contexts: tuple[int, ...] = CONTEXTS) 
     FuseGroupQueryAttentionPass(find_kv_cache(fused_float), "input_ids")(fused_float)
     ir.passes.common.RemoveUnusedNodesPass()(fused_float)
     ir.passes.common.TopologicalSortPass()(fused_float)
-    ir.save(fused_float, work / "fused_float.onnx")
+    ir.save(fused_float, work / "fused_float.onnx", external_data="fused_float.onnx.data")  # the weights, moved
     for name, fuse in (("qdq", "off"), ("fused", "auto")):
         compile_model(CompileOptions(model=model, out_dir=work / name, fuse_attention=fuse, scheme="per-channel",
                                      calib_tokens=2048, eval_tokens=1024, quality_gate_pct=100))
