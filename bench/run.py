@@ -142,7 +142,7 @@ def smollm2_figures(work: Path) -> dict:
     quality = report["quality"]
     weight_bytes = sum(f.stat().st_size for f in model.parent.iterdir() if f.name.startswith("model.onnx"))
     return {
-        "command": "kvcompile ~/.cache/kvcompile/models/smollm2/dynamo/model.onnx --kv-bits 4",
+        "command": "kvcompile $KVCOMPILE_MODEL_CACHE/smollm2/dynamo/model.onnx --kv-bits 4",
         "seconds": round(measured.seconds, 1), "peak_rss_mib": round(measured.rss_mib, 1),
         "weight_bytes": weight_bytes, "exit_code": measured.returncode,
         "timings": report["timings"], "fused": report["fusion"]["fused"],
@@ -155,7 +155,8 @@ def smollm2_figures(work: Path) -> dict:
     }
 
 
-def smollm2_summary(figures: dict) -> str:
+def smollm2_tables(figures: dict) -> str:
+    """The default compile's figures in one line, then the latency table."""
     quality = figures["quality"]
     gate = "passed" if quality["passed"] else "FAILED the gate"
     return (f"SmolLM2 default compile: {figures['seconds']:.0f} s, peak RSS {figures['peak_rss_mib']:,.0f} MiB "
@@ -163,7 +164,8 @@ def smollm2_summary(figures: dict) -> str:
             f"{figures['exit_code']}; {'fused GroupQueryAttention' if figures['fused'] else 'Q/DQ'}, "
             f"{figures['bits_per_element']:.3f} bits/element, {figures['ratio_vs_fp16']:.2f}x smaller than fp16; "
             f"PPL {quality['float_ppl']:.3f} -> {quality['quantized_ppl']:.3f} ({quality['ppl_delta_pct']:+.2f}%), "
-            f"top-1 {100 * quality['top1_agreement']:.1f}%, KL {quality['mean_kl']:.4f}: {gate}")
+            f"top-1 {100 * quality['top1_agreement']:.1f}%, KL {quality['mean_kl']:.4f}: {gate}\n\n"
+            + latency_table(figures["latency"]))
 
 
 def quality_table(results: dict) -> str:
@@ -193,13 +195,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             results["smollm2"] = smollm2_figures(Path(tmp))
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        print(smollm2_summary(results["smollm2"]), latency_table(results["smollm2"]["latency"]), sep="\n\n")
+        print(smollm2_tables(results["smollm2"]))
         return
     if args.table:
         results = json.loads(RESULTS.read_text())
         print(quality_table(results), latency_table(results["latency"]), scale_table(results["scale"]), sep="\n\n")
         if "smollm2" in results:
-            print("", smollm2_summary(results["smollm2"]), latency_table(results["smollm2"]["latency"]), sep="\n\n")
+            print("", smollm2_tables(results["smollm2"]), sep="\n")
         return
     windows = make_windows(load_token_ids(bundled_text("heldout.txt"), TOKENIZER), WINDOW, EVAL_WINDOWS, "held-out")
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,8 +235,7 @@ def main() -> None:
         "smollm2": smollm2,
     }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(quality_table(results), latency_table(latency), scale_table(scale), smollm2_summary(smollm2),
-          latency_table(smollm2["latency"]), sep="\n\n")
+    print(quality_table(results), latency_table(latency), scale_table(scale), smollm2_tables(smollm2), sep="\n\n")
     print(f"\ndefault compile: {cost['seconds']} s, peak RSS {cost['peak_rss_mib']} MiB")
     print(f"written to {RESULTS.relative_to(REPO)}")
 
