@@ -67,11 +67,14 @@ def _native_stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def qnn_session(model: Path, soc: str, context_file: Path | None = None) -> ort.InferenceSession:
+def qnn_session(model: Path | bytes, soc: str, context_file: Path | None = None) -> ort.InferenceSession:
     """A session on onnxruntime-qnn's HTP backend (a simulator on x86 Linux), CPU fallback off.
 
     With `context_file`, creating the session compiles the graph ahead of time and writes an
-    EPContext model there (with its QNN context binary next to it)."""
+    EPContext model there (with its QNN context binary next to it). Compile from the model's
+    bytes where it has no external data: onnxruntime names the compiled partition after a hash
+    of the path it loaded the model from, else of the graph's value names, and that name is
+    written into both files (a compile into another folder would otherwise differ)."""
     global _qnn_registered
     import onnxruntime_qnn
 
@@ -89,4 +92,4 @@ def qnn_session(model: Path, soc: str, context_file: Path | None = None) -> ort.
         options.add_session_config_entry("ep.context_embed_mode", "0")
     options.add_provider_for_devices(devices, qnn_provider_options(soc))
     with _native_stdout_to_stderr():
-        return ort.InferenceSession(str(model), options)
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import onnx_ir as ir
@@ -52,18 +52,25 @@ def _without_address_randomization() -> None:
 def write_ort_format(onnx_path: Path) -> Path:
     """Convert to the ORT format next to the model (onnxruntime's converter, ARM target).
 
-    The converter writes some tables in the iteration order of pointer-keyed hash maps, so with
-    address-space randomization its output differs from run to run. It runs in a child process
-    with randomization off (Linux personality ADDR_NO_RANDOMIZE), which makes the file
-    byte-identical for the same model (tested)."""
+    The converter writes some tables in the iteration order of pointer-keyed hash maps, so the
+    file depends on where the process's allocations land. It runs in a child process with
+    address-space randomization off (Linux personality ADDR_NO_RANDOMIZE), in the model's folder
+    with the same relative arguments whatever the output folder is called (the length of an
+    absolute path shifted the allocations: a compile to another folder wrote different bytes),
+    so the same model gives a byte-identical file (tested)."""
     target = onnx_path.with_suffix(".ort")
-    with tempfile.TemporaryDirectory(dir=onnx_path.parent) as tmp:
-        result = subprocess.run([sys.executable, "-c", _CONVERT, str(onnx_path), tmp], capture_output=True,
-                                text=True, preexec_fn=_without_address_randomization)
+    work = onnx_path.parent / ".ort-format"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        result = subprocess.run([sys.executable, "-c", _CONVERT, onnx_path.name, work.name], capture_output=True,
+                                text=True, cwd=onnx_path.parent, preexec_fn=_without_address_randomization)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no message"])[-1]
             raise TargetError(f"onnxruntime could not convert the ort-cpu model to the ORT format: {last}")
-        (Path(tmp) / target.name).replace(target)
+        (work / target.name).replace(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return target
 
 

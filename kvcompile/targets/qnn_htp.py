@@ -34,7 +34,7 @@ import onnxruntime as ort
 from kvcompile.errors import TargetError
 from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import TargetIO
-from kvcompile.model_io import save_model
+from kvcompile.model_io import model_files, save_model
 from kvcompile.passes.kv_codec import ONNX
 from kvcompile.plan import QuantPlan
 from kvcompile.targets.static import static_graph, static_plan, static_target_io, verification_windows
@@ -142,11 +142,13 @@ def emit(float_path: Path, float_decoder: Decoder, kv: KVGraph, plan: QuantPlan,
     nodes_total = len(onnx.load(folder / "model.qdq.onnx", load_external_data=False).graph.node)
 
     compiled = {}
+    qdq_path = folder / "model.qdq.onnx"
+    qdq = qdq_path.read_bytes() if model_files(qdq_path) == [qdq_path] else qdq_path  # bytes: see qnn_session
     for soc in options.socs:
         (folder / soc).mkdir()
         started = time.perf_counter()
         try:
-            qnn_session(folder / "model.qdq.onnx", soc, context_file=folder / soc / "model_ctx.onnx")
+            qnn_session(qdq, soc, context_file=folder / soc / "model_ctx.onnx")
         except Exception as exc:  # onnxruntime reports unsupported nodes and QNN errors this way
             raise TargetError(f"qnn-htp: the QDQ graph could not be compiled for {soc} with every node on "
                               f"the HTP: {str(exc).splitlines()[0]}") from None
