@@ -97,7 +97,8 @@ def export_fidelity(model: str, path: Path) -> float:
 
     from kvcompile.manifest import float_model_io
     from kvcompile.model_io import load_model
-    from kvcompile.pipeline import analyze, normalize_export
+    from kvcompile.passes.normalize import normalize_export
+    from kvcompile.pipeline import analyze
     from kvcompile.runtimes.decoder import Decoder
     from kvcompile.runtimes.session import cpu_session
     from kvcompile.tokens import bundled_text, load_token_ids

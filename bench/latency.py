@@ -19,7 +19,8 @@ import onnx_ir.passes.common
 from kvcompile.manifest import float_model_io, read_manifest
 from kvcompile.model_io import load_model
 from kvcompile.passes.find_kv_cache import find_kv_cache
-from kvcompile.passes.fuse_gqa import FuseGroupQueryAttentionPass
+from kvcompile.passes.fuse_gqa import fuse_attention_passes
+from kvcompile.passes.manager import run_passes
 from kvcompile.pipeline import CompileOptions, compile_model
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.latency import compare_decode_latency
@@ -42,9 +43,7 @@ def _compiled(out: Path) -> Decoder:
 def latency_rows(model: Path, work: Path, contexts: tuple[int, ...] = CONTEXTS) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     fused_float = load_model(model)
-    FuseGroupQueryAttentionPass(find_kv_cache(fused_float), "input_ids")(fused_float)
-    ir.passes.common.RemoveUnusedNodesPass()(fused_float)
-    ir.passes.common.TopologicalSortPass()(fused_float)
+    run_passes(fused_float, *fuse_attention_passes(find_kv_cache(fused_float), "input_ids"))
     ir.save(fused_float, work / "fused_float.onnx", external_data="fused_float.onnx.data")  # the weights, moved
     for name, fuse in (("qdq", "off"), ("fused", "auto")):
         compile_model(CompileOptions(model=model, out_dir=work / name, fuse_attention=fuse, scheme="per-channel",

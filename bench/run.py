@@ -80,9 +80,9 @@ def compile_case(fixture: str, flags: list[str], work: Path, index: int) -> dict
     options = options_for(fixture, flags, work / f"case{index}")
     started = time.perf_counter()
     try:
-        report = compile_model(options).report
+        report = compile_model(options).report.to_dict()
     except QualityGateError as exc:
-        report = exc.result.report
+        report = exc.result.report.to_dict()
     quality, memory = report["quality"], report["memory"]
     return {
         "model": fixture,

@@ -17,8 +17,8 @@ from kvcompile.tokens import load_tokenizer
 
 def main(model: Path, out: Path) -> None:
     report = compile_model(CompileOptions(model=model, out_dir=out, kv_bits=4)).report
-    print(f"KV cache {report['memory']['ratio_vs_fp16']:.2f}x smaller than float16, "
-          f"perplexity {report['quality']['ppl_delta_pct']:+.2f}%")
+    print(f"KV cache {report.memory.ratio_vs_fp16:.2f}x smaller than float16, "
+          f"perplexity {report.quality.gate.ppl_delta_pct:+.2f}%")
     manifest = read_manifest(out)
     tokenizer = load_tokenizer(out / manifest.tokenizer)
     prompt = tokenizer.encode("The GNU General Public License").ids

@@ -30,7 +30,7 @@ import numpy as np
 from kvcompile.errors import BadInputError
 from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph, KVTensor
 from kvcompile.plan import QuantPlan, TensorPlan, tensor_plan
-from kvcompile.runtimes.calibrate import KVStats
+from kvcompile.kvstats import KVStats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.sensitivity import mean_kl, reference_log_probs
 

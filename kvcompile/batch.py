@@ -68,11 +68,11 @@ def compile_all(jobs: list[CompileOptions], progress: Progress | None = None) ->
         summary: dict[str, Any] = {"model": str(options.model)}
         try:
             result = compile_model(options, progress)
-            summary.update(status="passed", out_dir=str(result.out_dir), report=result.report)
+            summary.update(status="passed", out_dir=str(result.out_dir), report=result.report.to_dict())
         except QualityGateError as exc:
             summary.update(status="failed-quality-gate", error=str(exc))
             if exc.result is not None:
-                summary.update(out_dir=str(exc.result.out_dir), report=exc.result.report)
+                summary.update(out_dir=str(exc.result.out_dir), report=exc.result.report.to_dict())
             exit_code = max(exit_code, 3) if exit_code != 2 else 2
         except KvCompileError as exc:
             summary.update(status="bad-input", error=str(exc))

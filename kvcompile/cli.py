@@ -24,6 +24,7 @@ from rich.table import Table
 
 from kvcompile import __version__
 from kvcompile.errors import KvCompileError, QualityGateError
+from kvcompile.report_types import Report
 
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 # Piped output (CI logs, files) gets a wide fixed width instead of rich's 80-column default.
@@ -79,33 +80,32 @@ def _plain_progress(console: Console) -> tuple[Any, Callable[[str, int], Callabl
     return contextlib.nullcontext(), start
 
 
-def _summary_table(report: dict) -> Table:
+def _summary_table(report: Report) -> Table:
     from kvcompile.memory_wall import format_bytes
 
-    memory, quality = report["memory"], report["quality"]
-    table = Table(title=f"kvcompile: {report['source']['path']}", show_header=False)
+    memory, quality, plan = report.memory, report.quality, report.plan
+    table = Table(title=f"kvcompile: {report.source['path']}", show_header=False)
     table.add_column("figure")
     table.add_column("value", justify="right")
-    table.add_row("KV layers / tensors", f"{report['kv']['layers']} / {len(report['kv']['tensors'])}")
-    plan = report["plan"]
-    table.add_row("scheme", f"{plan['scheme']} (budget {plan['bits']:g} bits/element)")
+    table.add_row("KV layers / tensors", f"{report.kv.layers} / {len(report.kv.tensors)}")
+    table.add_row("scheme", f"{plan.scheme} (budget {plan.bits:g} bits/element)")
     counts: dict[str, int] = {}
-    for choice in plan["choices"].values():
+    for choice in plan.choices.values():
         counts[choice] = counts.get(choice, 0) + 1
     table.add_row("stored as", ", ".join(f"{name} x{n}" for name, n in sorted(counts.items())))
-    table.add_row("average stored bits per element", f"{memory['avg_bits_per_element']:.3f}")
+    table.add_row("average stored bits per element", f"{memory.avg_bits_per_element:.3f}")
     table.add_row("KV bytes per token (fp16 -> compiled)",
-                  f"{memory['fp16_bytes_per_token']} -> {memory['quantized_bytes_per_token']:.1f}")
-    table.add_row(f"memory ratio vs fp16 @ {memory['reference_context']} tokens", f"{memory['ratio_vs_fp16']:.2f}x")
-    if quality["passed"] is None:
+                  f"{memory.fp16_bytes_per_token} -> {memory.quantized_bytes_per_token:.1f}")
+    table.add_row(f"memory ratio vs fp16 @ {memory.reference_context} tokens", f"{memory.ratio_vs_fp16:.2f}x")
+    if quality.gate is None:
         table.add_row("quality", "UNVERIFIED (--no-calibration): measure it before shipping")
     else:
         table.add_row("perplexity float -> compiled",
-                      f"{quality['float_ppl']:.3f} -> {quality['quantized_ppl']:.3f}")
-        table.add_row("perplexity change", f"{quality['ppl_delta_pct']:+.3f}%")
-        table.add_row("top-1 agreement", f"{100 * quality['top1_agreement']:.2f}%")
-        table.add_row("quality gate", "passed" if quality["passed"] else "FAILED")
-    wall = report["memory_wall"]
+                      f"{quality.gate.float_ppl:.3f} -> {quality.gate.quantized_ppl:.3f}")
+        table.add_row("perplexity change", f"{quality.gate.ppl_delta_pct:+.3f}%")
+        table.add_row("top-1 agreement", f"{100 * quality.gate.top1_agreement:.2f}%")
+        table.add_row("quality gate", "passed" if quality.passed else "FAILED")
+    wall = report.memory_wall
     budget = wall["budget_fit_tokens"]
     table.add_row(f"context in a {format_bytes(wall['budget_bytes'])} KV budget (fp16 -> compiled)",
                   f"{budget['fp16']:,} -> {budget['compiled']:,}")
@@ -113,8 +113,8 @@ def _summary_table(report: dict) -> Table:
     if on_chip["fp16"] is not None:
         table.add_row(f"context on chip, {wall['device']['key']} (fp16 -> compiled)",
                       f"{on_chip['fp16']:,} -> {on_chip['compiled']:,}")
-    for name, target in report["targets"].items():
-        table.add_row(f"target {name}", f"{target['artifact']} (ran: {target['ran']})")
+    for name, target in report.targets.items():
+        table.add_row(f"target {name}", f"{target.artifact} (ran: {target.quality is not None})")
     return table
 
 
@@ -171,27 +171,16 @@ def _summary_table(report: dict) -> Table:
 @click.option("--budget", default="1GiB", show_default=True,
               help="Memory-wall report: RAM for the KV cache (e.g. 512MiB, 2GB).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
-def compile_command(model, config, out_dir, kv_bits, scheme, group_size, asymmetric, uniform, rotate, fuse_attention,
-                    fold_scales, clip, targets, socs, max_context, calib, calib_tokens, eval_text,
-                    eval_tokens, no_calibration, tokenizer, kv_map, quality_gate, device, budget, as_json) -> None:
+def compile_command(model, config, as_json, **flags) -> None:
     """Compile MODEL so its KV cache is stored in --kv-bits bits, and verify it."""
-    from kvcompile.pipeline import CompileOptions, compile_model
+    from kvcompile.pipeline import compile_model
 
     if (model is None) == (config is None):
         raise click.UsageError("give either MODEL or --config FILE")
     if config is not None:
         _compile_config(config, as_json)
         return
-
-    options = CompileOptions(
-        model=model, out_dir=out_dir, kv_bits=kv_bits, scheme=scheme, group_size=group_size,
-        asymmetric=asymmetric, uniform=uniform, rotate=rotate, fuse_attention=fuse_attention,
-        fold_scales=fold_scales, clip=clip,
-        targets=tuple(targets), socs=tuple(socs), max_context=max_context,
-        calib=calib, calib_tokens=calib_tokens, eval_text=eval_text, eval_tokens=eval_tokens,
-        tokenizer=tokenizer, kv_map=kv_map, quality_gate_pct=quality_gate, device=device, budget=budget,
-        no_calibration=no_calibration,
-    )
+    options = _compile_options(model, flags)
     bar, progress = _rich_progress(err_console)
     try:
         with bar:
@@ -201,6 +190,17 @@ def compile_command(model, config, out_dir, kv_bits, scheme, group_size, asymmet
             _print_result(exc.result, as_json)
         raise
     _print_result(result, as_json)
+
+
+def _compile_options(model: Path, flags: dict[str, Any]):
+    """The compile flags as CompileOptions: click names each value after its option, which is the
+    field's name except where the option is shorter (--quality-gate) or repeatable (tuples)."""
+    from kvcompile.pipeline import CompileOptions
+
+    flags = dict(flags)
+    flags["quality_gate_pct"] = flags.pop("quality_gate")
+    flags["targets"], flags["socs"] = tuple(flags["targets"]), tuple(flags["socs"])
+    return CompileOptions(model=model, **flags)
 
 
 def _compile_config(config: Path, as_json: bool) -> None:
@@ -236,7 +236,7 @@ class _ConfigFailed(KvCompileError):
 
 def _print_result(result, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(result.report, indent=2, sort_keys=True))
+        click.echo(json.dumps(result.report.to_dict(), indent=2, sort_keys=True))
         return
     out_console.print(_summary_table(result.report))
     out_console.print(f"wrote {result.out_dir}/ (kvcompile.json, report.md, report.json, report.png)")
@@ -286,7 +286,7 @@ def report_command(folder, device, budget, weight_bits, list_devices, as_json) -
         memory_wall,
         parse_size,
     )
-    from kvcompile.report import memory_wall_markdown, read_report, write_report
+    from kvcompile.report import memory_wall_markdown, read_report, write_report_data
 
     if list_devices:
         for key, profile in bundled_devices().items():
@@ -305,7 +305,7 @@ def report_command(folder, device, budget, weight_bits, list_devices, as_json) -
     budget_bytes = parse_size(budget) if budget else wall["budget_bytes"]
     weights = {k: wall["weights"][k] for k in ("parameters", "bytes")}
     report["memory_wall"] = memory_wall(report["memory"], weights, profile, budget_bytes, weight_bits)
-    write_report(report, Path(folder))
+    write_report_data(report, Path(folder))
     if as_json:
         click.echo(json.dumps(report["memory_wall"], indent=2, sort_keys=True))
     else:
@@ -329,7 +329,7 @@ def run_command(folder, prompt, target, soc, max_new_tokens, temperature, top_k,
 
     from kvcompile.manifest import read_manifest
     from kvcompile.runtimes.generate import Generation, Sampling
-    from kvcompile.runtimes.targets import RUNS_ON, default_target, load_decoder
+    from kvcompile.runtimes.targets import default_target, load_decoder, runs_on
     from kvcompile.tokens import load_tokenizer
 
     manifest = read_manifest(folder)
@@ -355,7 +355,7 @@ def run_command(folder, prompt, target, soc, max_new_tokens, temperature, top_k,
     click.echo()
     err_console.print(f"{len(tokens)} tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s, prompt "
                       f"included); KV cache {generation.cache.nbytes():,} bytes as stored; {target} on "
-                      f"{RUNS_ON[target]}", markup=False, highlight=False)
+                      f"{runs_on(target)}", markup=False, highlight=False)
 
 
 @cli.command("eval")

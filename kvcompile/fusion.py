@@ -33,8 +33,9 @@ from kvcompile.limits import ModelLimits
 from kvcompile.manifest import float_model_io
 from kvcompile.model_io import load_model
 from kvcompile.passes.find_kv_cache import find_kv_cache
-from kvcompile.passes.fuse_gqa import FuseGroupQueryAttentionPass
-from kvcompile.plan import QuantPlan, TensorPlan
+from kvcompile.passes.fuse_gqa import fuse_attention_passes
+from kvcompile.passes.manager import run_passes
+from kvcompile.plan import PlanOptions, QuantPlan, TensorPlan
 from kvcompile.quant import symmetric_zero_point
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.latency import compare_decode_latency
@@ -129,25 +130,23 @@ def _unfusable_options(scheme: str, bits: float, fold_scales: bool) -> str | Non
     return None
 
 
-def decide(mode: str, scheme: str, bits: float, fold_scales: bool, original: Decoder, float_path: Path,
-           kv: KVGraph, input_ids: str, tokens: np.ndarray, limits: ModelLimits, work: Path,
-           variant_for) -> FusionDecision:
-    """Try fusing the float model at `float_path`; `original` runs the model as given, `tokens`
-    (1-D) are real text for the float check, `variant_for(path, kv, plan)` builds 4-bit variants
-    for the latency probe."""
+def decide(options: PlanOptions, original: Decoder, float_path: Path, kv: KVGraph, input_ids: str,
+           tokens: np.ndarray, limits: ModelLimits, work: Path, variant_for) -> FusionDecision:
+    """Try fusing the float model at `float_path` as `options.fuse_attention` asks; `original` runs
+    the model as given, `tokens` (1-D) are real text for the float check, `variant_for(path, kv,
+    plan)` builds 4-bit variants for the latency probe."""
+    mode = options.fuse_attention
     if mode not in MODES:
         raise BadInputError(f"--fuse-attention {mode!r}: use one of {', '.join(MODES)}")
     if mode == "off" or DECOMPOSED not in kv.attention_forms:
         return FusionDecision(False, "--fuse-attention off" if mode == "off" else
                               "the attention is already an attention op (no decomposed attention to fuse)")
     try:
-        reason = _unfusable_options(scheme, bits, fold_scales)
+        reason = _unfusable_options(options.scheme, options.kv_bits, options.fold_scales)
         if reason is not None:
             raise UnsupportedModelError(reason)
         model = load_model(float_path)
-        FuseGroupQueryAttentionPass(kv, input_ids)(model)
-        ir.passes.common.RemoveUnusedNodesPass()(model)
-        ir.passes.common.TopologicalSortPass()(model)
+        run_passes(model, *fuse_attention_passes(kv, input_ids))
         _refuse_other_cache_readers(model)
         path = work / "fused.onnx"
         ir.save(model, path)

@@ -7,7 +7,8 @@ from typing import Any
 
 from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph
 from kvcompile.model_io import load_model
-from kvcompile.pipeline import analyze, normalize_export
+from kvcompile.passes.normalize import normalize_export
+from kvcompile.pipeline import analyze
 from kvcompile.report import layout_name
 
 

@@ -90,6 +90,48 @@ class ModelInputIO:
 
 
 @dataclass(frozen=True)
+class QnnContext:
+    """One SoC's compiled QNN context: the EPContext model and the provider options to load it."""
+
+    context_model: str  # relative path of the EPContext model
+    provider_options: dict[str, str]  # onnxruntime-qnn provider options (backend, SoC model, HTP arch)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a runner drives the model beyond its I/O (written to the manifest only when set)."""
+
+    # onnxruntime's GroupQueryAttention takes several tokens per step only for batch 1
+    chunks_one_row_at_a_time: bool = False
+    attention_sinks: int | None = None  # static targets: slots kept when the fixed buffer slides
+    qnn_contexts: dict[str, QnnContext] = field(default_factory=dict)  # qnn-htp: one per SoC
+    qdq_model: str | None = None  # qnn-htp: the QDQ graph the contexts were compiled from (runs on the CPU EP)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.attention_sinks is not None:
+            out["attention_sinks"] = self.attention_sinks
+        if self.chunks_one_row_at_a_time:
+            out["chunks_one_row_at_a_time"] = True
+        if self.qdq_model is not None:
+            out["qdq_model"] = self.qdq_model
+        if self.qnn_contexts:
+            out["socs"] = {soc: {"context_model": c.context_model, **c.provider_options}
+                           for soc, c in self.qnn_contexts.items()}
+        return out
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> RunOptions:
+        contexts = {}
+        for soc, entry in data.get("socs", {}).items():
+            entry = dict(entry)
+            contexts[soc] = QnnContext(context_model=entry.pop("context_model"), provider_options=entry)
+        return RunOptions(chunks_one_row_at_a_time=bool(data.get("chunks_one_row_at_a_time", False)),
+                          attention_sinks=data.get("attention_sinks"), qnn_contexts=contexts,
+                          qdq_model=data.get("qdq_model"))
+
+
+@dataclass(frozen=True)
 class TargetIO:
     """How to drive one model file: its inputs, logits output and KV cache tensors."""
 
@@ -98,10 +140,15 @@ class TargetIO:
     logits: str
     kv: list[KVIO]
     max_context: int | None = None  # static-shape targets: the fixed cache length
-    options: dict[str, Any] = field(default_factory=dict)
+    options: RunOptions = field(default_factory=RunOptions)
 
     def input_of(self, role: str) -> ModelInputIO | None:
         return next((i for i in self.inputs if i.role == role), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "inputs": [asdict(i) for i in self.inputs], "logits": self.logits,
+                "kv": [asdict(k) for k in self.kv], "max_context": self.max_context,
+                "options": self.options.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -113,12 +160,39 @@ class Manifest:
     schema: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        data = {**asdict(self), "targets": {name: io.to_dict() for name, io in self.targets.items()}}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / "kvcompile.json"
         path.write_text(self.to_json())
         return path
+
+
+# The stored form's names and shapes: the rewrite passes create graph I/O with them and the
+# manifest describes it with them, so both read them from here.
+
+def scale_name(cache_name: str) -> str:
+    """Graph I/O name of the per-token scales stored next to a cache tensor."""
+    return f"{cache_name}_scale"
+
+
+def zero_point_name(cache_name: str) -> str:
+    return f"{cache_name}_zero_point"
+
+
+def param_shape(dims, axis: int, group: int) -> list:
+    """Shape of per-group parameters: the head_dim axis holds one entry per group."""
+    out = list(dims)
+    out[axis] = out[axis] // group
+    return out
+
+
+def packed_dims(dims, axis: int, per_byte: int) -> list:
+    """The stored shape: the head_dim axis shrinks by the number of codes per byte."""
+    out = list(dims)
+    out[axis] = out[axis] // per_byte
+    return out
 
 
 def float_kvio(tensor: KVTensor) -> KVIO:
@@ -134,8 +208,7 @@ def float_kvio(tensor: KVTensor) -> KVIO:
 
 def float_model_io(kv: KVGraph, model_path: str) -> TargetIO:
     """Describe an unmodified float model so the runtimes can drive it like a compiled one."""
-    # onnxruntime's GroupQueryAttention takes several tokens per step only for batch 1.
-    options = {"chunks_one_row_at_a_time": True} if GROUP_QUERY_ATTENTION in kv.attention_forms else {}
+    options = RunOptions(chunks_one_row_at_a_time=GROUP_QUERY_ATTENTION in kv.attention_forms)
     return TargetIO(
         model=model_path,
         inputs=[ModelInputIO(i.name, i.role, i.dtype) for i in kv.inputs],
@@ -158,7 +231,7 @@ def _target_from_dict(data: dict) -> TargetIO:
         logits=data["logits"],
         kv=[_kvio_from_dict(k) for k in data["kv"]],
         max_context=data.get("max_context"),
-        options=data.get("options", {}),
+        options=RunOptions.from_dict(data.get("options", {})),
     )
 
 

@@ -1,7 +1,9 @@
-"""The compile pipeline: load -> analyze -> calibrate -> plan -> rewrite -> emit -> verify.
+"""The compile pipeline: load -> analyze -> calibrate -> plan -> rewrite -> lower -> verify -> report.
 
 This is the one place that strings the stages together; it reads top to bottom like the data
-flow in DESIGN.md. Stages talk only through the values they return.
+flow in DESIGN.md. Stages talk only through the values they return: the options are split per
+stage at the top (`CompileOptions.stages`), every target is reached through the registry
+(`kvcompile.targets.TARGETS`), and the typed `Report` is assembled here and only here.
 """
 
 from __future__ import annotations
@@ -19,14 +21,13 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common
 import onnxscript.version_converter
 
 from kvcompile import __version__
-from kvcompile.errors import BadInputError, KvCompileError, QualityGateError, UnsupportedModelError
+from kvcompile.errors import BadInputError, QualityGateError, UnsupportedModelError
 from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph
 from kvcompile.limits import ModelLimits, read_limits
-from kvcompile.manifest import Manifest, TargetIO, float_model_io
+from kvcompile.manifest import Manifest, float_model_io
 from kvcompile.model_io import (
     ORT_OPS_IN_ONNX_DOMAIN,
     check_output_dir,
@@ -36,18 +37,32 @@ from kvcompile.model_io import (
     staged_output_dir,
 )
 from kvcompile.passes.find_kv_cache import find_kv_cache, load_kv_map
-from kvcompile.passes.normalize import NormalizeExportPass
+from kvcompile.passes.manager import cleaned_up, run_passes
+from kvcompile.passes.normalize import normalize_export
 from kvcompile.passes.quantize_gqa import QuantizeGQACachePass
-from kvcompile.passes.transform_kv import KVTransform, TransformKVPass
+from kvcompile.passes.transform_kv import KVTransform, transform_passes
 from kvcompile.passes.quantize_kv_boundary import (
     QuantizeKVBoundaryPass,
 )
 from kvcompile.advice import gate_advice
 from kvcompile.autoplan import auto_plan
 from kvcompile.fusion import decide as decide_fusion
-from kvcompile.plan import QuantPlan, check_options, make_plan, stored_kvio
-from kvcompile.targets import nnapi, ort_cpu, qnn_htp, tflite
-from kvcompile.targets.qnn_htp import QnnOptions, check_socs
+from kvcompile.plan import PlanOptions, QuantPlan, check_options, make_plan, stored_kvio
+from kvcompile.quality import TargetQuality
+from kvcompile.report_types import (
+    BudgetPoint,
+    CalibrationSection,
+    FusionSection,
+    KVSection,
+    LimitsSection,
+    MemoryFigures,
+    PlanSection,
+    Report,
+    TargetReport,
+    Verdict,
+)
+from kvcompile.targets import TARGETS
+from kvcompile.targets.base import Artifact, LoweringInput, TargetOptions, VerifyInput, legalize
 from kvcompile.memory_wall import (
     DEFAULT_BUDGET,
     DEFAULT_DEVICE,
@@ -59,13 +74,13 @@ from kvcompile.memory_wall import (
     parse_size,
 )
 from kvcompile.report import memory_figures, tensor_rows, write_report
-from kvcompile.runtimes.calibrate import KVStats, collect_kv_stats
+from kvcompile.kvstats import KVStats
+from kvcompile.runtimes.calibrate import collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.perplexity import DecodeScore, decode_path_scores
 from kvcompile.runtimes.session import ORT_ERRORS, cpu_session
 from kvcompile.tokens import MIN_TEXT_WINDOWS, bundled_text, find_tokenizer, load_token_ids, make_windows
 
-AVAILABLE_TARGETS = ("ort-cpu", "qnn-htp", "nnapi", "tflite")
+AVAILABLE_TARGETS = tuple(TARGETS)
 MIN_OPSET = 18  # BitwiseAnd/BitwiseOr used by the packing fragments
 
 # progress(stage description, total units) -> advance(units)
@@ -74,6 +89,9 @@ Progress = Callable[[str, int], Callable[[int], None]]
 
 @dataclass(frozen=True)
 class CompileOptions:
+    """Everything the user asked for, flat as the CLI and the --config file spell it;
+    `stages()` splits it into the values each stage reads."""
+
     model: Path
     out_dir: Path | None = None
     kv_bits: float = 4
@@ -101,16 +119,66 @@ class CompileOptions:
     window: int = 256
     prefill: int = 32
 
+    def stages(self) -> StageOptions:
+        return StageOptions(
+            analysis=AnalysisOptions(kv_map=self.kv_map, tokenizer=self.tokenizer),
+            texts=TextOptions(calib=self.calib, calib_tokens=self.calib_tokens, eval_text=self.eval_text,
+                              eval_tokens=self.eval_tokens, window=self.window, prefill=self.prefill),
+            plan=PlanOptions(kv_bits=self.kv_bits, scheme=self.scheme, clip=self.clip, group_size=self.group_size,
+                             asymmetric=self.asymmetric, uniform=self.uniform, rotate=self.rotate,
+                             fold_scales=self.fold_scales, fuse_attention=self.fuse_attention,
+                             calibrated=not self.no_calibration),
+            targets=resolve_targets(self.targets),
+            target=TargetOptions(max_context=self.max_context, socs=tuple(self.socs)),
+            quality_gate_pct=self.quality_gate_pct,
+            report=ReportOptions(device=self.device, budget=self.budget),
+        )
 
-@dataclass
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    kv_map: Path | None  # a --kv-map file instead of graph analysis
+    tokenizer: Path | None
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """The calibration and held-out texts, and the windows both are cut into."""
+
+    calib: Path | None
+    calib_tokens: int
+    eval_text: Path | None
+    eval_tokens: int
+    window: int
+    prefill: int
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    device: str | None  # memory-wall report: a devices.toml key or a .toml profile
+    budget: str  # memory-wall report: RAM for the KV cache
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    analysis: AnalysisOptions
+    texts: TextOptions
+    plan: PlanOptions
+    targets: tuple[str, ...]  # resolved: ort-cpu first
+    target: TargetOptions
+    quality_gate_pct: float
+    report: ReportOptions
+
+
+@dataclass(frozen=True)
 class CompileResult:
     out_dir: Path
-    report: dict[str, Any]
+    report: Report
 
     @property
     def passed(self) -> bool:
         """False only when the quality gate failed (an unverified compile has not failed it)."""
-        return self.report["quality"]["passed"] is not False
+        return self.report.quality.passed is not False
 
 
 def default_out_dir(model: Path) -> Path:
@@ -131,11 +199,6 @@ def resolve_targets(requested: tuple[str, ...]) -> tuple[str, ...]:
             if target not in targets:
                 targets.append(target)
     return tuple(targets)
-
-
-def normalize_export(model: ir.Model) -> bool:
-    """Fold the constant computations exporters leave (in place); True if the graph changed."""
-    return NormalizeExportPass()(model).modified
 
 
 def analyze(model: ir.Model, kv_map: Path | None) -> KVGraph:
@@ -168,17 +231,17 @@ DEFAULT_STATIC_CONTEXT = 1024
 MIN_WINDOW = 16  # the shortest evaluation window that still leaves decode steps after a prefill
 
 
-def within_limits(options: CompileOptions, limits: ModelLimits, targets: tuple[str, ...]) -> CompileOptions:
+def within_limits(stages: StageOptions, limits: ModelLimits) -> StageOptions:
     """The options with every context kept within the model's limits: calibration and evaluation
     windows, and the static targets' buffer (1024 by default, else what --max-context asks).
     An explicit --max-context beyond a limit is refused, naming the limit and where it was read."""
-    window = limits.clamp(options.window)
+    window = limits.clamp(stages.texts.window)
     if window < MIN_WINDOW:
         raise UnsupportedModelError(
             f"the model takes at most {limits.max_context} tokens ({'; '.join(limits.facts)}); kvcompile calibrates "
             f"and verifies through windows of at least {MIN_WINDOW} tokens")
-    static = [t for t in targets if t != "ort-cpu"]
-    max_context = options.max_context
+    static = [t for t in stages.targets if not TARGETS[t].capabilities.dynamic_shapes]
+    max_context = stages.target.max_context
     if static:
         caps = [(limits.max_context, "the model's context limit"), (limits.window, "its attention window")]
         caps = [(value, what) for value, what in caps if value is not None]
@@ -190,8 +253,8 @@ def within_limits(options: CompileOptions, limits: ModelLimits, targets: tuple[s
                     f"--max-context {max_context} is longer than {what}, {value} tokens "
                     f"({'; '.join(limits.facts)}); the static graph attends over its whole buffer: pass "
                     f"--max-context {value} or less")
-    return dataclasses.replace(options, window=window, prefill=min(options.prefill, window // 4),
-                               max_context=max_context)
+    texts = dataclasses.replace(stages.texts, window=window, prefill=min(stages.texts.prefill, window // 4))
+    return dataclasses.replace(stages, texts=texts, target=dataclasses.replace(stages.target, max_context=max_context))
 
 
 def _input_ids_name(kv: KVGraph) -> str:
@@ -258,27 +321,8 @@ def quantize_graph(model: ir.Model, kv: KVGraph, plan: QuantPlan) -> ir.Model:
     appended = {t.past_input for t in kv.tensors if t.concat_node is not None}
     boundary = {name: c for name, c in codecs.items() if name in appended}
     fused = {name: c for name, c in codecs.items() if name not in appended}
-    passes = ir.passes.PassManager([
-        QuantizeKVBoundaryPass(kv, boundary),
-        QuantizeGQACachePass(kv, fused),
-        ir.passes.common.RemoveUnusedNodesPass(),
-        ir.passes.common.TopologicalSortPass(),
-    ])
-    run_passes(passes, model)
+    run_passes(model, QuantizeKVBoundaryPass(kv, boundary), QuantizeGQACachePass(kv, fused), *cleaned_up())
     return model
-
-
-def run_passes(passes: ir.passes.PassManager, model: ir.Model) -> None:
-    """Run passes; a refusal inside one surfaces as the KvCompileError it is, not a PassError."""
-    try:
-        passes(model)
-    except ir.passes.PassError as exc:
-        cause = exc.__cause__
-        while isinstance(cause, ir.passes.PassError):
-            cause = cause.__cause__
-        if isinstance(cause, KvCompileError):
-            raise cause from None
-        raise
 
 
 def fold_scales(model: ir.Model, kv: KVGraph, plan: QuantPlan) -> QuantPlan:
@@ -293,30 +337,15 @@ def fold_scales(model: ir.Model, kv: KVGraph, plan: QuantPlan) -> QuantPlan:
                 reason=tensor_plan.reason + "; per-channel scales folded into the attention "
                 "(cache holds k/s, one per-tensor scale 1.0)")
         tensors.append(tensor_plan)
-    TransformKVPass(kv, transforms)(model)
+    run_passes(model, *transform_passes(kv, transforms))
     return dataclasses.replace(plan, tensors=tuple(tensors))
-
-
-def _score_summary(float_score: DecodeScore, score: DecodeScore, gate: float, text: str) -> dict[str, Any]:
-    delta = 100.0 * (score.ppl / float_score.ppl - 1.0)
-    return {
-        "float_ppl": round(float_score.ppl, 4),
-        "quantized_ppl": round(score.ppl, 4),
-        "ppl_delta_pct": round(delta, 4),
-        "top1_agreement": round(score.top1_agreement, 5),
-        "mean_kl": round(score.mean_kl, 6),
-        "eval_tokens": score.tokens,
-        "eval_text": text,
-        "quality_gate_pct": gate,
-        "passed": delta <= gate,
-    }
 
 
 def rotate_kv(model: ir.Model, kv: KVGraph, rotate: str) -> None:
     """--rotate hadamard: rotate every cache tensor along head_dim (in place, see TransformKVPass)."""
     if rotate != "hadamard":
         raise BadInputError(f"--rotate {rotate!r} is not supported; use hadamard")
-    TransformKVPass(kv, {t.past_input: KVTransform.rotation(t) for t in kv.tensors})(model)
+    run_passes(model, *transform_passes(kv, {t.past_input: KVTransform.rotation(t) for t in kv.tensors}))
 
 
 def stage_float_model(model: ir.Model, kv: KVGraph, rotate: str | None, work: Path, model_path: Path,
@@ -388,7 +417,7 @@ def load_input_model(model_path: Path, kv: KVGraph, tokens: np.ndarray) -> Decod
     return decoder
 
 
-def _plan(kv: KVGraph, stats: KVStats, float_decoder: Decoder, texts: _Texts, options: CompileOptions,
+def _plan(kv: KVGraph, stats: KVStats, float_decoder: Decoder, texts: _Texts, options: PlanOptions,
           float_path: Path, work: Path, progress: Progress) -> QuantPlan:
     if options.scheme == "auto":
         variant = VariantBuilder(float_path, kv, work)
@@ -396,22 +425,6 @@ def _plan(kv: KVGraph, stats: KVStats, float_decoder: Decoder, texts: _Texts, op
                          options.clip, options.uniform, progress)
     return make_plan(kv, stats, options.kv_bits, options.scheme, options.clip, options.group_size,
                      options.asymmetric)
-
-
-def _kv_storage(plan: QuantPlan) -> str:
-    """What the artifact stores, e.g. "uint8 codes packed along head_dim: 4-bit x8 (2 per byte)"."""
-    counts: dict[str, int] = {}
-    for t in plan.tensors:
-        if t.bits is None:
-            key = "float"
-        else:
-            per_byte = 8 // t.bits
-            key = f"{t.bits}-bit" + (f" ({per_byte} per byte)" if per_byte > 1 else "")
-        counts[key] = counts.get(key, 0) + 1
-    parts = ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
-    dynamic = sum(t.dynamic for t in plan.tensors)
-    extra = f"; float16 per-token scales next to {dynamic} tensor(s)" if dynamic else ""
-    return f"uint8 codes packed along head_dim: {parts}{extra}"
 
 
 @dataclass(frozen=True)
@@ -429,7 +442,7 @@ def vocab_size(model: ir.Model, kv: KVGraph) -> int | None:
     return last if isinstance(last, int) else None
 
 
-def _load_texts(options: CompileOptions, tokenizer: Path | None, vocab: int | None) -> _Texts:
+def _load_texts(options: TextOptions, tokenizer: Path | None, vocab: int | None) -> _Texts:
     calib = Path(options.calib) if options.calib else bundled_text("calib.txt")
     evaluation = Path(options.eval_text) if options.eval_text else bundled_text("heldout.txt")
     return _Texts(
@@ -442,110 +455,89 @@ def _load_texts(options: CompileOptions, tokenizer: Path | None, vocab: int | No
     )
 
 
-def _emit(model: ir.Model, kv: KVGraph, plan: QuantPlan, stage: Path, model_path: Path,
-          tokenizer: Path | None) -> tuple[Manifest, dict[str, dict]]:
-    target_ios, notes = {}, {}
-    target_ios["ort-cpu"], notes["ort-cpu"] = ort_cpu.emit(model, kv, plan, stage, model_path.parent)
+def lower_targets(targets: tuple[str, ...], lowering: LoweringInput) -> tuple[dict[str, Artifact], dict[str, tuple[str, ...]]]:
+    """Lower every requested target, each with the plan legalised for what it can hold; returns
+    the artifacts and, per target, the plan changes legalising made."""
+    artifacts, changes = {}, {}
+    for name in targets:
+        target = TARGETS[name]
+        dynamic = target.capabilities.dynamic_shapes
+        kv = lowering.kv if dynamic else lowering.float_kv  # static graphs are built from the float model
+        plan, changes[name] = legalize(kv, lowering.stats, lowering.plan, target.capabilities)
+        artifacts[name] = target.lower(dataclasses.replace(lowering, plan=plan))
+    return artifacts, changes
+
+
+def write_manifest(artifacts: dict[str, Artifact], stage: Path, model_path: Path, tokenizer: Path | None) -> Manifest:
     if tokenizer is not None:
         shutil.copyfile(tokenizer, stage / "tokenizer.json")
     manifest = Manifest(
         kvcompile_version=__version__,
         source={"path": model_path.name, "sha256": input_hash(model_path)},
-        targets=target_ios,
+        targets={name: artifact.io for name, artifact in artifacts.items()},
         tokenizer="tokenizer.json" if tokenizer is not None else None,
     )
     manifest.write(stage)
-    return manifest, notes
+    return manifest
 
 
-def _emit_static_targets(targets: tuple[str, ...], decomposed: tuple[KVGraph, Path], float_decoder: Decoder,
-                         plan: QuantPlan, stats: KVStats, stage: Path, texts: _Texts, options: CompileOptions,
-                         notes: dict[str, dict]) -> dict[str, TargetIO]:
-    """The static-shape (NPU) targets, all built from the decomposed float model."""
-    kv, float_path = decomposed
-    ios: dict[str, TargetIO] = {}
-    if "qnn-htp" in targets:
-        ios["qnn-htp"], notes["qnn-htp"] = qnn_htp.emit(
-            float_path, float_decoder, kv, plan, stats, stage, texts.calib_windows.reshape(-1), texts.eval_windows,
-            QnnOptions(socs=options.socs, max_context=options.max_context, quality_gate_pct=options.quality_gate_pct))
-    if "nnapi" in targets:
-        ios["nnapi"], notes["nnapi"], _ = nnapi.emit(float_path, float_decoder, kv, plan, stats, stage,
-                                                    texts.eval_windows, options.max_context,
-                                                    options.quality_gate_pct)
-    if "tflite" in targets:
-        ios["tflite"], notes["tflite"] = tflite.emit(float_path, float_decoder, kv, plan, stats, stage,
-                                                     texts.eval_windows, options.max_context, options.quality_gate_pct)
-    return ios
+def verdict(qualities: dict[str, TargetQuality], plan: QuantPlan, gate_pct: float, fused: bool,
+            fuse_mode: str) -> Verdict:
+    """The gate: every target within `gate_pct` of the float model. Advice (from what auto
+    measured) when the ort-cpu artifact itself failed."""
+    gate = qualities["ort-cpu"]
+    failed = tuple(name for name, quality in qualities.items() if name != "ort-cpu" and not quality.passed)
+    passed = gate.passed and not failed
+    advice = () if passed or failed else tuple(gate_advice(plan, gate.ppl_delta_pct, gate_pct, fused, fuse_mode))
+    return Verdict(passed=passed, gate=gate, failed_targets=failed, advice=advice)
 
 
-def _verify(float_decoder: Decoder, manifest: Manifest, stage: Path, texts: _Texts,
-            options: CompileOptions, progress: Progress) -> dict[str, Any]:
-    """Decode-path quality of the ort-cpu artifact against the float model."""
-    io = manifest.targets["ort-cpu"]
-    compiled = Decoder(cpu_session(stage / io.model), io)
-    steps = texts.eval_windows.shape[0] * (options.window - options.prefill - 1)
-    float_score, compiled_score = decode_path_scores(
-        [float_decoder, compiled], texts.eval_windows, options.prefill,
-        progress=progress(f"verifying through the decode path ({texts.eval_windows.shape[0]} windows of "
-                          f"{texts.eval_windows.shape[1]} tokens)", steps))
-    return _score_summary(float_score, compiled_score, options.quality_gate_pct, texts.eval_name)
+def kv_section(kv: KVGraph, plan: QuantPlan, stats: KVStats | None) -> KVSection:
+    return KVSection(layers=kv.num_layers, discovery=kv.source, attention_forms=list(kv.attention_forms),
+                     tensors=tensor_rows(kv, plan, stats))
 
 
-def report_device(options: CompileOptions, targets: tuple[str, ...]) -> Device:
+def plan_section(plan: QuantPlan, options: PlanOptions) -> PlanSection:
+    return PlanSection(bits=plan.bits, scheme=plan.scheme, clip=plan.clip, storage=plan.storage,
+                       budget_curve=[BudgetPoint(bits, kl) for bits, kl in plan.budget_curve],
+                       rotate=options.rotate, fold_scales=options.fold_scales, bit_widths=list(plan.bit_widths),
+                       choices={t.label: t.name for t in plan.tensors})
+
+
+def target_reports(artifacts: dict[str, Artifact], changes: dict[str, tuple[str, ...]],
+                   qualities: dict[str, TargetQuality] | None) -> dict[str, TargetReport]:
+    return {name: TargetReport(artifact=artifact.io.model, kv_storage=artifact.kv_storage,
+                               quality=None if qualities is None else qualities[name],
+                               plan_changes=changes[name], facts=artifact.facts)
+            for name, artifact in artifacts.items()}
+
+
+def memory_wall_section(memory: MemoryFigures, weights_path: Path, device: Device, budget: str) -> dict[str, Any]:
+    return memory_wall(dataclasses.asdict(memory), model_weights(weights_path), device, parse_size(budget))
+
+
+def report_device(options: ReportOptions, targets: tuple[str, ...], socs: tuple[str, ...]) -> Device:
     """--device, else the profile of the first --soc when compiling for qnn-htp, else the default."""
     if options.device is not None:
         return load_device(options.device)
     if "qnn-htp" in targets:
-        return load_device(SOC_DEVICES.get(options.socs[0], DEFAULT_DEVICE))
+        return load_device(SOC_DEVICES.get(socs[0], DEFAULT_DEVICE))
     return load_device(DEFAULT_DEVICE)
-
-
-def _report(kv: KVGraph, plan: QuantPlan, stats: KVStats | None, manifest: Manifest, quality: dict[str, Any],
-            texts: _Texts | None, options: CompileOptions, targets: tuple[str, ...], device: Device, stage: Path,
-            timings: dict[str, float]) -> dict[str, Any]:
-    memory = memory_figures(kv, plan)
-    weights = model_weights(stage / manifest.targets["ort-cpu"].model)
-    return {
-        "kvcompile_version": __version__,
-        "source": manifest.source,
-        "status": {True: "passed", False: "failed-quality-gate", None: "unverified"}[quality["passed"]],
-        "kv": {
-            "layers": kv.num_layers,
-            "discovery": kv.source,
-            "attention_forms": list(kv.attention_forms),
-            "tensors": tensor_rows(kv, plan, stats),
-        },
-        "plan": {"bits": plan.bits, "scheme": plan.scheme, "clip": plan.clip, "storage": plan.storage,
-                 "budget_curve": [{"bits": bits, "summed_kl": kl} for bits, kl in plan.budget_curve],
-                 "rotate": options.rotate, "fold_scales": options.fold_scales,
-                 "bit_widths": list(plan.bit_widths),
-                 "choices": {t.label: t.name for t in plan.tensors}},
-        "calibration": None if texts is None else {"tokens": int(texts.calib_windows.size),
-                                                   "text": texts.calib_name, "window": options.window},
-        "memory": memory,
-        "memory_wall": memory_wall(memory, weights, device, parse_size(options.budget)),
-        "quality": quality,
-        "targets": {
-            name: {"artifact": io.model, "ran": True, "kv_storage": _kv_storage(plan)}
-            for name, io in manifest.targets.items() if name in targets
-        },
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-    }
 
 
 def compile_model(options: CompileOptions, progress: Progress | None = None) -> CompileResult:
     """Compile `options.model`; raises QualityGateError (after writing) if quality is lost."""
     check_options(options.kv_bits, options.scheme, options.clip, options.group_size)
-    targets = resolve_targets(options.targets)
+    stages = options.stages()
     model_path = Path(options.model)
     out_dir = Path(options.out_dir) if options.out_dir is not None else default_out_dir(model_path)
     check_output_dir(out_dir, model_path)
-    device = report_device(options, targets)
-    parse_size(options.budget)
+    device = report_device(stages.report, stages.targets, stages.target.socs)
+    parse_size(stages.report.budget)
     try:
-        if options.no_calibration:
-            return compile_uncalibrated(options, targets, model_path, out_dir, device)
-        return compile_calibrated(options, targets, model_path, out_dir, device, progress or _no_progress)
+        if not stages.plan.calibrated:
+            return compile_uncalibrated(stages, model_path, out_dir, device)
+        return compile_calibrated(stages, model_path, out_dir, device, progress or _no_progress)
     except (BadInputError, UnsupportedModelError, QualityGateError):
         raise
     except Exception as exc:
@@ -583,40 +575,40 @@ def input_fault(model_path: Path) -> str | None:
     return None
 
 
-def compile_calibrated(options: CompileOptions, targets: tuple[str, ...], model_path: Path, out_dir: Path,
-                       device: Device, progress: Progress) -> CompileResult:
-    """load -> analyze -> calibrate -> plan -> rewrite -> emit -> verify (DESIGN.md's data flow)."""
-    timings: dict[str, float] = {}
+def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, device: Device,
+                       progress: Progress) -> CompileResult:
+    """load -> analyze -> calibrate -> plan -> rewrite -> lower -> verify (DESIGN.md's data flow)."""
+    timings: dict[str, Any] = {}
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        timings[name] = now - clock
+        timings[name] = round(now - clock, 3)
         clock = now
 
     model = load_model(model_path)  # not announced: a refused input gets its one line and nothing else
     check_operators(model)
     normalized = normalize_export(model)
-    kv = analyze(model, options.kv_map)
+    kv = analyze(model, stages.analysis.kv_map)
     refuse_unsupported_attention(model, kv)
     limits = read_limits(model, kv, model_path)
-    options = within_limits(options, limits, targets)
-    tokenizer = find_tokenizer(model_path, options.tokenizer)
-    texts = _load_texts(options, tokenizer, vocab_size(model, kv))
+    stages = within_limits(stages, limits)
+    for name in stages.targets:
+        TARGETS[name].check(kv, stages.target)
+    tokenizer = find_tokenizer(model_path, stages.analysis.tokenizer)
+    texts = _load_texts(stages.texts, tokenizer, vocab_size(model, kv))
     float_decoder = load_input_model(model_path, kv, texts.calib_windows[0, :8])
     lap("load_analyze_s")
 
-    if "qnn-htp" in targets:
-        check_socs(options.socs)
+    plan_options = stages.plan
     with tempfile.TemporaryDirectory(prefix="kvcompile-") as work_dir:
         work = Path(work_dir)
-        float_path = stage_float_model(model, kv, options.rotate, work, model_path, normalized)
-        decomposed = (kv, float_path)  # static-shape targets are built from decomposed attention
-        progress(f"checking attention fusion (--fuse-attention {options.fuse_attention})", 0)
-        fusion = decide_fusion(options.fuse_attention, options.scheme, options.kv_bits, options.fold_scales,
-                               float_decoder, float_path, kv, _input_ids_name(kv), texts.calib_windows.reshape(-1),
-                               limits, work,
+        float_path = stage_float_model(model, kv, plan_options.rotate, work, model_path, normalized)
+        decomposed_kv, decomposed_path = kv, float_path  # static-shape targets are built from decomposed attention
+        progress(f"checking attention fusion (--fuse-attention {plan_options.fuse_attention})", 0)
+        fusion = decide_fusion(plan_options, float_decoder, float_path, kv, _input_ids_name(kv),
+                               texts.calib_windows.reshape(-1), limits, work,
                                lambda path, graph, plan: build_variant(path, graph, plan, work, optimize=True,
                                                                        name="latency.onnx"))
         if fusion.fused:
@@ -627,70 +619,77 @@ def compile_calibrated(options: CompileOptions, targets: tuple[str, ...], model_
         stats = collect_kv_stats(calib_decoder, texts.calib_windows,
                                  progress=progress(f"calibrating ({texts.calib_windows.size:,} tokens)",
                                                    int(texts.calib_windows.size)))
-        plan = _plan(kv, stats, calib_decoder, texts, options, float_path, work, progress)
+        plan = _plan(kv, stats, calib_decoder, texts, plan_options, float_path, work, progress)
         lap("calibrate_plan_s")
 
         progress("rewriting the graph", 0)
-        if options.fold_scales:
+        if plan_options.fold_scales:
             plan = fold_scales(model, kv, plan)
         quantize_graph(model, kv, plan)
         lap("rewrite_s")
 
         with staged_output_dir(out_dir) as stage:
-            progress(f"writing artifacts ({', '.join(targets)})", 0)
-            manifest, target_notes = _emit(model, kv, plan, stage, model_path, tokenizer)
-            static_ios = _emit_static_targets(targets, decomposed, float_decoder, plan, stats, stage, texts,
-                                              options, target_notes)
-            if static_ios:
-                manifest = dataclasses.replace(manifest, targets={**manifest.targets, **static_ios})
-                manifest.write(stage)
+            progress(f"writing artifacts ({', '.join(stages.targets)})", 0)
+            lowering = LoweringInput(model=model, kv=kv, plan=plan, float_path=decomposed_path,
+                                     float_kv=decomposed_kv, stats=stats, stage=stage, source_dir=model_path.parent,
+                                     calib_ids=texts.calib_windows.reshape(-1), options=stages.target)
+            artifacts, changes = lower_targets(stages.targets, lowering)
+            manifest = write_manifest(artifacts, stage, model_path, tokenizer)
             lap("emit_s")
-            quality = _verify(float_decoder, manifest, stage, texts, options, progress)
+            verifying = VerifyInput(float_decoder=float_decoder, eval_windows=texts.eval_windows,
+                                    eval_text=texts.eval_name, prefill=stages.texts.prefill,
+                                    quality_gate_pct=stages.quality_gate_pct, folder=stage, progress=progress)
+            qualities = {name: TARGETS[name].verify(artifact, verifying) for name, artifact in artifacts.items()}
             lap("verify_s")
-            report = _report(kv, plan, stats, manifest, quality, texts, options, targets, device, stage, timings)
-            for name, note in target_notes.items():
-                report["targets"].setdefault(name, {}).update(note)
-            failed = [name for name, note in target_notes.items() if not note.get("quality", {}).get("passed", True)]
-            if failed:
-                report["status"] = "failed-quality-gate"
-                report["quality"]["passed"] = False
-                report["quality"]["failed_targets"] = failed
-            report["fusion"] = fusion.report()
-            report["limits"] = {**limits.summary(), "eval_window": options.window, "prefill": options.prefill}
-            report["timings"].update(fusion.timings())
-            if quality["passed"] is False and not failed:
-                quality["advice"] = gate_advice(plan, quality["ppl_delta_pct"], options.quality_gate_pct,
-                                                fusion.fused or GROUP_QUERY_ATTENTION in kv.attention_forms,
-                                                options.fuse_attention)
+            memory = memory_figures(kv, plan)
+            report = Report(
+                kvcompile_version=__version__,
+                source=manifest.source,
+                kv=kv_section(kv, plan, stats),
+                plan=plan_section(plan, plan_options),
+                calibration=CalibrationSection(tokens=int(texts.calib_windows.size), text=texts.calib_name,
+                                               window=stages.texts.window),
+                memory=memory,
+                memory_wall=memory_wall_section(memory, stage / artifacts["ort-cpu"].io.model, device,
+                                                stages.report.budget),
+                quality=verdict(qualities, plan, stages.quality_gate_pct,
+                                fusion.fused or GROUP_QUERY_ATTENTION in kv.attention_forms,
+                                plan_options.fuse_attention),
+                targets=target_reports(artifacts, changes, qualities),
+                fusion=FusionSection(fused=fusion.fused, reason=fusion.reason),
+                limits=LimitsSection(max_context=limits.max_context, sliding_window=limits.window,
+                                     facts=list(limits.facts), eval_window=stages.texts.window,
+                                     prefill=stages.texts.prefill),
+                timings={**timings, **fusion.timings()},
+            )
             write_report(report, stage)
 
     result = CompileResult(out_dir=out_dir, report=report)
     if not result.passed:
-        failed = quality.get("failed_targets")
-        if failed:
-            raise QualityGateError(
-                f"target(s) {', '.join(failed)} lost more than the {options.quality_gate_pct}% gate; "
-                f"artifacts written to {out_dir} and marked failed (see report.md)", result=result)
-        advice = "; ".join(quality["advice"]) or "see report.md"
-        raise QualityGateError(
-            f"perplexity rose {quality['ppl_delta_pct']:+.2f}% (gate {options.quality_gate_pct}%): "
-            f"{quality['float_ppl']:.3f} -> {quality['quantized_ppl']:.3f}; artifacts written to "
-            f"{out_dir} and marked failed. Try: {advice}",
-            result=result,
-        )
+        raise QualityGateError(gate_message(report.quality, stages.quality_gate_pct, out_dir), result=result)
     return result
 
 
-UNVERIFIED = {
-    "passed": None,
-    "verified": False,
-    "reason": "compiled with --no-calibration: no float model was run, nothing was measured; "
-              "run `kvcompile eval OUTDIR --text FILE` or compile without --no-calibration before shipping",
-}
+def gate_message(quality: Verdict, gate_pct: float, out_dir: Path) -> str:
+    if quality.failed_targets:
+        return (f"target(s) {', '.join(quality.failed_targets)} lost more than the {gate_pct}% gate; "
+                f"artifacts written to {out_dir} and marked failed (see report.md)")
+    gate = quality.gate
+    advice = "; ".join(quality.advice) or "see report.md"
+    return (f"perplexity rose {gate.ppl_delta_pct:+.2f}% (gate {gate_pct}%): "
+            f"{gate.float_ppl:.3f} -> {gate.quantized_ppl:.3f}; artifacts written to "
+            f"{out_dir} and marked failed. Try: {advice}")
+
+
+UNVERIFIED = Verdict(
+    passed=None, gate=None,
+    reason="compiled with --no-calibration: no float model was run, nothing was measured; "
+           "run `kvcompile eval OUTDIR --text FILE` or compile without --no-calibration before shipping",
+)
 DYNAMIC_SCHEMES = ("per-token", "per-group")
 
 
-def check_uncalibrated(options: CompileOptions, targets: tuple[str, ...]) -> str:
+def check_uncalibrated(options: PlanOptions, targets: tuple[str, ...]) -> str:
     """The scheme a --no-calibration compile uses, or a refusal naming what needs calibration."""
     scheme = "per-token" if options.scheme == "auto" else options.scheme
     if scheme not in DYNAMIC_SCHEMES:
@@ -704,46 +703,62 @@ def check_uncalibrated(options: CompileOptions, targets: tuple[str, ...]) -> str
     if options.fuse_attention == "on":
         raise BadInputError("--fuse-attention on needs calibrated scales and a float check; drop it or "
                             "--no-calibration")
-    static = [t for t in targets if t != "ort-cpu"]
-    if static:
-        raise BadInputError(f"--target {', '.join(static)} needs calibration (static scales, full-model "
+    calibrated = [t for t in targets if TARGETS[t].capabilities.needs_calibration]
+    if calibrated:
+        raise BadInputError(f"--target {', '.join(calibrated)} needs calibration (static scales, full-model "
                             "QDQ); drop --no-calibration")
     return scheme
 
 
-def compile_uncalibrated(options: CompileOptions, targets: tuple[str, ...], model_path: Path, out_dir: Path,
-                         device: Device) -> CompileResult:
-    """--no-calibration: load -> analyze -> dynamic plan -> rewrite -> emit, with no float run.
+def compile_uncalibrated(stages: StageOptions, model_path: Path, out_dir: Path, device: Device) -> CompileResult:
+    """--no-calibration: load -> analyze -> dynamic plan -> rewrite -> lower, with no float run.
 
     For models too large to calibrate here, or to check structure and footprint quickly: every
     cache tensor gets an in-graph per-token (or per-group) scale, so nothing depends on data.
     The weights stay on disk until the artifact is written (onnx_ir reads external data
     lazily) and are never loaded into an onnxruntime session. The report says "unverified"."""
-    timings: dict[str, float] = {}
+    timings: dict[str, Any] = {}
     started = time.perf_counter()
-    scheme = check_uncalibrated(options, targets)
+    plan_options = stages.plan
+    scheme = check_uncalibrated(plan_options, stages.targets)
     model = load_model(model_path)
     check_operators(model)
     normalize_export(model)
-    kv = analyze(model, options.kv_map)
+    kv = analyze(model, stages.analysis.kv_map)
     refuse_unsupported_attention(model, kv)
     limits = read_limits(model, kv, model_path)
     if GROUP_QUERY_ATTENTION in kv.attention_forms:
         raise BadInputError("GroupQueryAttention's quantized cache uses calibrated scales; "
                             "drop --no-calibration for this model")
-    tokenizer = find_tokenizer(model_path, options.tokenizer)
-    if options.rotate is not None:
-        rotate_kv(model, kv, options.rotate)
-    plan = make_plan(kv, None, options.kv_bits, scheme, options.clip, options.group_size, options.asymmetric)
+    tokenizer = find_tokenizer(model_path, stages.analysis.tokenizer)
+    if plan_options.rotate is not None:
+        rotate_kv(model, kv, plan_options.rotate)
+    plan = make_plan(kv, None, plan_options.kv_bits, scheme, plan_options.clip, plan_options.group_size,
+                     plan_options.asymmetric)
     quantize_graph(model, kv, plan)
-    timings["load_analyze_rewrite_s"] = time.perf_counter() - started
+    timings["load_analyze_rewrite_s"] = round(time.perf_counter() - started, 3)
     with staged_output_dir(out_dir) as stage:
-        manifest, target_notes = _emit(model, kv, plan, stage, model_path, tokenizer)
-        timings["emit_s"] = time.perf_counter() - started - timings["load_analyze_rewrite_s"]
-        report = _report(kv, plan, None, manifest, dict(UNVERIFIED), None, options, targets, device, stage, timings)
-        for name, note in target_notes.items():
-            report["targets"][name].update(note, ran=False)
-        report["fusion"] = {"fused": False, "reason": "--no-calibration keeps the attention as exported"}
-        report["limits"] = limits.summary()
+        lowering = LoweringInput(model=model, kv=kv, plan=plan, float_path=model_path, float_kv=kv, stats=None,
+                                 stage=stage, source_dir=model_path.parent, calib_ids=None, options=stages.target)
+        artifacts, changes = lower_targets(stages.targets, lowering)
+        manifest = write_manifest(artifacts, stage, model_path, tokenizer)
+        timings["emit_s"] = round(time.perf_counter() - started - timings["load_analyze_rewrite_s"], 3)
+        memory = memory_figures(kv, plan)
+        report = Report(
+            kvcompile_version=__version__,
+            source=manifest.source,
+            kv=kv_section(kv, plan, None),
+            plan=plan_section(plan, plan_options),
+            calibration=None,
+            memory=memory,
+            memory_wall=memory_wall_section(memory, stage / artifacts["ort-cpu"].io.model, device,
+                                            stages.report.budget),
+            quality=UNVERIFIED,
+            targets=target_reports(artifacts, changes, None),
+            fusion=FusionSection(fused=False, reason="--no-calibration keeps the attention as exported"),
+            limits=LimitsSection(max_context=limits.max_context, sliding_window=limits.window,
+                                 facts=list(limits.facts)),
+            timings=timings,
+        )
         write_report(report, stage)
     return CompileResult(out_dir=out_dir, report=report)

@@ -24,11 +24,10 @@ import numpy as np
 
 from kvcompile.errors import BadInputError
 from kvcompile.kvgraph import KVGraph, KVTensor
-from kvcompile.manifest import KVIO, Packing, StoredParam
-from kvcompile.passes.quantize_kv_boundary import packed_dims, param_shape, scale_name, zero_point_name
+from kvcompile.manifest import KVIO, Packing, StoredParam, packed_dims, param_shape, scale_name, zero_point_name
 from kvcompile.quant import Codec, SUPPORTED_BITS, codes_per_byte, symmetric_scale, symmetric_zero_point
 from kvcompile.ranges import CLIP_METHODS, channel_ranges, rope_pairs, tensor_range
-from kvcompile.runtimes.calibrate import KVStats
+from kvcompile.kvstats import KVStats
 
 SCHEMES = ("auto", "per-tensor", "per-channel", "per-token", "per-group", "kivi")
 GRANULARITIES = ("per-tensor", "per-channel", "per-token", "per-group")
@@ -134,6 +133,23 @@ def to_layout(canonical: np.ndarray, tensor: KVTensor) -> np.ndarray:
         shape[tensor.axes.heads] = canonical.shape[0]
     shape[tensor.axes.head_dim] = canonical.shape[1]
     return canonical.reshape(shape)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the user asked of the plan: the bit budget, the scheme and how scales are found,
+    transforms of the cache (rotation, folded scales) and whether attention may be fused."""
+
+    kv_bits: float = 4
+    scheme: str = "auto"
+    clip: str = "wmse"
+    group_size: int = 32
+    asymmetric: bool = False
+    uniform: bool = False
+    rotate: str | None = None  # "hadamard"
+    fold_scales: bool = False
+    fuse_attention: str = "auto"  # auto | on | off
+    calibrated: bool = True  # False: --no-calibration (dynamic scales only)
 
 
 def check_options(bits: float, scheme: str, clip: str = "wmse", group_size: int = 32) -> None:

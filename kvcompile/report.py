@@ -22,7 +22,8 @@ from kvcompile.memory_wall import format_bytes
 from kvcompile.plot import write_plot
 from kvcompile.plan import QuantPlan
 from kvcompile.quant import sqnr_db
-from kvcompile.runtimes.calibrate import KVStats
+from kvcompile.report_types import MemoryFigures, Report, TensorRow
+from kvcompile.kvstats import KVStats
 
 REFERENCE_CONTEXT = 1024
 
@@ -36,7 +37,7 @@ def layout_name(axes) -> str:
     return "".join(letters[i] for i in sorted(letters))
 
 
-def memory_figures(kv: KVGraph, plan: QuantPlan, context: int = REFERENCE_CONTEXT) -> dict[str, Any]:
+def memory_figures(kv: KVGraph, plan: QuantPlan, context: int = REFERENCE_CONTEXT) -> MemoryFigures:
     fp16_per_token = kv.fp16_bytes_per_token()
     stored_bits = 0.0
     static_bytes = 0
@@ -46,21 +47,21 @@ def memory_figures(kv: KVGraph, plan: QuantPlan, context: int = REFERENCE_CONTEX
         static_bytes += tensor_plan.static_bytes()
     quantized_per_token = stored_bits / 8
     elements = sum(t.elements_per_token for t in kv.tensors)
-    return {
-        "fp16_bytes_per_token": fp16_per_token,
-        "quantized_bytes_per_token": quantized_per_token,
-        "static_bytes": static_bytes,
-        "reference_context": context,
-        "fp16_bytes_at_reference": fp16_per_token * context,
-        "quantized_bytes_at_reference": quantized_per_token * context + static_bytes,
-        "ratio_vs_fp16": round(fp16_per_token * context / (quantized_per_token * context + static_bytes), 4),
+    return MemoryFigures(
+        fp16_bytes_per_token=fp16_per_token,
+        quantized_bytes_per_token=quantized_per_token,
+        static_bytes=static_bytes,
+        reference_context=context,
+        fp16_bytes_at_reference=fp16_per_token * context,
+        quantized_bytes_at_reference=quantized_per_token * context + static_bytes,
+        ratio_vs_fp16=round(fp16_per_token * context / (quantized_per_token * context + static_bytes), 4),
         # what --kv-bits budgets: bits per cache element that grow with the context
-        "avg_bits_per_element": round(stored_bits / elements, 4),
-        "elements_per_token": elements,
-    }
+        avg_bits_per_element=round(stored_bits / elements, 4),
+        elements_per_token=elements,
+    )
 
 
-def tensor_rows(kv: KVGraph, plan: QuantPlan, stats: KVStats | None) -> list[dict[str, Any]]:
+def tensor_rows(kv: KVGraph, plan: QuantPlan, stats: KVStats | None) -> list[TensorRow]:
     """One row per cache tensor, with the calibration-set reconstruction SQNR of its plan
     (None without calibration)."""
     rows = []
@@ -72,29 +73,29 @@ def tensor_rows(kv: KVGraph, plan: QuantPlan, stats: KVStats | None) -> list[dic
             samples = stats.tensors[tensor.past_input].samples
             sqnr = None if codec is None else round(sqnr_db(samples, codec.fake_quantize(samples)), 2)
             absmax = round(float(np.max(stats.tensors[tensor.past_input].absmax)), 4)
-        rows.append({
-            "label": tensor.label,
-            "layer": tensor.layer,
-            "kind": tensor.kind,
-            "input": tensor.past_input,
-            "output": tensor.present_output,
-            "layout": layout_name(tensor.axes),
-            "kv_heads": tensor.num_heads,
-            "head_dim": tensor.head_dim,
-            "dtype": tensor.dtype,
-            "attention": tensor.attention,
-            "rope": tensor.rope,
-            "bits": tensor_plan.bits,
-            "granularity": tensor_plan.granularity,
-            "group": tensor_plan.group,
-            "symmetric": tensor_plan.symmetric,
-            "scheme": tensor_plan.name,
-            "stored_bits_per_element": round(tensor_plan.stored_bits_per_element(tensor), 4),
-            "reason": tensor_plan.reason,
-            "sqnr_db": sqnr,
-            "measured_kl": tensor_plan.evidence or None,
-            "calib_absmax": absmax,
-        })
+        rows.append(TensorRow(
+            label=tensor.label,
+            layer=tensor.layer,
+            kind=tensor.kind,
+            input=tensor.past_input,
+            output=tensor.present_output,
+            layout=layout_name(tensor.axes),
+            kv_heads=tensor.num_heads,
+            head_dim=tensor.head_dim,
+            dtype=tensor.dtype,
+            attention=tensor.attention,
+            rope=tensor.rope,
+            bits=tensor_plan.bits,
+            granularity=tensor_plan.granularity,
+            group=tensor_plan.group,
+            symmetric=tensor_plan.symmetric,
+            scheme=tensor_plan.name,
+            stored_bits_per_element=round(tensor_plan.stored_bits_per_element(tensor), 4),
+            reason=tensor_plan.reason,
+            sqnr_db=sqnr,
+            measured_kl=tensor_plan.evidence or None,
+            calib_absmax=absmax,
+        ))
     return rows
 
 
@@ -112,8 +113,13 @@ def read_report(folder: Path) -> dict[str, Any]:
     return report
 
 
-def write_report(report: dict[str, Any], folder: Path) -> None:
+def write_report(report: Report, folder: Path) -> None:
     """report.json, report.md and report.png, each written to a temporary name and renamed."""
+    write_report_data(report.to_dict(), folder)
+
+
+def write_report_data(report: dict[str, Any], folder: Path) -> None:
+    """The same from report.json's form (what `kvcompile report` reads back and redoes)."""
     _replace(folder / "report.json", lambda path: path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n"))
     _replace(folder / "report.md", lambda path: path.write_text(render_markdown(report)))
     _replace(folder / "report.png", lambda path: write_plot(report, path))

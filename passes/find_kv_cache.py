@@ -45,14 +45,8 @@ from kvcompile.kvgraph import (
     ModelInput,
 )
 from kvcompile.passes.constants import constant_ints
+from kvcompile.passes.score_path import LAYOUT_OPS, SCORE_PATH_OPS
 
-# Ops that move or re-type data without mixing positions: the cache keeps its identity through them.
-LAYOUT_OPS = frozenset(
-    {"Cast", "Identity", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Tile",
-     "Flatten", "DequantizeLinear", "QuantizeLinear", "Slice", "Split", "Gather"}
-)
-# Ops between Q.K^T and its Softmax (scaling, masking, soft-capping), and between Softmax and P.V.
-SCORE_OPS = LAYOUT_OPS | {"Mul", "Div", "Add", "Sub", "Where", "Tanh", "Max", "Min", "Clip", "Dropout"}
 # Ops RoPE and the head split are built from, between the K/V projection and the cache.
 PRODUCER_OPS = LAYOUT_OPS | {"Add", "Sub", "Mul", "Neg", "Concat", "RotaryEmbedding"}
 ROPE_MARKERS = frozenset({"Cos", "Sin", "RotaryEmbedding"})
@@ -204,11 +198,11 @@ def _comes_from_op(value: ir.Value | None, targets: frozenset[str], through: fro
 
 def _classify_matmul(matmul: ir.Node, cache_index: int) -> tuple[str, ir.Node] | None:
     """Key if the MatMul's result reaches a Softmax; value if its other operand comes from one."""
-    softmax = _reaches_op(matmul.outputs[0], frozenset({"Softmax"}), SCORE_OPS)
+    softmax = _reaches_op(matmul.outputs[0], frozenset({"Softmax"}), SCORE_PATH_OPS)
     if softmax is not None:
         return "key", softmax
     other = matmul.inputs[1 - cache_index] if len(matmul.inputs) == 2 else None
-    softmax = _comes_from_op(other, frozenset({"Softmax"}), SCORE_OPS)
+    softmax = _comes_from_op(other, frozenset({"Softmax"}), SCORE_PATH_OPS)
     if softmax is not None:
         return "value", softmax
     return None
@@ -276,6 +270,32 @@ def _find_entries(graph: ir.Graph) -> tuple[list[_Found], list[str]]:
         elif dead_end:
             orphans.append(past.name)
     return found, orphans
+
+
+@dataclass(frozen=True)
+class CacheNodes:
+    """A cache tensor's nodes in a graph (decomposed attention), found from its past input by the
+    analysis's own walk: passes that rewrite around them match the graph's structure, so they
+    also work on graphs re-loaded or rewritten after the analysis named the nodes."""
+
+    concat: ir.Node | None  # the Concat that appends the new entries
+    reader: ir.Node | None  # the MatMul that reads the whole cache (Q.K^T or P.V)
+    reader_operand: int | None  # which of its inputs carries the cache
+
+
+def cache_nodes(graph: ir.Graph, tensor: KVTensor) -> CacheNodes:
+    """The first Concat the past input reaches (through layout ops) whose result becomes a graph
+    output, and the MatMul reading that result; None for what is not there."""
+    past = next((v for v in graph.inputs if v.name == tensor.past_input), None)
+    if past is None:
+        return CacheNodes(None, None, None)
+    for node, _ in _through_layout(past, max_nodes=16):
+        if node.op_type == "Concat" and _graph_output_of(node.outputs[0]) is not None:
+            classified = _classify_cache(node.outputs[0])
+            if classified is None or classified[3] is None:
+                return CacheNodes(node, None, None)
+            return CacheNodes(node, classified[3], classified[4])
+    return CacheNodes(None, None, None)
 
 
 def _first_number(name: str) -> int:

@@ -32,15 +32,18 @@ import onnx_ir.passes.common
 
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import DECOMPOSED, KVGraph, KVTensor
+from kvcompile.passes.conditions import require_cache_inputs
+from kvcompile.passes.find_kv_cache import CacheNodes, cache_nodes
 from kvcompile.passes.kv_codec import FragmentBuilder
+from kvcompile.passes.manager import cleaned_up, shapes_inferred
 from kvcompile.passes.names import NameAllocator
-from kvcompile.passes.symbolic_shapes import SymbolicShapeInferencePass
-from kvcompile.passes.score_path import path_to_softmax
+from kvcompile.passes.score_path import refuse_other_ops, score_path
 
 # Ops that only move data between the cache and Q.K^T (repeating KV heads, transposing K).
 _MOVES = frozenset({"Unsqueeze", "Expand", "Reshape", "Transpose", "Cast", "Identity", "Tile"})
-# Ops allowed between Q.K^T and the Softmax: scaling and additive / selective masking.
-_SCORE_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Identity"})
+# What the fused kernel represents between Q.K^T and the Softmax: scaling and the causal mask
+# (additive or selective: GroupQueryAttention applies its own).
+_FUSABLE_SCORE_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Identity"})
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -86,21 +89,21 @@ def key_path_factor(concat_output: ir.Value, reader: ir.Node, operand: int) -> f
 
 def score_path_factor(matmul: ir.Node) -> float:
     """Product of the scalar factors from Q.K^T to the Softmax; masks (Add, Where) are dropped."""
-    softmax, parents = path_to_softmax(matmul, _SCORE_OPS)
-    if softmax is None:
+    path = score_path(matmul)
+    if path is None:
         raise UnsupportedModelError("no Softmax after Q.K^T")
+    refuse_other_ops(path, _FUSABLE_SCORE_OPS, "the fused attention (one scale and the causal mask)")
+    softmax = path.softmax
     axis = softmax.attributes["axis"].as_int() if "axis" in softmax.attributes else -1
     if axis != -1 and axis != 3:
         raise UnsupportedModelError(f"Softmax over axis {axis}, not the keys")
-    factor, node = 1.0, softmax
-    while node is not matmul:
-        parent, index = parents[id(node)]
+    factor = 1.0
+    for node, index in path.between():
         if node.op_type in ("Mul", "Div"):
             scale = _scale_of(node, index)
             if scale is None:
                 raise UnsupportedModelError(f"the scores are scaled by a non-constant ({node.name})")
             factor *= scale
-        node = parent
     return factor
 
 
@@ -110,42 +113,51 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
         self.kv = kv
         self.input_ids = input_ids
 
+    def requires(self, model: ir.Model) -> None:
+        """Every cache is a graph input. Run after `manager.shapes_inferred()`: the query heads
+        are read from shapes onnx's own inference leaves unknown."""
+        require_cache_inputs(model, self.kv.tensors)
+
+    def ensures(self, model: ir.Model) -> None:
+        """One GroupQueryAttention per layer now reads the cache."""
+        fused = sum(node.op_type == "GroupQueryAttention" for node in model.graph)
+        assert fused == len({t.layer for t in self.kv.tensors}), f"{fused} GroupQueryAttention nodes"
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        ir.passes.common.ShapeInferencePass()(model)
-        SymbolicShapeInferencePass()(model)  # query heads that onnx's inference leaves unknown
         graph = model.graph
-        nodes = {node.name: node for node in graph}
         names = NameAllocator(graph)
         layers = sorted({t.layer for t in self.kv.tensors})
         pairs = []
         for layer in layers:
             key = next((t for t in self.kv.tensors if t.layer == layer and t.kind == "key"), None)
             value = next((t for t in self.kv.tensors if t.layer == layer and t.kind == "value"), None)
-            for tensor in (key, value):
-                self._check(tensor, nodes)
-            pairs.append((key, value))
+            located = [self._check(graph, tensor) for tensor in (key, value)]
+            pairs.append((key, value, *located))
         lengths = self._lengths(graph, names, pairs[0][0])
-        for key, value in pairs:
-            self._fuse(graph, names, nodes, key, value, lengths)
+        for key, value, key_nodes, value_nodes in pairs:
+            self._fuse(graph, names, key, value, key_nodes, value_nodes, lengths)
         model.opset_imports.setdefault("com.microsoft", 1)
-        return ir.passes.PassResult(model, modified=True)
+        return ir.passes.PassResult(model, modified=bool(pairs))
 
     @staticmethod
-    def _check(tensor: KVTensor | None, nodes: dict[str, ir.Node]) -> None:
+    def _check(graph: ir.Graph, tensor: KVTensor | None) -> CacheNodes:
+        """The tensor's Concat and reader, or a refusal naming why this cache cannot be fused."""
         if tensor is None or tensor.attention != DECOMPOSED or tensor.head is not None:
             raise UnsupportedModelError("fusing needs one K and one V cache per layer, decomposed attention")
         if (tensor.axes.batch, tensor.axes.heads, tensor.axes.seq, tensor.axes.head_dim) != (0, 1, 2, 3):
             raise UnsupportedModelError(f"{tensor.label}: fusing needs caches laid out [batch, heads, seq, head_dim]")
-        if tensor.reader not in nodes or tensor.concat_node not in nodes:
+        located = cache_nodes(graph, tensor)
+        if located.reader is None or located.concat is None:
             raise UnsupportedModelError(f"{tensor.label}: its attention nodes were not found")
         if tensor.kept_entries is not None:
             raise UnsupportedModelError(
                 f"{tensor.label} is a sliding-window cache (it keeps its last {tensor.kept_entries} entries); "
                 "GroupQueryAttention's cache grows without bound")
-        concat = nodes[tensor.concat_node]
+        concat = located.concat
         if tensor.past_input not in [v.name for v in concat.inputs if v is not None] or \
                 concat.outputs[0].name != tensor.present_output:
             raise UnsupportedModelError(f"{tensor.label}: ops sit between the cache input or output and its Concat")
+        return located
 
     def _lengths(self, graph: ir.Graph, names: NameAllocator, key: KVTensor) -> tuple[ir.Value, ir.Value]:
         """seqlens_k [batch] (= past + new - 1) and total_sequence_length (scalar), int32."""
@@ -163,14 +175,15 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
         graph.extend(builder.nodes)  # moved into place by the topological sort
         return seqlens, total32
 
-    def _fuse(self, graph: ir.Graph, names: NameAllocator, nodes, key: KVTensor, value: KVTensor, lengths) -> None:
-        qk, pv = nodes[key.reader], nodes[value.reader]
-        k_concat, v_concat = nodes[key.concat_node], nodes[value.concat_node]
-        query = qk.inputs[1 - key.reader_operand]
+    def _fuse(self, graph: ir.Graph, names: NameAllocator, key: KVTensor, value: KVTensor, key_nodes: CacheNodes,
+              value_nodes: CacheNodes, lengths) -> None:
+        qk, pv = key_nodes.reader, value_nodes.reader
+        k_concat, v_concat = key_nodes.concat, value_nodes.concat
+        query = qk.inputs[1 - key_nodes.reader_operand]
         heads = query.shape.dims[1] if query.shape is not None and query.shape.rank() == 4 else None
         if not isinstance(heads, int):
             raise UnsupportedModelError(f"layer {key.layer}: the number of query heads is not known")
-        scale = key_path_factor(k_concat.outputs[0], qk, key.reader_operand) * score_path_factor(qk)
+        scale = key_path_factor(k_concat.outputs[0], qk, key_nodes.reader_operand) * score_path_factor(qk)
         past_k, past_v = (next(v for v in c.inputs if v is not None and v.name == t.past_input)
                           for c, t in ((k_concat, key), (v_concat, value)))
         new_k, new_v = (next(v for v in c.inputs if v is not None and v.name != t.past_input)
@@ -201,3 +214,8 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
             names.rename(old, f"{name}__decomposed")
             present.name = name
         fused.outputs[0].name = names.name(f"kvcompile/L{key.layer}/gqa_output")
+
+
+def fuse_attention_passes(kv: KVGraph, input_ids: str) -> list[ir.passes.PassBase]:
+    """Shapes inferred (the query heads), attention fused, the decomposed nodes removed."""
+    return [*shapes_inferred(), FuseGroupQueryAttentionPass(kv, input_ids), *cleaned_up()]

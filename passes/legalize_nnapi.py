@@ -1,14 +1,16 @@
 """Rewrite: replace the ops Android's NNAPI lacks by equivalents it has, so one partition runs it all.
 
 What it matches, and what it rewrites it to (onnxruntime's NNAPI EP support, as reported by
-`onnxruntime.tools.check_onnx_model_mobile_usability`):
-  Cos(x)          -> 1 - 2 * Sin(x / 2)^2         (exact identity; x / 2 is exact in float)
+`onnxruntime.tools.check_onnx_model_mobile_usability`). The first four are local patterns,
+written as onnxscript rewrite rules (`NNAPI_RULES`):
+  Cos(x)          -> 1 - 2 * Sin(x * 0.5)^2       (exact identity; x * 0.5 is exact in float)
   Reciprocal(x)   -> 1 / x
   Round(x)        -> Floor(x + 0.5)               (differs from round-half-to-even only when
                                                    x is exactly k + 0.5, a measure-zero event
                                                    for calibrated activations)
   Expand(x, s)    -> Concat of copies of x along every axis where x has size 1 and s does not
                      (static shapes only: the repeat of KV heads for grouped-query attention)
+The last changes the graph's interface, so it is a pass of its own (`NarrowInt64InputsPass`):
   int64 inputs    -> int32 inputs (NNAPI has no 64-bit integers; the token ids index the
                      embedding with int32 as well)
 
@@ -22,71 +24,90 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
+from onnxscript.rewriter import RewritePass
+from onnxscript.rewriter._rewrite_rule import RewriteRule
 
-from kvcompile.passes.kv_codec import FragmentBuilder
+from kvcompile.passes.conditions import ensure_no_ops
+from kvcompile.passes.manager import cleaned_up
 from kvcompile.passes.names import NameAllocator
 
 
-def _replace(graph: ir.Graph, node: ir.Node, builder: FragmentBuilder, result: ir.Value) -> None:
-    graph.insert_before(node, builder.nodes)
-    node.outputs[0].replace_all_uses_with(result, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
+def _scalar(value: float, like: ir.Value) -> ir.TensorProtocol:
+    return ir.tensor(np.array(value, dtype=np.float16 if like.dtype == ir.DataType.FLOAT16 else np.float32))
 
 
-def _static_shape(value: ir.Value) -> list[int] | None:
-    if value.shape is None or not all(isinstance(d, int) for d in value.shape.dims):
+def _cos(op, x):
+    return op.Cos(x)
+
+
+def _cos_from_sin(op, x):
+    half = op.Sin(op.Mul(x, op.Constant(value=_scalar(0.5, x))))
+    return op.Sub(op.Constant(value=_scalar(1.0, x)), op.Mul(op.Mul(half, half), op.Constant(value=_scalar(2.0, x))))
+
+
+def _reciprocal(op, x):
+    return op.Reciprocal(x)
+
+
+def _one_over(op, x):
+    return op.Div(op.Constant(value=_scalar(1.0, x)), x)
+
+
+def _round(op, x):
+    return op.Round(x)
+
+
+def _floor_of_half_up(op, x):
+    return op.Floor(op.Add(x, op.Constant(value=_scalar(0.5, x))))
+
+
+def _expand(op, x, shape):
+    return op.Expand(x, shape)
+
+
+def _repeats(x: ir.Value, shape: ir.Value) -> tuple[list[int], list[int]] | None:
+    """(x's dims padded to the target rank, the target dims) when Expand only repeats along
+    axes where x has size 1, with every size known; else None."""
+    if x.shape is None or not all(isinstance(d, int) for d in x.shape.dims) or shape.const_value is None:
         return None
-    return list(value.shape.dims)
+    source, target = list(x.shape.dims), [int(d) for d in shape.const_value.numpy().reshape(-1)]
+    target = [1] * (len(source) - len(target)) + target if len(target) < len(source) else target
+    source = [1] * (len(target) - len(source)) + source
+    if any(have != want and want != 1 and have != 1 for have, want in zip(source, target)):
+        return None
+    return source, target
 
 
-class LegalizeForNNAPIPass(ir.passes.InPlacePass):
+def _expand_by_concat(op, x, shape):
+    source, target = _repeats(x, shape)
+    value = x
+    if len(source) != x.shape.rank():
+        value = op.Reshape(value, op.Constant(value=ir.tensor(np.array(source, np.int64))))
+    for axis, (have, want) in enumerate(zip(source, target)):
+        if have == 1 and want > 1:
+            value = op.Concat(*([value] * want), axis=axis)
+    return value
+
+
+NNAPI_RULES = [
+    RewriteRule(_cos, _cos_from_sin, name="CosFromSin"),
+    RewriteRule(_reciprocal, _one_over, name="ReciprocalAsDiv"),
+    RewriteRule(_round, _floor_of_half_up, name="RoundAsFloor"),
+    RewriteRule(_expand, _expand_by_concat, lambda context, x, shape, **_: _repeats(x, shape) is not None,
+                name="ExpandByConcat"),
+]
+
+
+class NarrowInt64InputsPass(ir.passes.InPlacePass):
+    """int64 graph inputs become int32 (same names): Gather indices and Casts read the int32
+    input, anything else a Cast back to int64."""
+
+    def ensures(self, model: ir.Model) -> None:
+        assert all(v.dtype != ir.DataType.INT64 for v in model.graph.inputs), "an int64 graph input is left"
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        ir.passes.common.ShapeInferencePass()(model)
         names = NameAllocator(graph)
-        modified = self._int32_inputs(graph, names)
-        for node in list(graph):
-            builder = FragmentBuilder(graph, names, f"kvcompile/nnapi/{node.op_type}")
-            dtype = node.outputs[0].dtype
-            if node.op_type == "Cos":
-                half = builder.op("Sin", [builder.op("Mul", [node.inputs[0], builder.const(_scalar(0.5, dtype), "half")])])
-                squared = builder.op("Mul", [half, half])
-                result = builder.op("Sub", [builder.const(_scalar(1.0, dtype), "one"),
-                                            builder.op("Mul", [squared, builder.const(_scalar(2.0, dtype), "two")])])
-            elif node.op_type == "Reciprocal":
-                result = builder.op("Div", [builder.const(_scalar(1.0, dtype), "one"), node.inputs[0]])
-            elif node.op_type == "Round":
-                result = builder.op("Floor", [builder.op("Add", [node.inputs[0], builder.const(_scalar(0.5, dtype), "half")])])
-            elif node.op_type == "Expand":
-                result = self._expand_by_concat(builder, node)
-                if result is None:
-                    continue
-            else:
-                continue
-            _replace(graph, node, builder, result)
-            modified = True
-        return ir.passes.PassResult(model, modified=modified)
-
-    @staticmethod
-    def _expand_by_concat(builder: FragmentBuilder, node: ir.Node) -> ir.Value | None:
-        source, target = _static_shape(node.inputs[0]), node.inputs[1].const_value
-        if source is None or target is None:
-            return None
-        target = list(target.numpy().reshape(-1))
-        target = [1] * (len(source) - len(target)) + target if len(target) < len(source) else target
-        source = [1] * (len(target) - len(source)) + source
-        value = node.inputs[0]
-        if len(source) != len(node.inputs[0].shape.dims):
-            value = builder.op("Reshape", [value, builder.ints(*source)])
-        for axis, (have, want) in enumerate(zip(source, target)):
-            if have == 1 and want > 1:
-                value = builder.op("Concat", [value] * int(want), axis=axis)
-            elif have != want and want != 1:
-                return None
-        return value
-
-    @staticmethod
-    def _int32_inputs(graph: ir.Graph, names: NameAllocator) -> bool:
         modified = False
         for value in list(graph.inputs):
             if value.dtype != ir.DataType.INT64:
@@ -105,8 +126,25 @@ class LegalizeForNNAPIPass(ir.passes.InPlacePass):
             names.rename(value, f"{name}__int64")
             narrow.name = name
             modified = True
-        return modified
+        return ir.passes.PassResult(model, modified=modified)
 
 
-def _scalar(value: float, dtype: ir.DataType | None) -> np.ndarray:
-    return np.array(value, dtype=np.float16 if dtype == ir.DataType.FLOAT16 else np.float32)
+class CheckLegalForNNAPIPass(ir.passes.InPlacePass):
+    """Changes nothing; its postcondition is that the rewrites above left none of the ops they
+    replace (an Expand that is not a plain repeat may stay: NNAPI then runs it on the CPU)."""
+
+    def ensures(self, model: ir.Model) -> None:
+        ensure_no_ops(model, ("Cos", "Reciprocal", "Round"))
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, modified=False)
+
+
+def legalize_nnapi_passes() -> list[ir.passes.PassBase]:
+    """Shapes inferred (Expand needs its input's), int64 inputs narrowed, the ops NNAPI lacks
+    rewritten, their constants lifted to initializers, cleaned up."""
+    return [ir.passes.common.ShapeInferencePass(), NarrowInt64InputsPass(), RewritePass(NNAPI_RULES),
+            CheckLegalForNNAPIPass(),
+            # the rules' constants as initializers, like every other weight of the static graph
+            ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            *cleaned_up()]

@@ -34,6 +34,7 @@ from onnxscript.rewriter import RewritePass
 from onnxscript.rewriter._rewrite_rule import RewriteRule
 
 from kvcompile.passes.constants import constant_ints
+from kvcompile.passes.manager import run_passes
 from kvcompile.passes.symbolic_shapes import SymbolicShapeInferencePass
 
 
@@ -101,20 +102,20 @@ def _fold() -> FoldConstantsPass:
     return FoldConstantsPass(shape_inference=False, input_size_limit=8192, output_size_limit=512 * 512)
 
 
-class NormalizeExportPass(ir.passes.InPlacePass):
-    """`modified` is True when nodes changed (filling in inferred shapes alone does not count: the
-    model as exported then still has exactly the nodes the analysis names)."""
+def normalize_export(model: ir.Model) -> bool:
+    """Fold the constant computations exporters leave (in place). True when nodes changed:
+    filling in inferred shapes alone does not count (the model as exported then still has exactly
+    the nodes the analysis names, and the compile may run the input file itself).
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        cleanup = ir.passes.common.RemoveUnusedNodesPass()
-        modified = _fold()(model).modified
-        cleanup(model)
-        SymbolicShapeInferencePass()(model)
-        if RewritePass(STATIC_DIM_RULES)(model).modified:
-            _fold()(model)
-            modified = True
-        if modified:
-            cleanup(model)
-            # Constants as initializers, as most exporters write them (and symbolic inference reads them).
-            ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-        return ir.passes.PassResult(model, modified=modified)
+    A sequence of pass chains, each run by a PassManager: what runs next depends on whether the
+    previous chain changed nodes."""
+    modified = run_passes(model, _fold())
+    run_passes(model, ir.passes.common.RemoveUnusedNodesPass(), SymbolicShapeInferencePass())
+    if run_passes(model, RewritePass(STATIC_DIM_RULES)):
+        run_passes(model, _fold())
+        modified = True
+    if modified:
+        # Constants as initializers, as most exporters write them (and symbolic inference reads them).
+        run_passes(model, ir.passes.common.RemoveUnusedNodesPass(),
+                   ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0))
+    return modified

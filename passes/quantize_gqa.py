@@ -28,7 +28,8 @@ import numpy as np
 import onnx_ir as ir
 
 from kvcompile.errors import UnsupportedModelError
-from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph
+from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph, KVTensor
+from kvcompile.passes.conditions import ensure_stored_as, require_cache_inputs
 from kvcompile.quant import Codec, codes_per_byte, symmetric_zero_point
 from kvcompile.passes.names import NameAllocator
 
@@ -56,6 +57,15 @@ class QuantizeGQACachePass(ir.passes.InPlacePass):
         super().__init__()
         self.kv = kv
         self.codecs = codecs
+
+    def _planned(self) -> list[KVTensor]:
+        return [t for t in self.kv.tensors if self.codecs.get(t.past_input) is not None]
+
+    def requires(self, model: ir.Model) -> None:
+        require_cache_inputs(model, self._planned())
+
+    def ensures(self, model: ir.Model) -> None:
+        ensure_stored_as(model, self._planned(), ir.DataType.UINT8)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -38,21 +38,17 @@ import onnx_ir as ir
 
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import KVGraph, KVTensor
+from kvcompile.manifest import packed_dims, param_shape, scale_name, zero_point_name
 from kvcompile.passes.kv_codec import ONNX, Encoded, FragmentBuilder, emit_decode, emit_encode
+from kvcompile.passes.conditions import ensure_stored_as, require_cache_inputs
 from kvcompile.passes.constants import constant_ints
+from kvcompile.passes.find_kv_cache import cache_nodes
 from kvcompile.passes.names import NameAllocator
 from kvcompile.quant import Codec
 
 # Ops a chain between the cache and its Concat, or the Concat and the present output, may hold.
 COPIES = frozenset({"Cast", "Identity"})
 CHAIN_OPS = COPIES | {"Slice"}
-
-
-def packed_dims(dims, axis: int, per_byte: int) -> list:
-    """The stored shape: the head_dim axis shrinks by the number of codes per byte."""
-    out = list(dims)
-    out[axis] = out[axis] // per_byte
-    return out
 
 
 class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
@@ -66,22 +62,31 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
         self.slot_outputs = slot_outputs
         self.style = style
 
+    def _planned(self) -> list[KVTensor]:
+        return [t for t in self.kv.tensors if self.codecs.get(t.past_input) is not None]
+
+    def requires(self, model: ir.Model) -> None:
+        require_cache_inputs(model, self._planned())
+
+    def ensures(self, model: ir.Model) -> None:
+        ensure_stored_as(model, self._planned(), ir.DataType.UINT8)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        nodes = {node.name: node for node in graph}
         names = NameAllocator(graph)
         modified = False
         for tensor in self.kv.tensors:
             codec = self.codecs.get(tensor.past_input)
             if codec is None:
                 continue
-            if tensor.concat_node not in nodes:
+            concat = cache_nodes(graph, tensor).concat
+            if concat is None:
                 raise UnsupportedModelError(
                     f"{tensor.label} ({tensor.past_input}) is kept by {tensor.attention} itself; the Q/DQ "
                     "boundary rewrite handles caches grown by a Concat. Attention ops that own the cache "
                     "are lowered by the fused path (--fuse-attention)"
                 )
-            self._rewrite(graph, names, tensor, nodes[tensor.concat_node], codec)
+            self._rewrite(graph, names, tensor, concat, codec)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
@@ -245,7 +250,6 @@ def _mirror(builder: FragmentBuilder, chain: list[ir.Node], stored: Encoded) -> 
     return stored
 
 
-
 def _io_name(names: NameAllocator, name: str) -> str:
     """A graph I/O name the manifest derives from a cache name: it must be exactly `name`."""
     if names.name(name) != name:
@@ -256,19 +260,3 @@ def _io_name(names: NameAllocator, name: str) -> str:
 
 def _graph_value(name: str, dtype: ir.DataType, dims) -> ir.Value:
     return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
-
-
-def scale_name(cache_name: str) -> str:
-    """Graph I/O name of the per-token scales stored next to a cache tensor."""
-    return f"{cache_name}_scale"
-
-
-def zero_point_name(cache_name: str) -> str:
-    return f"{cache_name}_zero_point"
-
-
-def param_shape(dims, axis: int, group: int) -> list:
-    """Shape of per-group parameters: the head_dim axis holds one entry per group."""
-    out = list(dims)
-    out[axis] = out[axis] // group
-    return out

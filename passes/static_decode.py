@@ -30,28 +30,37 @@ import onnx_ir.passes.common
 import onnxscript.optimizer
 
 from kvcompile.errors import UnsupportedModelError
-from kvcompile.kvgraph import DECOMPOSED, KVGraph
-from kvcompile.passes.score_path import path_to_softmax
+from kvcompile.kvgraph import DECOMPOSED, KVGraph, KVTensor
+from kvcompile.passes.conditions import require_cache_inputs
+from kvcompile.passes.find_kv_cache import cache_nodes
+from kvcompile.passes.score_path import refuse_other_ops, score_path
 from kvcompile.passes.names import NameAllocator
 
 BIAS_INPUT = "attention_bias"
-_PATH_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Identity", "Sub"})
+# What may sit between Q.K^T and the Softmax for the bias to replace the exporter's mask.
+_BIAS_PATH_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Identity", "Sub"})
 
 
 def _score_path_adds(matmul: ir.Node) -> tuple[list[tuple[ir.Node, int]], ir.Node]:
     """(Add node, index of its mask operand) on the way from Q.K^T to its Softmax, and the Softmax."""
-    softmax, parents = path_to_softmax(matmul, _PATH_OPS)
-    if softmax is None:
+    path = score_path(matmul)
+    if path is None:
         raise UnsupportedModelError("no Softmax after Q.K^T: cannot place the attention bias")
-    adds, node = [], softmax
-    while node is not matmul:
-        parent, index = parents[id(node)]
+    refuse_other_ops(path, _BIAS_PATH_OPS, "the static graph's attention bias")
+    adds = []
+    for node, index in reversed(path.between()):
         if node.op_type == "Where":
             raise UnsupportedModelError("the mask is applied with Where; the static graph needs an additive mask")
         if node.op_type == "Add":
             adds.append((node, 1 - index))
-        node = parent
-    return adds, softmax
+    return adds, path.softmax
+
+
+def _reader(graph: ir.Graph, tensor: KVTensor) -> ir.Node:
+    reader = cache_nodes(graph, tensor).reader
+    if reader is None:
+        raise UnsupportedModelError(f"{tensor.label}: no Q.K^T MatMul reads the cache: cannot place the attention bias")
+    return reader
 
 
 class StaticDecodePass(ir.passes.InPlacePass):
@@ -62,13 +71,21 @@ class StaticDecodePass(ir.passes.InPlacePass):
         self.kv = kv
         self.context = context
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
+    def requires(self, model: ir.Model) -> None:
         if set(self.kv.attention_forms) != {DECOMPOSED}:
             raise UnsupportedModelError(
                 "the static NPU graph is built from decomposed attention; this model's cache is read by "
                 f"{', '.join(self.kv.attention_forms)}")
-        nodes = {node.name: node for node in graph}
+        require_cache_inputs(model, self.kv.tensors)
+
+    def ensures(self, model: ir.Model) -> None:
+        """Every graph input has a fixed shape, the attention bias among them."""
+        for value in model.graph.inputs:
+            assert value.shape is not None and all(isinstance(d, int) for d in value.shape.dims), value.name
+        assert any(value.name == BIAS_INPUT for value in model.graph.inputs)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
         names = NameAllocator(graph)
         float_dtype = next(v for v in graph.inputs if v.name == self.kv.tensors[0].past_input).dtype
         bias = ir.Value(name=BIAS_INPUT, type=ir.TensorType(float_dtype), shape=ir.Shape([1, 1, 1, self.context]))
@@ -76,7 +93,7 @@ class StaticDecodePass(ir.passes.InPlacePass):
         for tensor in self.kv.tensors:
             if tensor.kind != "key":
                 continue
-            adds, softmax = _score_path_adds(nodes[tensor.reader])
+            adds, softmax = _score_path_adds(_reader(graph, tensor))
             if adds:
                 for add, mask_index in adds:
                     add.replace_input_with(mask_index, bias)
@@ -86,14 +103,6 @@ class StaticDecodePass(ir.passes.InPlacePass):
                 graph.insert_before(softmax, added)
                 softmax.replace_input_with(0, added.outputs[0])
         self._fix_shapes(graph)
-        ir.passes.common.RemoveUnusedNodesPass()(model)
-        unused = [v for v in graph.inputs if not v.uses() and v.name != BIAS_INPUT]
-        for value in unused:
-            graph.inputs.remove(value)
-        ir.passes.common.ShapeInferencePass()(model)
-        # Fold weight preprocessing too (e.g. the transposed tied embedding an LM head reads):
-        # accelerators need weights as constants, not as activations computed at run time.
-        onnxscript.optimizer.optimize(model, input_size_limit=1 << 30, output_size_limit=1 << 30)
         return ir.passes.PassResult(model, modified=True)
 
     def _fix_shapes(self, graph: ir.Graph) -> None:
@@ -108,3 +117,37 @@ class StaticDecodePass(ir.passes.InPlacePass):
         for value in graph.outputs:  # let inference recompute them from the fixed inputs
             if value.shape is not None:
                 value.shape = ir.Shape([d if isinstance(d, int) else None for d in value.shape.dims])
+
+
+class RemoveUnusedInputsPass(ir.passes.InPlacePass):
+    """Drops graph inputs nothing reads any more (the attention mask the bias replaced), except
+    `keep`: a static graph's runner feeds exactly the inputs the graph has."""
+
+    def __init__(self, keep: tuple[str, ...] = ()):
+        super().__init__()
+        self.keep = keep
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        unused = [v for v in model.graph.inputs if not v.uses() and v.name not in self.keep]
+        for value in unused:
+            model.graph.inputs.remove(value)
+        return ir.passes.PassResult(model, modified=bool(unused))
+
+
+class FoldWeightPreprocessingPass(ir.passes.InPlacePass):
+    """onnxscript's optimizer with no size limits, so weight preprocessing (e.g. the transposed
+    tied embedding an LM head reads) becomes constants: accelerators need weights as constants,
+    not as activations computed at run time. `modified` is always True: the optimizer does not
+    say whether it changed anything."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        onnxscript.optimizer.optimize(model, input_size_limit=1 << 30, output_size_limit=1 << 30)
+        return ir.passes.PassResult(model, modified=True)
+
+
+def static_decode_passes(kv: KVGraph, context: int) -> list[ir.passes.PassBase]:
+    """The float static decode graph for `context` tokens: rewritten, unused parts removed,
+    shapes inferred from the fixed inputs, weights folded to constants."""
+    return [StaticDecodePass(kv, context), ir.passes.common.RemoveUnusedNodesPass(),
+            RemoveUnusedInputsPass(keep=(BIAS_INPUT,)), ir.passes.common.ShapeInferencePass(),
+            FoldWeightPreprocessingPass()]

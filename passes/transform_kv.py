@@ -30,13 +30,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common
 
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import DECOMPOSED, KVGraph, KVTensor
 from kvcompile.passes.kv_codec import FragmentBuilder
+from kvcompile.passes.conditions import require_cache_inputs
+from kvcompile.passes.find_kv_cache import CacheNodes, cache_nodes
+from kvcompile.passes.manager import shapes_inferred
 from kvcompile.passes.names import NameAllocator
-from kvcompile.passes.symbolic_shapes import SymbolicShapeInferencePass
 
 
 def hadamard(size: int) -> np.ndarray:
@@ -83,27 +84,30 @@ class TransformKVPass(ir.passes.InPlacePass):
         self.kv = kv
         self.transforms = transforms
 
+    def requires(self, model: ir.Model) -> None:
+        """The caches to transform are graph inputs. Run after `manager.shapes_inferred()`: the
+        number of query heads is read from the query's shape."""
+        require_cache_inputs(model, [t for t in self.kv.tensors if t.past_input in self.transforms])
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        # The number of query heads is read from the query's shape: make sure shapes are known.
-        ir.passes.common.ShapeInferencePass()(model)
-        SymbolicShapeInferencePass()(model)
         graph = model.graph
-        nodes = {node.name: node for node in graph}
         names = NameAllocator(graph)
         for tensor in self.kv.tensors:
             transform = self.transforms.get(tensor.past_input)
             if transform is None:
                 continue
-            if tensor.attention != DECOMPOSED or tensor.reader not in nodes or tensor.concat_node not in nodes:
+            located = cache_nodes(graph, tensor)
+            if tensor.attention != DECOMPOSED or located.reader is None or located.concat is None:
                 raise UnsupportedModelError(
                     f"{tensor.label}: --rotate / --fold-scales need decomposed attention (the cache "
                     f"is read by {tensor.attention}, which applies RoPE inside the op)"
                 )
-            self._transform(graph, names, tensor, nodes[tensor.concat_node], nodes[tensor.reader], transform)
+            self._transform(graph, names, tensor, located, transform)
         return ir.passes.PassResult(model, modified=bool(self.transforms))
 
-    def _transform(self, graph: ir.Graph, names: NameAllocator, tensor: KVTensor, concat: ir.Node, reader: ir.Node,
+    def _transform(self, graph: ir.Graph, names: NameAllocator, tensor: KVTensor, located: CacheNodes,
                    transform: KVTransform) -> None:
+        concat, reader, operand = located.concat, located.reader, located.reader_operand
         dtype = next(v for v in graph.inputs if v.name == tensor.past_input).dtype
         numpy_dtype = np.float16 if dtype == ir.DataType.FLOAT16 else np.float32
         new_index = next(i for i, v in enumerate(concat.inputs) if v is not None and v.name != tensor.past_input)
@@ -113,7 +117,7 @@ class TransformKVPass(ir.passes.InPlacePass):
         graph.insert_before(concat, builder.nodes)
         concat.replace_input_with(new_index, transformed)
 
-        other = reader.inputs[1 - tensor.reader_operand] if tensor.kind == "key" else reader.outputs[0]
+        other = reader.inputs[1 - operand] if tensor.kind == "key" else reader.outputs[0]
         heads = _query_heads(other, tensor)
         side = _expand_to_query_heads(transform.reader_side(tensor.kind), tensor.num_heads, heads)
         rank = other.shape.rank() if other.shape is not None else tensor.rank
@@ -123,7 +127,7 @@ class TransformKVPass(ir.passes.InPlacePass):
         if tensor.kind == "key":
             adjusted = _apply(builder, other, side, heads, rank, heads_axis, rank - 1, numpy_dtype)
             graph.insert_before(reader, builder.nodes)
-            reader.replace_input_with(1 - tensor.reader_operand, adjusted)
+            reader.replace_input_with(1 - operand, adjusted)
         else:
             readers = list(other.uses())
             adjusted = _apply(builder, other, side, heads, rank, heads_axis, rank - 1, numpy_dtype)
@@ -180,3 +184,8 @@ def _apply(builder: FragmentBuilder, x: ir.Value, transform: KVTransform, heads:
     if heads_axis is not None:
         shape[heads_axis] = heads
     return builder.op("MatMul", [builder.const(transposed.reshape(shape).astype(dtype), "matrix"), x])
+
+
+def transform_passes(kv: KVGraph, transforms: dict[str, KVTransform]) -> list[ir.passes.PassBase]:
+    """Shapes inferred (the query heads), then the caches transformed."""
+    return [*shapes_inferred(), TransformKVPass(kv, transforms)]

@@ -10,28 +10,13 @@ per-channel ranges over all tokens and a (strided) sample of tokens for clipping
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
 from kvcompile.errors import BadInputError
+from kvcompile.kvstats import KVStats, TensorStats
 from kvcompile.manifest import KVIO
 from kvcompile.runtimes.decoder import Decoder
-
-
-@dataclass
-class TensorStats:
-    samples: np.ndarray  # [N, H, D] float32, tokens in calibration order (strided if many)
-    absmax: np.ndarray  # [H, D] over all calibration tokens
-    minimum: np.ndarray  # [H, D]
-    maximum: np.ndarray  # [H, D]
-    tokens: int
-
-
-@dataclass
-class KVStats:
-    tensors: dict[str, TensorStats]  # keyed by the cache's past input name
-    tokens: int  # calibration tokens fed per sequence position count
 
 
 def to_canonical(array: np.ndarray, kv: KVIO) -> np.ndarray:

@@ -34,10 +34,10 @@ class Decoder:
     def new_cache(self, batch: int) -> GrowingCache | StaticCache:
         """A growing cache, or for static-shape targets (max_context set) fixed buffers."""
         if self.io.max_context is not None:
-            return StaticCache(self.io, batch, sinks=self.io.options.get("attention_sinks", 4))
+            return StaticCache(self.io, batch, sinks=self.io.options.attention_sinks or 4)
         return GrowingCache(self.io, batch)
 
-    def _feeds(self, cache: GrowingCache, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    def feeds(self, cache: GrowingCache, input_ids: np.ndarray) -> dict[str, np.ndarray]:
         batch, new = input_ids.shape
         total = cache.length + new
         feeds = {}
@@ -63,7 +63,7 @@ class Decoder:
         if isinstance(cache, StaticCache) and new > 1:  # the static graph takes one token per call
             steps = [self.step(cache, input_ids[:, t : t + 1]) for t in range(new)]
             return np.concatenate([s[0] for s in steps], axis=1), steps[-1][1]
-        if self.io.options.get("chunks_one_row_at_a_time") and batch > 1 and new > 1 and cache.length:
+        if self.io.options.chunks_one_row_at_a_time and batch > 1 and new > 1 and cache.length:
             # GroupQueryAttention refuses several tokens per step on a batch with a past: run the
             # rows one by one (batch is axis 0 of every cache tensor) and join their results.
             rows = [self._run(cache.row(i), input_ids[i : i + 1]) for i in range(batch)]
@@ -76,7 +76,7 @@ class Decoder:
 
     def _run(self, cache: GrowingCache, input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         try:
-            outputs = self.session.run(self.output_names, self._feeds(cache, input_ids))
+            outputs = self.session.run(self.output_names, self.feeds(cache, input_ids))
         except ORT_ERRORS as exc:
             if self.input_model is None:
                 raise

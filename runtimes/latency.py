@@ -41,7 +41,7 @@ def bound_step(decoder: Decoder, context: int) -> Callable[[], None]:
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
     cache = decoder.new_cache(1)
     cache.length = context - 1
-    for name, array in decoder._feeds(cache, np.zeros((1, 1), np.int64)).items():
+    for name, array in decoder.feeds(cache, np.zeros((1, 1), np.int64)).items():
         if name not in cache.tensors:
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
     for name in decoder.output_names:

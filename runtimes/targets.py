@@ -1,4 +1,4 @@
-"""Loading a compiled target for running: the right session for each artifact, from the manifest.
+"""Loading a compiled target for running: the registry's target opens its artifact.
 
   ort-cpu   onnxruntime CPU EP on the .onnx model
   qnn-htp   onnxruntime-qnn's HTP backend on the EPContext model for the chosen SoC (on x86 Linux
@@ -14,11 +14,11 @@ from pathlib import Path
 from kvcompile.errors import BadInputError
 from kvcompile.manifest import Manifest
 from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.session import cpu_session, qnn_session
-from kvcompile.runtimes.tflite import TFLiteSession
+from kvcompile.targets import TARGETS
 
-RUNS_ON = {"ort-cpu": "onnxruntime CPU EP", "qnn-htp": "onnxruntime-qnn HTP backend",
-           "nnapi": "onnxruntime CPU EP (NNAPI runs on Android only)", "tflite": "LiteRT interpreter"}
+
+def runs_on(target: str) -> str:
+    return TARGETS[target].runs_on
 
 
 def default_target(manifest: Manifest) -> str:
@@ -30,13 +30,6 @@ def load_decoder(folder: Path, manifest: Manifest, target: str | None = None, so
     target = target or default_target(manifest)
     if target not in manifest.targets:
         raise BadInputError(f"{str(folder)!r} has no {target!r} artifact; it has {', '.join(manifest.targets)}")
-    io = manifest.targets[target]
-    if target == "qnn-htp":
-        socs = io.options["socs"]
-        soc = soc or next(iter(socs))
-        if soc not in socs:
-            raise BadInputError(f"qnn-htp was compiled for {', '.join(socs)}, not {soc}")
-        return Decoder(qnn_session(folder / socs[soc]["context_model"], soc), io)
-    if target == "tflite":
-        return Decoder(TFLiteSession(folder / io.model), io)
-    return Decoder(cpu_session(folder / io.model), io)
+    if target not in TARGETS:
+        raise BadInputError(f"{str(folder)!r} holds a {target!r} artifact, which this kvcompile does not know")
+    return TARGETS[target].open(folder, manifest.targets[target], soc)

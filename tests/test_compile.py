@@ -53,7 +53,7 @@ def test_acceptance_memory_and_quality(fixture_compile):
 
 def test_acceptance_qdq_form_within_0_3_percent(tmp_path):
     """Issue 4: at --kv-bits 4 the Q/DQ form (tokens attend to their own K/V in float) loses <= 0.3%."""
-    report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "qdq", fuse_attention="off")).report
+    report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "qdq", fuse_attention="off")).report.to_dict()
     assert report["memory"]["avg_bits_per_element"] <= 4.0
     assert report["quality"]["ppl_delta_pct"] <= 0.3
 
@@ -114,7 +114,7 @@ def test_deterministic_artifacts(tmp_path):
     reports, folders = [], ("a", "a-longer-output-folder-name")
     for name in folders:
         result = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / name, **FAST))
-        reports.append({k: v for k, v in result.report.items() if k != "timings"})
+        reports.append({k: v for k, v in result.report.to_dict().items() if k != "timings"})
     for relative in ("ort-cpu/model.onnx", "ort-cpu/model.ort", "ort-cpu/genai_config.json", "kvcompile.json",
                      "report.png", "report.md"):
         first, second = ((tmp_path / name / relative).read_bytes() for name in folders)
@@ -123,7 +123,7 @@ def test_deterministic_artifacts(tmp_path):
 
 
 def test_float16_export_compiles(tmp_path):
-    report = compile_model(CompileOptions(model=FP16, out_dir=tmp_path / "fp16", scheme="per-channel")).report
+    report = compile_model(CompileOptions(model=FP16, out_dir=tmp_path / "fp16", scheme="per-channel")).report.to_dict()
     assert report["kv"]["tensors"][0]["dtype"] == "float16"
     assert report["quality"]["ppl_delta_pct"] <= 1.0
 
@@ -140,16 +140,16 @@ def test_outliers_per_tensor_fails_gate_auto_and_folding_pass(tmp_path):
     assert "FAILED" in (out / "report.md").read_text()
     naive = report["quality"]["ppl_delta_pct"]
 
-    auto = compile_model(CompileOptions(model=OUTLIERS, out_dir=tmp_path / "auto")).report
+    auto = compile_model(CompileOptions(model=OUTLIERS, out_dir=tmp_path / "auto")).report.to_dict()
     assert auto["quality"]["ppl_delta_pct"] <= 1.0
     channel = compile_model(CompileOptions(model=OUTLIERS, out_dir=tmp_path / "pc", scheme="per-channel",
-                                           fuse_attention="off")).report
+                                           fuse_attention="off")).report.to_dict()
     folded = compile_model(CompileOptions(model=OUTLIERS, out_dir=tmp_path / "fold", scheme="per-channel",
-                                          fold_scales=True)).report
+                                          fold_scales=True)).report.to_dict()
     assert set(folded["plan"]["choices"].values()) == {"4-bit per-tensor"}, "one scale per tensor in the cache"
     assert folded["quality"]["mean_kl"] == pytest.approx(channel["quality"]["mean_kl"], rel=0.02)
     rotated = compile_model(CompileOptions(model=OUTLIERS, out_dir=tmp_path / "rot", scheme="per-tensor",
-                                           rotate="hadamard", quality_gate_pct=1e9)).report
+                                           rotate="hadamard", quality_gate_pct=1e9)).report.to_dict()
     assert rotated["quality"]["ppl_delta_pct"] < naive / 10, "rotation spreads the outlier channels"
 
 
@@ -172,7 +172,7 @@ def test_calibration_from_token_ids_without_tokenizer(tmp_path, heldout_ids):
     result = compile_model(CompileOptions(model=model_dir / "model.onnx", out_dir=tmp_path / "out",
                                           calib=tmp_path / "calib.npy", eval_text=tmp_path / "eval.npy",
                                           scheme="per-channel", calib_tokens=2048, eval_tokens=2048))
-    assert result.report["calibration"]["text"] == "calib.npy"
+    assert result.report.calibration.text == "calib.npy"
     assert not (tmp_path / "out" / "tokenizer.json").exists()
     text_without_tokenizer = kvcompile(str(model_dir / "model.onnx"), "-o", str(tmp_path / "out2"))
     assert text_without_tokenizer.returncode == 2
@@ -182,7 +182,7 @@ def test_calibration_from_token_ids_without_tokenizer(tmp_path, heldout_ids):
 @pytest.mark.parametrize("bits", [2, 8])
 def test_other_bit_widths(tmp_path, bits):
     report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / str(bits), kv_bits=bits,
-                                          scheme="per-channel", quality_gate_pct=1000, **FAST)).report
+                                          scheme="per-channel", quality_gate_pct=1000, **FAST)).report.to_dict()
     assert report["memory"]["quantized_bytes_per_token"] == 2048 * bits / 16
     if bits == 8:
         assert abs(report["quality"]["ppl_delta_pct"]) < 0.2
@@ -219,7 +219,7 @@ def test_fused_4bit_artifact_runs_in_onnxruntime_genai(tmp_path, heldout_ids, so
     compiled folder unchanged, the same greedy tokens kvcompile's own decoder does."""
     model = GENAI if source.startswith("onnx-genai") else DYNAMO
     out = tmp_path / "out"
-    report = compile_model(CompileOptions(model=model, out_dir=out, calib_tokens=2048)).report
+    report = compile_model(CompileOptions(model=model, out_dir=out, calib_tokens=2048)).report.to_dict()
     assert report["quality"]["passed"] and report["plan"]["choices"]["L0.K"] == "4-bit per-channel"
     target = report["targets"]["ort-cpu"]
     assert target["onnxruntime_genai"].endswith("runs in onnxruntime-genai")
@@ -239,7 +239,7 @@ def test_fused_4bit_artifact_runs_in_onnxruntime_genai(tmp_path, heldout_ids, so
 
 def test_fuse_attention_off_keeps_qdq_and_on_refuses_dynamic_schemes(tmp_path):
     report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "off", fuse_attention="off",
-                                          scheme="per-channel", **FAST)).report
+                                          scheme="per-channel", **FAST)).report.to_dict()
     assert not report["fusion"]["fused"]
     graph = onnx.load(tmp_path / "off" / "ort-cpu" / "model.onnx").graph
     assert not any(n.op_type == "GroupQueryAttention" for n in graph.node)
@@ -258,7 +258,7 @@ def test_quality_gate_error_carries_the_result(tmp_path):
     with pytest.raises(QualityGateError) as info:
         compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "g", scheme="per-tensor",
                                      quality_gate_pct=-50, **FAST))
-    assert info.value.result.report["status"] == "failed-quality-gate"
+    assert info.value.result.report.status == "failed-quality-gate"
 
 
 def test_inspect_json():
@@ -272,7 +272,7 @@ def test_inspect_json():
 
 def test_kivi_stores_per_token_scales_next_to_the_cache(tmp_path):
     out = tmp_path / "kivi"
-    report = compile_model(CompileOptions(model=DYNAMO, out_dir=out, scheme="kivi", **FAST)).report
+    report = compile_model(CompileOptions(model=DYNAMO, out_dir=out, scheme="kivi", **FAST)).report.to_dict()
     assert report["memory"]["avg_bits_per_element"] == pytest.approx((4 + 4 + 24 / 64) / 2)
     io = read_manifest(out).targets["ort-cpu"]
     value = next(k for k in io.kv if k.kind == "value")
@@ -297,7 +297,7 @@ def test_model_with_external_data_compiles_with_auto(tmp_path):
     assert (model_dir / "model.onnx.data").stat().st_size > 10_000_000
     before = (model_dir / "model.onnx.data").read_bytes()
     report = compile_model(CompileOptions(model=model_dir / "model.onnx", out_dir=tmp_path / "out",
-                                          tokenizer=TOKENIZER, **FAST)).report
+                                          tokenizer=TOKENIZER, **FAST)).report.to_dict()
     assert report["quality"]["passed"]
     assert (tmp_path / "out" / "ort-cpu" / "model.onnx.data").is_file()
     assert (model_dir / "model.onnx.data").read_bytes() == before
@@ -343,7 +343,7 @@ def test_ort_format_is_skipped_for_weights_it_cannot_hold(tmp_path, monkeypatch)
     from kvcompile.targets import ort_cpu
 
     monkeypatch.setattr(ort_cpu, "ORT_FORMAT_LIMIT_BYTES", 1_000_000)
-    report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "big", no_calibration=True)).report
+    report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "big", no_calibration=True)).report.to_dict()
     target = report["targets"]["ort-cpu"]
     assert target["ort_format"] is None and "FlatBuffer" in target["ort_format_note"]
     assert not (tmp_path / "big" / "ort-cpu" / "model.ort").exists()
@@ -372,7 +372,7 @@ def test_a_users_short_text_is_used_whole(tmp_path, heldout_ids):
     text = tmp_path / "mine.npy"
     np.save(text, heldout_ids[: 9 * 256 + 100])
     report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "o", eval_text=text,
-                                          calib_tokens=2048)).report
+                                          calib_tokens=2048)).report.to_dict()
     assert report["quality"]["eval_tokens"] == 9 * (256 - 32 - 1)
     assert report["quality"]["eval_text"] == "mine.npy"
     np.save(text, heldout_ids[:300])

@@ -15,7 +15,8 @@ from kvcompile.kvgraph import GROUP_QUERY_ATTENTION
 from kvcompile.manifest import float_model_io
 from kvcompile.model_io import load_model
 from kvcompile.passes.find_kv_cache import find_kv_cache
-from kvcompile.passes.fuse_gqa import FuseGroupQueryAttentionPass
+from kvcompile.passes.fuse_gqa import fuse_attention_passes
+from kvcompile.passes.manager import run_passes
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.session import cpu_session
 from synthetic import build_decoder
@@ -23,9 +24,7 @@ from synthetic import build_decoder
 
 def fuse(model: ir.Model) -> tuple[onnx.ModelProto, object]:
     kv = find_kv_cache(model)
-    FuseGroupQueryAttentionPass(kv, "input_ids")(model)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-    ir.passes.common.TopologicalSortPass()(model)
+    assert run_passes(model, *fuse_attention_passes(kv, "input_ids"))
     return ir.serde.serialize_model(model), kv
 
 
@@ -74,6 +73,7 @@ def test_other_layouts_are_not_fused(form, message):
 def test_decide_checks_the_fused_float_model(tmp_path):
     """A model whose attention is not causal cannot be fused: auto keeps it, on refuses it."""
     from kvcompile.fusion import decide
+    from kvcompile.plan import PlanOptions
 
     proto = build_decoder("llama", layers=1, heads=4, kv_heads=2, head_dim=16)
     path = tmp_path / "model.onnx"
@@ -82,14 +82,14 @@ def test_decide_checks_the_fused_float_model(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 32, 64)
     limits = ModelLimits(max_context=None, window=None)
     original = Decoder(cpu_session(path), float_model_io(kv, str(path)))
-    decision = decide("auto", "auto", 4, False, original, path, kv, "input_ids", tokens, limits, tmp_path, None)
+    decision = decide(PlanOptions(), original, path, kv, "input_ids", tokens, limits, tmp_path, None)
     assert not decision.fused and "does not reproduce the model" in decision.reason
     with pytest.raises(UnsupportedModelError, match="cannot fuse"):
-        decide("on", "auto", 4, False, original, path, kv, "input_ids", tokens, limits, tmp_path, None)
+        decide(PlanOptions(fuse_attention="on"), original, path, kv, "input_ids", tokens, limits, tmp_path, None)
     for scheme, bits, fold, message in (("kivi", 4, False, "per-token scales"), ("per-channel", 8, False, "not 8-bit"),
                                         ("per-channel", 4, True, "--fold-scales")):
-        assert message in decide("auto", scheme, bits, fold, original, path, kv, "input_ids", tokens, limits,
-                                 tmp_path, None).reason
+        options = PlanOptions(scheme=scheme, kv_bits=bits, fold_scales=fold)
+        assert message in decide(options, original, path, kv, "input_ids", tokens, limits, tmp_path, None).reason
 
 
 def test_the_fusion_check_runs_past_the_window_and_within_the_limit():
@@ -118,7 +118,7 @@ def test_a_sliding_window_kept_in_the_mask_is_not_fused_away(tmp_path):
     shutil.copyfile(family_dir("mistral") / "tokenizer.json", path.parent / "tokenizer.json")
     assert find_kv_cache(load_model(path)).tensors[0].kept_entries is None, "the window is in the mask only"
     report = compile_model(CompileOptions(model=path, out_dir=tmp_path / "out", calib_tokens=2048,
-                                          eval_tokens=4096)).report
+                                          eval_tokens=4096)).report.to_dict()
     assert not report["fusion"]["fused"]
     assert "does not reproduce the model over 1024 tokens" in report["fusion"]["reason"]
     assert report["quality"]["passed"] and report["quality"]["ppl_delta_pct"] < 1.0

@@ -90,15 +90,17 @@ def test_read_limits_takes_the_smallest(tmp_path):
 
 
 def test_contexts_stay_within_the_limits(tmp_path):
-    options = CompileOptions(model=tmp_path / "m.onnx")
-    unlimited = within_limits(options, ModelLimits(None, None), ("ort-cpu",))
-    assert (unlimited.window, unlimited.prefill, unlimited.max_context) == (256, 32, None)
-    short = within_limits(options, ModelLimits(100, None, ("context 100: test",)), ("ort-cpu", "nnapi"))
-    assert (short.window, short.prefill, short.max_context) == (100, 25, 100)
-    windowed = within_limits(options, ModelLimits(4096, 64), ("ort-cpu", "tflite"))
-    assert windowed.max_context == 64 and windowed.window == 256
+    def stages(*targets: str, **options):
+        return CompileOptions(model=tmp_path / "m.onnx", targets=targets, **options).stages()
+
+    def contexts(stages):
+        return stages.texts.window, stages.texts.prefill, stages.target.max_context
+
+    assert contexts(within_limits(stages("ort-cpu"), ModelLimits(None, None))) == (256, 32, None)
+    short = within_limits(stages("ort-cpu", "nnapi"), ModelLimits(100, None, ("context 100: test",)))
+    assert contexts(short) == (100, 25, 100)
+    assert contexts(within_limits(stages("tflite"), ModelLimits(4096, 64))) == (256, 32, 64)
     with pytest.raises(BadInputError, match="--max-context 2048 is longer than the model's context limit, 1000"):
-        within_limits(CompileOptions(model=tmp_path / "m.onnx", max_context=2048), ModelLimits(1000, None),
-                      ("ort-cpu", "qnn-htp"))
+        within_limits(stages("qnn-htp", max_context=2048), ModelLimits(1000, None))
     with pytest.raises(UnsupportedModelError, match="at most 8 tokens"):
-        within_limits(options, ModelLimits(8, None), ("ort-cpu",))
+        within_limits(stages("ort-cpu"), ModelLimits(8, None))

@@ -11,7 +11,8 @@ from onnx import TensorProto, helper
 
 from conftest import DYNAMO
 from kvcompile.manifest import read_manifest
-from kvcompile.passes.legalize_nnapi import LegalizeForNNAPIPass
+from kvcompile.passes.legalize_nnapi import legalize_nnapi_passes
+from kvcompile.passes.manager import run_passes
 from kvcompile.pipeline import CompileOptions, compile_model
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.tflite import TFLiteSession
@@ -32,11 +33,12 @@ def compiled(tmp_path_factory):
 
 def test_acceptance_nnapi_one_partition_full_coverage(compiled):
     out, report = compiled
-    nnapi = report["targets"]["nnapi"]
-    assert nnapi["partitions"] == 1 and nnapi["coverage_pct"] == 100.0
-    assert nnapi["nodes_on_nnapi"] == nnapi["nodes_total"] > 300 and nnapi["unsupported_ops"] == ""
-    assert "two 4-bit codes per byte" in nnapi["kv_storage"]
-    assert nnapi["quality"]["passed"] and nnapi["quality"]["eval_tokens"] > 400
+    nnapi = report.targets["nnapi"]
+    facts = nnapi.facts
+    assert facts["partitions"] == 1 and facts["coverage_pct"] == 100.0
+    assert facts["nodes_on_nnapi"] == facts["nodes_total"] > 300 and facts["unsupported_ops"] == ""
+    assert "two 4-bit codes per byte" in nnapi.kv_storage
+    assert nnapi.quality.passed and nnapi.quality.eval_tokens > 400
     io = read_manifest(out).targets["nnapi"]
     assert io.model == "nnapi/model.ort" and (out / io.model).is_file()
     key = io.kv[0]
@@ -46,12 +48,13 @@ def test_acceptance_nnapi_one_partition_full_coverage(compiled):
 
 def test_acceptance_tflite_builtins_packed_io_matches_onnxruntime(compiled):
     out, report = compiled
-    target = report["targets"]["tflite"]
-    assert not any("Flex" in op for op in target["ops"]) and "FLOOR" in target["ops"]
-    assert target["io_dtypes"]["past_key_values.0.key"] == "uint8" and target["io_dtypes"]["present.3.value"] == "uint8"
-    agreement = target["agreement_with_onnxruntime"]
-    assert agreement["new_slot_codes_identical"] and agreement["logits_cosine_min"] > 0.9999
-    assert target["quality"]["passed"]
+    target = report.targets["tflite"]
+    ops, dtypes = target.facts["ops"], target.facts["io_dtypes"]
+    assert not any("Flex" in op for op in ops) and "FLOOR" in ops
+    assert dtypes["past_key_values.0.key"] == "uint8" and dtypes["present.3.value"] == "uint8"
+    agreement = target.quality.agreement
+    assert agreement.codes_identical and agreement.logits_cosine_min > 0.9999
+    assert target.quality.passed and not (out / "tflite" / "reference.onnx").exists()
     io = read_manifest(out).targets["tflite"]
     session = TFLiteSession(out / io.model)
     signature = session.interpreter.get_signature_list()["serving_default"]
@@ -76,8 +79,7 @@ def test_nnapi_legalization_keeps_the_function():
                                helper.make_tensor("table", TensorProto.FLOAT, [5], [0, 1, 2, 3, 4])])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model = ir.serde.deserialize_model(proto)
-    LegalizeForNNAPIPass()(model)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
+    assert run_passes(model, *legalize_nnapi_passes())
     legal = ir.serde.serialize_model(model)
     assert {"Cos", "Reciprocal", "Round", "Expand"}.isdisjoint(n.op_type for n in legal.graph.node)
     assert legal.graph.input[1].type.tensor_type.elem_type == TensorProto.INT32

@@ -1,4 +1,4 @@
-"""NormalizeExportPass: exporter artifacts folded away so discovery sees the cache's dataflow."""
+"""normalize_export: exporter artifacts folded away so discovery sees the cache's dataflow."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.manifest import float_model_io
 from kvcompile.passes.find_kv_cache import find_kv_cache
-from kvcompile.passes.normalize import NormalizeExportPass
+from kvcompile.passes.normalize import normalize_export
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.session import cpu_session
 from synthetic import build_decoder
@@ -23,7 +23,7 @@ def test_empty_concat_before_the_cache_is_folded_and_the_cache_found():
     with pytest.raises(UnsupportedModelError, match="no graph output carries"):
         find_kv_cache(ir.serde.deserialize_model(proto))
     model = ir.serde.deserialize_model(proto)
-    assert NormalizeExportPass()(model).modified
+    assert normalize_export(model)
     kv = find_kv_cache(model)
     assert [t.past_input for t in kv.tensors] == [f"past_key_values.{i}.{k}" for i in (0, 1) for k in ("key", "value")]
     normalized = ir.serde.serialize_model(model)
@@ -41,7 +41,7 @@ def test_empty_concat_before_the_cache_is_folded_and_the_cache_found():
 def test_a_model_without_artifacts_is_left_alone():
     model = ir.serde.deserialize_model(build_decoder("llama", layers=1))
     nodes = len(model.graph)
-    assert not NormalizeExportPass()(model).modified
+    assert not normalize_export(model)
     assert len(model.graph) == nodes
 
 
@@ -67,7 +67,7 @@ def test_fixed_dims_read_from_shapes_become_constants():
     proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], constants),
                               opset_imports=[helper.make_opsetid("", 18)])
     model = ir.serde.deserialize_model(proto)
-    assert NormalizeExportPass()(model).modified
+    assert normalize_export(model)
     assert "Shape" not in [node.op_type for node in model.graph]
     normalized = ir.serde.serialize_model(model)
     feeds = {"x": np.random.default_rng(0).normal(size=(2, 4, 8)).astype(np.float32)}

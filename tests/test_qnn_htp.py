@@ -29,11 +29,12 @@ def qnn_compile(tmp_path_factory):
 
 def test_acceptance_every_node_on_the_htp_for_two_socs(qnn_compile):
     out, report = qnn_compile
-    target = report["targets"]["qnn-htp"]
-    assert target["ran"] and target["soc"] == "SM8650"
-    assert target["nodes_total"] > 500 and target["nodes_on_htp"] == target["nodes_total"]
+    target = report.targets["qnn-htp"]
+    facts = target.facts
+    assert target.quality is not None and facts["soc"] == "SM8650"
+    assert facts["nodes_total"] > 500 and facts["nodes_on_htp"] == facts["nodes_total"]
     for soc in ("SM8650", "SM8750"):
-        compiled = target["socs"][soc]
+        compiled = facts["socs"][soc]
         assert compiled["aot_seconds"] > 0 and compiled["context_binary_bytes"] > 1_000_000
         context_model = onnx.load(out / compiled["context_model"], load_external_data=False)
         assert {n.op_type for n in context_model.graph.node} == {"EPContext"}, "the whole graph is one HTP context"
@@ -42,11 +43,11 @@ def test_acceptance_every_node_on_the_htp_for_two_socs(qnn_compile):
 
 def test_acceptance_agrees_with_cpu_and_keeps_quality(qnn_compile):
     _, report = qnn_compile
-    target = report["targets"]["qnn-htp"]
-    assert target["agreement_with_cpu"]["logits_cosine_min"] >= 0.99
-    quality = target["quality"]
-    assert quality["passed"] and quality["ppl_delta_pct"] <= 2.0 and quality["eval_tokens"] > 100
-    assert report["status"] == "passed"
+    quality = report.targets["qnn-htp"].quality
+    assert quality.ran_on.startswith("onnxruntime-qnn HTP backend")
+    assert quality.agreement.logits_cosine_min >= 0.99 and quality.agreement.steps == 16
+    assert quality.passed and quality.ppl_delta_pct <= 2.0 and quality.eval_tokens > 100
+    assert report.status == "passed" and report.quality.passed
 
 
 def test_manifest_drives_the_compiled_context_on_the_htp(qnn_compile):
@@ -56,9 +57,9 @@ def test_manifest_drives_the_compiled_context_on_the_htp(qnn_compile):
     assert [i.role for i in io.inputs] == ["input_ids", "position_ids", "attention_bias"]
     key = io.kv[0]
     assert key.stored_dtype == "uint8" and key.bits == 4 and key.packing.codes_per_byte == 1
-    assert key.granularity == "per-tensor" and io.options["socs"]["SM8750"]["htp_arch"] == "79"
+    assert key.granularity == "per-tensor" and io.options.qnn_contexts["SM8750"].provider_options["htp_arch"] == "79"
     htp = Decoder(qnn_session(out / io.model, "SM8650"), io)
-    cpu = Decoder(cpu_session(out / io.options["qdq_model"]), io)
+    cpu = Decoder(cpu_session(out / io.options.qdq_model), io)
     tokens = []
     for decoder in (htp, cpu):
         cache = decoder.new_cache(1)

@@ -95,3 +95,23 @@ def test_static_cache_fills_in_order_then_slides_keeping_sinks(compiled):
         logits, _ = static.step(cache, tokens[:, :1])
     assert np.isfinite(logits).all() and cache.length == 2 * CONTEXT
     assert cache.nbytes() == 8 * 2 * (CONTEXT - 1) * 64
+
+
+def test_the_plan_is_legalised_per_target_from_its_capabilities():
+    """One function turns the compile's plan into what a target holds: the static graphs take
+    4-bit static symmetric scales (per-token tensors re-planned per-channel, each change noted);
+    ort-cpu holds the plan as it is."""
+    from kvcompile.targets import TARGETS
+    from kvcompile.targets.base import legalize
+
+    kv = find_kv_cache(load_model(DYNAMO))
+    decoder = Decoder(cpu_session(DYNAMO), float_model_io(kv, str(DYNAMO)))
+    ids = load_token_ids(bundled_text("calib.txt"), TOKENIZER)
+    stats = collect_kv_stats(decoder, ids[: 2 * 128].reshape(2, 128))
+    plan = make_plan(kv, stats, 4, "per-token")
+    same, notes = legalize(kv, stats, plan, TARGETS["ort-cpu"].capabilities)
+    assert all(a is b for a, b in zip(same.tensors, plan.tensors)) and notes == ()
+    for name in ("qnn-htp", "nnapi", "tflite"):
+        static, notes = legalize(kv, stats, plan, TARGETS[name].capabilities)
+        assert {t.name for t in static.tensors} == {"4-bit per-channel"}
+        assert len(notes) == len(kv.tensors) and "static-shape targets take static scales" in notes[0]

@@ -11,7 +11,8 @@ from conftest import DYNAMO
 from kvcompile.manifest import float_model_io
 from kvcompile.model_io import load_model
 from kvcompile.passes.find_kv_cache import find_kv_cache
-from kvcompile.passes.transform_kv import KVTransform, TransformKVPass, hadamard
+from kvcompile.passes.manager import run_passes
+from kvcompile.passes.transform_kv import KVTransform, hadamard, transform_passes
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.session import cpu_session
 from synthetic import build_decoder
@@ -58,7 +59,7 @@ def test_transform_leaves_float_logits_unchanged(form, kind):
     proto = build_decoder(layers=2, **FORMS[form])
     model = ir.serde.deserialize_model(proto)
     kv = find_kv_cache(model)
-    TransformKVPass(kv, transforms(kv, kind))(model)
+    assert run_passes(model, *transform_passes(kv, transforms(kv, kind)))
     transformed = ir.serde.serialize_model(model)
     onnx.checker.check_model(transformed, full_check=True)
     tokens = np.random.default_rng(1).integers(0, 32, (2, 9))
@@ -79,7 +80,7 @@ def test_fixture_logits_unchanged(kind):
         chosen = {k: KVTransform.scaling(v) for k, v in scales.items()}
     else:
         chosen = transforms(kv, "rotation")
-    TransformKVPass(kv, chosen)(model)
+    run_passes(model, *transform_passes(kv, chosen))
     tokens = np.random.default_rng(3).integers(0, 2048, (2, 12))
     before, _ = decode_logits(onnx.load(DYNAMO), kv, tokens)
     after, _ = decode_logits(ir.serde.serialize_model(model), kv, tokens)

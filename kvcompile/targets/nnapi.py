@@ -18,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
@@ -27,14 +26,24 @@ from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import TargetIO
 from kvcompile.model_io import save_model
 from kvcompile.passes.kv_codec import ARITHMETIC
-from kvcompile.passes.legalize_nnapi import LegalizeForNNAPIPass
+from kvcompile.passes.legalize_nnapi import legalize_nnapi_passes
+from kvcompile.passes.manager import run_passes
 from kvcompile.plan import QuantPlan
-from kvcompile.runtimes.calibrate import KVStats
+from kvcompile.quality import TargetQuality
 from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.perplexity import decode_path_scores
 from kvcompile.runtimes.session import cpu_session
+from kvcompile.runtimes.verify import decode_quality
+from kvcompile.targets.base import Artifact, LoweringInput, TargetOptions, VerifyInput
 from kvcompile.targets.ort_cpu import write_ort_format
-from kvcompile.targets.static import static_graph, static_plan, static_target_io, verification_windows
+from kvcompile.targets.static import (
+    STATIC_CAPABILITIES,
+    VERIFY_PREFILL,
+    check_static,
+    static_cache_bytes,
+    static_graph,
+    static_target_io,
+    verification_windows,
+)
 
 FOLDER = "nnapi"
 OPSET = 18
@@ -45,9 +54,7 @@ def nnapi_graph(float_path: Path, kv: KVGraph, plan: QuantPlan, context: int) ->
     """The static decode graph, packed 4-bit cache in float arithmetic, legal for NNAPI."""
     model, used = static_graph(float_path, kv, plan, context, style=ARITHMETIC, packed=True,
                                fold_per_channel=False, fuse_rmsnorm=False, opset=OPSET)
-    LegalizeForNNAPIPass()(model)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-    ir.passes.common.TopologicalSortPass()(model)
+    run_passes(model, *legalize_nnapi_passes())
     return model, used
 
 
@@ -72,37 +79,41 @@ def check_partitions(model_path: Path) -> dict:
             "checked_by": "onnxruntime.tools.check_onnx_model_mobile_usability"}
 
 
-def emit(float_path: Path, float_decoder: Decoder, kv: KVGraph, plan: QuantPlan, stats: KVStats, stage: Path,
-         eval_windows: np.ndarray, context: int, quality_gate_pct: float) -> tuple[TargetIO, dict, Path]:
-    """Writes nnapi/; returns the manifest entry, the report note and the ONNX graph's path
-    (which the tflite target converts)."""
-    folder = stage / FOLDER
-    folder.mkdir()
-    chosen, notes = static_plan(kv, stats, plan)
-    model, used = nnapi_graph(float_path, kv, chosen, context)
-    onnx_path = folder / "model.onnx"
-    save_model(model, onnx_path)
-    ort_path = write_ort_format(onnx_path)
-    partitions = check_partitions(onnx_path)
-    io = static_target_io(kv, used, model, f"{FOLDER}/{ort_path.name}", context, packed=True)
-    windows = verification_windows(eval_windows, VERIFY_WINDOWS, VERIFY_WINDOW, context)
-    float_score, score = decode_path_scores([float_decoder, Decoder(cpu_session(ort_path), io)], windows,
-                                            prefill=8, batch=1)
-    delta = 100.0 * (score.ppl / float_score.ppl - 1.0)
-    cache_bytes = sum(int(np.prod(t.shape)) for t in Decoder(cpu_session(ort_path), io).new_cache(1).tensors.values())
-    note = {
-        "artifact": f"{FOLDER}/{ort_path.name}",
-        "onnx_model": f"{FOLDER}/{onnx_path.name}",
-        "ran": True,
-        "ran_on": "onnxruntime CPU EP (the same .ort graph; no Android device here for the NNAPI EP)",
-        "max_context": context,
-        **partitions,
-        "kv_storage": "uint8, two 4-bit codes per byte, unpacked and packed in-graph with float arithmetic "
-                      "(Floor/Div/Mul/Add: NNAPI has no bit operations)",
-        "kv_cache_bytes": cache_bytes,
-        "plan_changes": notes,
-        "quality": {"float_ppl": round(float_score.ppl, 4), "nnapi_graph_ppl": round(score.ppl, 4),
-                    "ppl_delta_pct": round(delta, 4), "top1_agreement": round(score.top1_agreement, 5),
-                    "eval_tokens": score.tokens, "passed": delta <= quality_gate_pct},
-    }
-    return io, note, onnx_path
+KV_STORAGE = ("uint8, two 4-bit codes per byte, unpacked and packed in-graph with float arithmetic "
+              "(Floor/Div/Mul/Add: NNAPI has no bit operations)")
+
+
+class NnapiTarget:
+    name = "nnapi"
+    runs_on = "onnxruntime CPU EP (the same .ort graph; no Android device here for the NNAPI EP)"
+    capabilities = STATIC_CAPABILITIES
+
+    def check(self, kv: KVGraph, options: TargetOptions) -> None:
+        check_static(self.name, kv)
+
+    def lower(self, lowering: LoweringInput) -> Artifact:
+        """Writes nnapi/model.onnx and nnapi/model.ort; the facts give the NNAPI partitions."""
+        context = lowering.options.max_context
+        folder = lowering.stage / FOLDER
+        folder.mkdir()
+        model, used = nnapi_graph(lowering.float_path, lowering.float_kv, lowering.plan, context)
+        onnx_path = folder / "model.onnx"
+        save_model(model, onnx_path)
+        ort_path = write_ort_format(onnx_path)
+        partitions = check_partitions(onnx_path)
+        io = static_target_io(lowering.float_kv, used, model, f"{FOLDER}/{ort_path.name}", context, packed=True)
+        facts = {"onnx_model": f"{FOLDER}/{onnx_path.name}", "max_context": context, **partitions,
+                 "kv_cache_bytes": static_cache_bytes(io)}
+        return Artifact(self.name, io, KV_STORAGE, facts)
+
+    def verify(self, artifact: Artifact, verifying: VerifyInput) -> TargetQuality:
+        windows = verification_windows(verifying.eval_windows, VERIFY_WINDOWS, VERIFY_WINDOW, artifact.io.max_context)
+        return decode_quality(verifying.float_decoder, self.open(verifying.folder, artifact.io), windows,
+                              prefill=VERIFY_PREFILL, batch=1, gate_pct=verifying.quality_gate_pct,
+                              text=verifying.eval_text, ran_on=self.runs_on)
+
+    def open(self, folder: Path, io: TargetIO, soc: str | None = None) -> Decoder:
+        return Decoder(cpu_session(folder / io.model), io)
+
+
+TARGET = NnapiTarget()

@@ -24,6 +24,12 @@ from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import TargetIO, float_model_io
 from kvcompile.model_io import check_onnx, initializer_bytes, save_model
 from kvcompile.plan import QuantPlan, stored_kvio
+from kvcompile.quality import TargetQuality
+from kvcompile.quant import SUPPORTED_BITS
+from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.session import cpu_session
+from kvcompile.runtimes.verify import decode_quality
+from kvcompile.targets.base import Artifact, Capabilities, LoweringInput, TargetOptions, VerifyInput
 
 FOLDER = "ort-cpu"
 
@@ -88,19 +94,63 @@ def query_heads(model: ir.Model, kv: KVGraph) -> int:
     return key.num_heads
 
 
-def emit(model: ir.Model, kv: KVGraph, plan: QuantPlan, stage: Path, source_dir: Path) -> tuple[TargetIO, dict]:
-    folder = stage / FOLDER
-    folder.mkdir()
-    onnx_path = folder / "model.onnx"
-    save_model(model, onnx_path)
-    checker = check_onnx(onnx_path)
-    fits_ort_format = initializer_bytes(model) <= ORT_FORMAT_LIMIT_BYTES
-    ort_format = f"{FOLDER}/{write_ort_format(onnx_path).name}" if fits_ort_format else None
-    float_io = float_model_io(kv, f"{FOLDER}/model.onnx")
-    io_ = dataclasses.replace(float_io, kv=[stored_kvio(k, plan) for k in float_io.kv])
-    vocab = model.graph.outputs[[v.name for v in model.graph.outputs].index(kv.logits_output)].shape.dims[-1]
-    genai = write_genai_config(kv, io_, query_heads(model, kv), vocab, source_dir, folder)
-    note = {"ort_format": ort_format, "onnx_checker": checker, "onnxruntime_genai": genai}
-    if not fits_ort_format:
-        note["ort_format_note"] = ORT_FORMAT_SKIPPED
-    return io_, note
+def kv_storage(plan: QuantPlan) -> str:
+    """What the artifact stores, e.g. "uint8 codes packed along head_dim: 4-bit x8 (2 per byte)"."""
+    counts: dict[str, int] = {}
+    for t in plan.tensors:
+        if t.bits is None:
+            key = "float"
+        else:
+            per_byte = 8 // t.bits
+            key = f"{t.bits}-bit" + (f" ({per_byte} per byte)" if per_byte > 1 else "")
+        counts[key] = counts.get(key, 0) + 1
+    parts = ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
+    dynamic = sum(t.dynamic for t in plan.tensors)
+    extra = f"; float16 per-token scales next to {dynamic} tensor(s)" if dynamic else ""
+    return f"uint8 codes packed along head_dim: {parts}{extra}"
+
+
+class OrtCpuTarget:
+    """The rewritten model itself, with dynamic shapes: every compile builds and verifies it."""
+
+    name = "ort-cpu"
+    runs_on = "onnxruntime CPU EP"
+    capabilities = Capabilities(bits=SUPPORTED_BITS, float_tensors=True, dynamic_scales=True, asymmetric=True,
+                                dynamic_shapes=True, needs_calibration=False)
+
+    def check(self, kv: KVGraph, options: TargetOptions) -> None:
+        """Every attention form kvcompile analyses compiles here."""
+
+    def lower(self, lowering: LoweringInput) -> Artifact:
+        model, kv, plan = lowering.model, lowering.kv, lowering.plan
+        folder = lowering.stage / FOLDER
+        folder.mkdir()
+        onnx_path = folder / "model.onnx"
+        save_model(model, onnx_path)
+        checker = check_onnx(onnx_path)
+        fits_ort_format = initializer_bytes(model) <= ORT_FORMAT_LIMIT_BYTES
+        ort_format = f"{FOLDER}/{write_ort_format(onnx_path).name}" if fits_ort_format else None
+        float_io = float_model_io(kv, f"{FOLDER}/model.onnx")
+        io = dataclasses.replace(float_io, kv=[stored_kvio(k, plan) for k in float_io.kv])
+        vocab = model.graph.outputs[[v.name for v in model.graph.outputs].index(kv.logits_output)].shape.dims[-1]
+        genai = write_genai_config(kv, io, query_heads(model, kv), vocab, lowering.source_dir, folder)
+        facts = {"ort_format": ort_format, "onnx_checker": checker, "onnxruntime_genai": genai}
+        if not fits_ort_format:
+            facts["ort_format_note"] = ORT_FORMAT_SKIPPED
+        return Artifact(self.name, io, kv_storage(plan), facts)
+
+    def verify(self, artifact: Artifact, verifying: VerifyInput) -> TargetQuality:
+        """The whole held-out text, the compile's window and prefill: the figures the gate reads."""
+        windows = verifying.eval_windows
+        steps = windows.shape[0] * (windows.shape[1] - verifying.prefill - 1)
+        progress = verifying.progress(f"verifying through the decode path ({windows.shape[0]} windows of "
+                                      f"{windows.shape[1]} tokens)", steps)
+        return decode_quality(verifying.float_decoder, self.open(verifying.folder, artifact.io), windows,
+                              prefill=verifying.prefill, batch=16, gate_pct=verifying.quality_gate_pct,
+                              text=verifying.eval_text, ran_on=self.runs_on, progress=progress)
+
+    def open(self, folder: Path, io: TargetIO, soc: str | None = None) -> Decoder:
+        return Decoder(cpu_session(folder / io.model), io)
+
+
+TARGET = OrtCpuTarget()

@@ -24,24 +24,31 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from kvcompile.errors import TargetError
+from kvcompile.errors import BadInputError, TargetError
 from kvcompile.kvgraph import KVGraph
-from kvcompile.manifest import TargetIO
+from kvcompile.manifest import QnnContext, TargetIO
 from kvcompile.model_io import model_files, save_model
 from kvcompile.passes.kv_codec import ONNX
-from kvcompile.plan import QuantPlan
-from kvcompile.targets.static import static_graph, static_plan, static_target_io, verification_windows
-from kvcompile.runtimes.calibrate import KVStats
+from kvcompile.quality import TargetQuality
 from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.perplexity import decode_path_scores
 from kvcompile.runtimes.session import QNN_SOCS, cpu_session, qnn_provider_options, qnn_session
+from kvcompile.runtimes.verify import agreement, decode_quality
+from kvcompile.targets.base import Artifact, LoweringInput, TargetOptions, VerifyInput
+from kvcompile.targets.static import (
+    STATIC_CAPABILITIES,
+    VERIFY_PREFILL,
+    check_static,
+    static_cache_bytes,
+    static_graph,
+    static_target_io,
+    verification_windows,
+)
 
 FOLDER = "qnn-htp"
 QDQ_OPSET = 21  # 16-bit Q/DQ
@@ -49,13 +56,7 @@ CALIBRATION_STEPS = 96
 COMPARE_STEPS = 16
 
 
-@dataclass(frozen=True)
-class QnnOptions:
-    socs: tuple[str, ...] = ("SM8650",)
-    max_context: int = 1024
-    verify_windows: int = 2
-    verify_window: int = 64
-    quality_gate_pct: float = 2.0
+VERIFY_WINDOWS, VERIFY_WINDOW = 2, 64  # the simulator is slow: a short text
 
 
 def check_socs(socs: tuple[str, ...]) -> None:
@@ -70,7 +71,7 @@ def calibration_feeds(decoder: Decoder, token_ids: np.ndarray, steps: int) -> li
     feeds = []
     limit = min(steps * 2, decoder.io.max_context - 1, token_ids.size)
     for t in range(limit):
-        step_feeds = decoder._feeds(cache, token_ids[None, t : t + 1])
+        step_feeds = decoder.feeds(cache, token_ids[None, t : t + 1])
         if t % 2 == 0:
             feeds.append({k: np.array(v, copy=True) for k, v in step_feeds.items()})
         decoder.step(cache, token_ids[None, t : t + 1])
@@ -103,99 +104,102 @@ def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path
         root.setLevel(level)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+KV_STORAGE = "uint8, one 4-bit code per byte (the HTP has no bit operations to unpack nibbles)"
 
 
-def compare_with_cpu(htp: Decoder, cpu: Decoder, token_ids: np.ndarray) -> dict:
-    """Same inputs to both (the CPU run's cache each step): logits cosine and max |difference|."""
-    cache = cpu.new_cache(1)
-    cosines, worst = [], 0.0
-    for t in range(COMPARE_STEPS):
-        feeds = cpu._feeds(cache, token_ids[None, t : t + 1])
-        names = [htp.io.logits]
-        ours = htp.session.run(names, feeds)[0]
-        theirs, _ = cpu.step(cache, token_ids[None, t : t + 1])
-        cosines.append(_cosine(ours[0, -1], theirs[0, -1]))
-        worst = max(worst, float(np.abs(ours[0, -1] - theirs[0, -1]).max()))
-    return {"logits_cosine_min": round(min(cosines), 6), "logits_cosine_mean": round(float(np.mean(cosines)), 6),
-            "logits_max_abs_diff": round(worst, 5), "steps_compared": COMPARE_STEPS}
+class QnnHtpTarget:
+    name = "qnn-htp"
+    runs_on = "onnxruntime-qnn HTP backend (simulated on x86 Linux)"
+    capabilities = STATIC_CAPABILITIES  # per-channel scales are folded into the attention below
 
+    def check(self, kv: KVGraph, options: TargetOptions) -> None:
+        check_socs(options.socs)
+        check_static(self.name, kv)
 
-def emit(float_path: Path, float_decoder: Decoder, kv: KVGraph, plan: QuantPlan, stats: KVStats, stage: Path,
-         calib_ids: np.ndarray, eval_windows: np.ndarray, options: QnnOptions) -> tuple[TargetIO, dict]:
-    check_socs(options.socs)
-    folder = stage / FOLDER
-    folder.mkdir()
-    chosen, notes = static_plan(kv, stats, plan)
-    model, folded = static_graph(float_path, kv, chosen, options.max_context, style=ONNX, packed=False,
-                                 fold_per_channel=True, fuse_rmsnorm=True, opset=QDQ_OPSET)
-    static_path = folder / "model.static.onnx"
-    save_model(model, static_path)
-    io = static_target_io(kv, folded, model, f"{FOLDER}/model.qdq.onnx", options.max_context, packed=False)
+    def lower(self, lowering: LoweringInput) -> Artifact:
+        """The static graph with per-channel scales folded (the HTP takes one scale per tensor),
+        QDQ-quantized on real decode steps, then compiled ahead of time per SoC."""
+        socs, context = lowering.options.socs, lowering.options.max_context
+        check_socs(socs)
+        folder = lowering.stage / FOLDER
+        folder.mkdir()
+        model, folded = static_graph(lowering.float_path, lowering.float_kv, lowering.plan, context, style=ONNX,
+                                     packed=False, fold_per_channel=True, fuse_rmsnorm=True, opset=QDQ_OPSET)
+        static_path = folder / "model.static.onnx"
+        save_model(model, static_path)
+        io = static_target_io(lowering.float_kv, folded, model, f"{FOLDER}/model.qdq.onnx", context, packed=False)
 
-    started = time.perf_counter()
-    float_static = Decoder(cpu_session(static_path), io)
-    quantize_qdq(static_path, calibration_feeds(float_static, calib_ids, CALIBRATION_STEPS), folder / "model.qdq.onnx")
-    static_path.unlink()  # an intermediate: the QDQ model and the compiled contexts are the artifacts
-    qdq_seconds = time.perf_counter() - started
-    nodes_total = len(onnx.load(folder / "model.qdq.onnx", load_external_data=False).graph.node)
-
-    compiled = {}
-    qdq_path = folder / "model.qdq.onnx"
-    qdq = qdq_path.read_bytes() if model_files(qdq_path) == [qdq_path] else qdq_path  # bytes: see qnn_session
-    for soc in options.socs:
-        (folder / soc).mkdir()
         started = time.perf_counter()
-        try:
-            qnn_session(qdq, soc, context_file=folder / soc / "model_ctx.onnx")
-        except Exception as exc:  # onnxruntime reports unsupported nodes and QNN errors this way
-            raise TargetError(f"qnn-htp: the QDQ graph could not be compiled for {soc} with every node on "
-                              f"the HTP: {str(exc).splitlines()[0]}") from None
-        binaries = sorted((folder / soc).glob("*.bin"))
-        compiled[soc] = {"context_model": f"{FOLDER}/{soc}/model_ctx.onnx",
-                         "aot_seconds": round(time.perf_counter() - started, 2),
-                         "context_binary_bytes": sum(b.stat().st_size for b in binaries)}
+        float_static = Decoder(cpu_session(static_path), io)
+        quantize_qdq(static_path, calibration_feeds(float_static, lowering.calib_ids, CALIBRATION_STEPS),
+                     folder / "model.qdq.onnx")
+        static_path.unlink()  # an intermediate: the QDQ model and the compiled contexts are the artifacts
+        qdq_seconds = time.perf_counter() - started
+        nodes_total = len(onnx.load(folder / "model.qdq.onnx", load_external_data=False).graph.node)
 
-    first = options.socs[0]
-    htp = Decoder(qnn_session(folder / first / "model_ctx.onnx", first), io)
-    cpu = Decoder(cpu_session(folder / "model.qdq.onnx"), io)
-    agreement = compare_with_cpu(htp, cpu, eval_windows.reshape(-1))
-    windows = verification_windows(eval_windows, options.verify_windows, options.verify_window, options.max_context)
-    float_score, htp_score = decode_path_scores([float_decoder, htp], windows, prefill=8, batch=1)
-    delta = 100.0 * (htp_score.ppl / float_score.ppl - 1.0)
-    for soc in options.socs[1:]:  # every compiled binary loads with the CPU fallback off
-        qnn_session(folder / soc / "model_ctx.onnx", soc)
+        compiled = {}
+        qdq_path = folder / "model.qdq.onnx"
+        qdq = qdq_path.read_bytes() if model_files(qdq_path) == [qdq_path] else qdq_path  # bytes: see qnn_session
+        for soc in socs:
+            (folder / soc).mkdir()
+            started = time.perf_counter()
+            try:
+                qnn_session(qdq, soc, context_file=folder / soc / "model_ctx.onnx")
+            except Exception as exc:  # onnxruntime reports unsupported nodes and QNN errors this way
+                raise TargetError(f"qnn-htp: the QDQ graph could not be compiled for {soc} with every node on "
+                                  f"the HTP: {str(exc).splitlines()[0]}") from None
+            binaries = sorted((folder / soc).glob("*.bin"))
+            compiled[soc] = {"context_model": f"{FOLDER}/{soc}/model_ctx.onnx",
+                             "aot_seconds": round(time.perf_counter() - started, 2),
+                             "context_binary_bytes": sum(b.stat().st_size for b in binaries)}
 
-    cache_bytes = sum(int(np.prod(t.shape)) for t in htp.new_cache(1).tensors.values())
-    fp16_bytes = sum(2 * t.elements_per_token for t in kv.tensors) * (options.max_context - 1)
-    note = {
-        "artifact": f"{FOLDER}/{first}/model_ctx.onnx",
-        "qdq_model": f"{FOLDER}/model.qdq.onnx",
-        "soc": first,
-        "socs": compiled,
-        "max_context": options.max_context,
-        "nodes_total": nodes_total,
-        "nodes_on_htp": nodes_total,  # loaded with session.disable_cpu_ep_fallback=1
-        "ran": True,
-        "aot_seconds": compiled[first]["aot_seconds"],
-        "context_binary_bytes": compiled[first]["context_binary_bytes"],
-        "qdq_seconds": round(qdq_seconds, 2),
-        "quantization": "activations uint16, weights uint8 (onnxruntime QNN QDQ config); KV cache 4-bit, "
-                        "per-tensor scales with per-channel scales folded into the attention",
-        "kv_storage": "uint8, one 4-bit code per byte (the HTP has no bit operations to unpack nibbles)",
-        "kv_cache_bytes": cache_bytes,
-        "kv_fp16_bytes": fp16_bytes,
-        "kv_bytes_read_per_step": cache_bytes,
-        "kv_bytes_at_rest_if_packed_on_host": cache_bytes // 2,
-        "plan_changes": notes,
-        "agreement_with_cpu": agreement,
-        "quality": {"float_ppl": round(float_score.ppl, 4), "htp_ppl": round(htp_score.ppl, 4),
-                    "ppl_delta_pct": round(delta, 4), "top1_agreement": round(htp_score.top1_agreement, 5),
-                    "eval_tokens": htp_score.tokens, "passed": delta <= options.quality_gate_pct},
-    }
-    options_by_soc = {soc: {"context_model": compiled[soc]["context_model"], **qnn_provider_options(soc)}
-                      for soc in options.socs}
-    io = dataclasses.replace(io, model=note["artifact"], options={**io.options, "socs": options_by_soc,
-                                                                 "qdq_model": note["qdq_model"]})
-    return io, note
+        first = socs[0]
+        contexts = {soc: QnnContext(compiled[soc]["context_model"], qnn_provider_options(soc)) for soc in socs}
+        io = dataclasses.replace(io, model=compiled[first]["context_model"], options=dataclasses.replace(
+            io.options, qnn_contexts=contexts, qdq_model=f"{FOLDER}/model.qdq.onnx"))
+        cache_bytes = static_cache_bytes(io)
+        facts = {
+            "qdq_model": f"{FOLDER}/model.qdq.onnx",
+            "soc": first,
+            "socs": compiled,
+            "max_context": context,
+            "nodes_total": nodes_total,
+            "nodes_on_htp": nodes_total,  # every context loads with session.disable_cpu_ep_fallback=1 (verify)
+            "aot_seconds": compiled[first]["aot_seconds"],
+            "context_binary_bytes": compiled[first]["context_binary_bytes"],
+            "qdq_seconds": round(qdq_seconds, 2),
+            "quantization": "activations uint16, weights uint8 (onnxruntime QNN QDQ config); KV cache 4-bit, "
+                            "per-tensor scales with per-channel scales folded into the attention",
+            "kv_cache_bytes": cache_bytes,
+            "kv_fp16_bytes": sum(2 * t.elements_per_token for t in lowering.float_kv.tensors) * (context - 1),
+            "kv_bytes_read_per_step": cache_bytes,
+            "kv_bytes_at_rest_if_packed_on_host": cache_bytes // 2,
+        }
+        return Artifact(self.name, io, KV_STORAGE, facts)
+
+    def verify(self, artifact: Artifact, verifying: VerifyInput) -> TargetQuality:
+        """On the HTP backend with CPU fallback disabled: agreement with the CPU EP running the same
+        QDQ graph, decode-path quality on a short text, and every other SoC's context loads."""
+        io = artifact.io
+        socs = list(io.options.qnn_contexts)
+        htp = self.open(verifying.folder, io, socs[0])
+        cpu = Decoder(cpu_session(verifying.folder / io.options.qdq_model), io)
+        agreement_ = agreement(htp, cpu, verifying.eval_windows.reshape(-1), COMPARE_STEPS,
+                               "onnxruntime CPU EP, the same QDQ graph", compare_codes=False)
+        windows = verification_windows(verifying.eval_windows, VERIFY_WINDOWS, VERIFY_WINDOW, io.max_context)
+        quality = decode_quality(verifying.float_decoder, htp, windows, prefill=VERIFY_PREFILL, batch=1,
+                                 gate_pct=verifying.quality_gate_pct, text=verifying.eval_text, ran_on=self.runs_on)
+        for soc in socs[1:]:
+            self.open(verifying.folder, io, soc)
+        return dataclasses.replace(quality, agreement=agreement_)
+
+    def open(self, folder: Path, io: TargetIO, soc: str | None = None) -> Decoder:
+        """The context compiled for `soc` (default: the first), CPU fallback disabled."""
+        contexts = io.options.qnn_contexts
+        soc = soc or next(iter(contexts))
+        if soc not in contexts:
+            raise BadInputError(f"qnn-htp was compiled for {', '.join(contexts)}, not {soc}")
+        return Decoder(qnn_session(folder / contexts[soc].context_model, soc), io)
+
+
+TARGET = QnnHtpTarget()

@@ -1,7 +1,7 @@
-"""What every static-shape (NPU) target shares: the plan they can hold, the decode graph, its I/O.
+"""What every static-shape (NPU) target shares: what its cache holds, the decode graph, its I/O.
 
-- `static_plan`: 4-bit static symmetric scales for every cache tensor (tensors the main plan
-  stores with per-token scales are re-planned per-channel; the notes say which).
+- `STATIC_CAPABILITIES`: 4-bit static symmetric scales for every cache tensor (tensors the main
+  plan stores otherwise are re-planned per-channel by `targets.base.legalize`; the notes say which).
 - `static_graph`: the float decode graph for a fixed context (StaticDecodePass) with the 4-bit
   cache boundary in slot mode, spelled for the target: Q/DQ ops with one code per byte and
   per-channel scales folded into the attention (QNN), or float arithmetic with two codes per
@@ -19,26 +19,34 @@ import onnx_ir.passes.common
 import onnxscript.version_converter
 from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
 
-from kvcompile.kvgraph import KVGraph
-from kvcompile.manifest import ModelInputIO, TargetIO, float_model_io
+from kvcompile.errors import UnsupportedModelError
+from kvcompile.kvgraph import DECOMPOSED, KVGraph
+from kvcompile.manifest import ModelInputIO, RunOptions, TargetIO, float_model_io
 from kvcompile.model_io import load_model
 from kvcompile.passes.quantize_kv_boundary import QuantizeKVBoundaryPass
-from kvcompile.passes.static_decode import BIAS_INPUT, StaticDecodePass
-from kvcompile.passes.transform_kv import KVTransform, TransformKVPass
-from kvcompile.plan import QuantPlan, stored_kvio, tensor_plan
-from kvcompile.runtimes.calibrate import KVStats
+from kvcompile.passes.manager import cleaned_up, run_passes
+from kvcompile.passes.static_decode import BIAS_INPUT, static_decode_passes
+from kvcompile.passes.transform_kv import KVTransform, transform_passes
+from kvcompile.plan import QuantPlan, stored_kvio
+from kvcompile.runtimes.kvcache import StaticCache
+from kvcompile.targets.base import Capabilities
+
+# What every static graph's cache holds: 4-bit codes with static symmetric scales, one buffer.
+STATIC_CAPABILITIES = Capabilities(bits=(4,), float_tensors=False, dynamic_scales=False, asymmetric=False,
+                                   dynamic_shapes=False, needs_calibration=True)
+STATIC_SINKS = 4  # slots the runner keeps at the front when the fixed buffer slides
+VERIFY_PREFILL = 8  # the static graphs take one token per call: a short prefill keeps verification quick
 
 
-def static_plan(kv: KVGraph, stats: KVStats, plan: QuantPlan) -> tuple[QuantPlan, list[str]]:
-    """The plan static-shape targets hold: 4-bit static symmetric scales."""
-    notes, tensors = [], []
-    for tensor in kv.tensors:
-        chosen = plan.for_input(tensor.past_input)
-        if chosen.bits != 4 or chosen.dynamic or not chosen.symmetric:
-            notes.append(f"{tensor.label}: {chosen.name} -> 4-bit per-channel (static-shape targets take static scales)")
-            chosen = tensor_plan(tensor, stats, 4, "per-channel", plan.clip)
-        tensors.append(chosen)
-    return dataclasses.replace(plan, tensors=tuple(tensors)), notes
+def check_static(target: str, kv: KVGraph) -> None:
+    """The static graphs are built from decomposed attention (MatMul/Softmax), where the bias
+    replaces the exporter's mask: refuse an attention op before calibrating for nothing."""
+    others = [form for form in kv.attention_forms if form != DECOMPOSED]
+    if others:
+        raise UnsupportedModelError(
+            f"--target {target} builds its static graph from decomposed attention (MatMul/Softmax); this model's "
+            f"cache is read by {', '.join(others)}. Export with decomposed attention (torch.onnx / optimum) for "
+            f"{target}, or drop --target {target}")
 
 
 def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, style: str, packed: bool,
@@ -55,11 +63,10 @@ def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, styl
                                                    scale=np.ones((1, 1), np.float32))
             tensors.append(tensor_plan_)
         plan = dataclasses.replace(plan, tensors=tuple(tensors))
-        TransformKVPass(kv, transforms)(model)
-    StaticDecodePass(kv, context)(model)
-    QuantizeKVBoundaryPass(kv, plan.codecs(kv, packed=packed), slot_outputs=True, style=style)(model)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-    ir.passes.common.TopologicalSortPass()(model)
+        run_passes(model, *transform_passes(kv, transforms))
+    run_passes(model, *static_decode_passes(kv, context),
+               QuantizeKVBoundaryPass(kv, plan.codecs(kv, packed=packed), slot_outputs=True, style=style),
+               *cleaned_up())
     onnxscript.version_converter.convert_version(model, opset)
     if fuse_rmsnorm:
         fuse_rms_normalization(model)
@@ -73,7 +80,12 @@ def static_target_io(kv: KVGraph, plan: QuantPlan, model: ir.Model, model_path: 
     roles = [dataclasses.replace(i, dtype=inputs[i.name].dtype.name.lower()) for i in float_io.inputs if i.name in inputs]
     roles.append(ModelInputIO(BIAS_INPUT, "attention_bias", "float32"))
     return dataclasses.replace(float_io, inputs=roles, kv=[stored_kvio(k, plan, packed=packed) for k in float_io.kv],
-                               max_context=context, options={"attention_sinks": 4})
+                               max_context=context, options=RunOptions(attention_sinks=STATIC_SINKS))
+
+
+def static_cache_bytes(io: TargetIO) -> int:
+    """Bytes of the fixed cache buffers a runner allocates for one sequence (codes as stored)."""
+    return sum(t.nbytes for t in StaticCache(io, 1, sinks=STATIC_SINKS).tensors.values())
 
 
 def verification_windows(eval_windows: np.ndarray, count: int, length: int, context: int) -> np.ndarray:

@@ -305,3 +305,14 @@ def test_model_over_2gb_loads_with_external_data(tmp_path):
     assert result.returncode == 0, result.stderr
     assert '"layers": 4' in result.stdout
     assert os.stat(folder / "padding.data").st_blocks == 0, "not a byte of the 2.2 GB was written"
+
+
+@pytest.mark.parametrize("target", ["qnn-htp", "nnapi", "tflite"])
+def test_static_target_of_an_attention_op_model_is_refused_before_calibration(target, tmp_path):
+    """The static graphs need decomposed attention: a GroupQueryAttention export is refused by
+    the target's own check, right after the analysis (no progress line: nothing ran)."""
+    shutil.copytree(GENAI.parent, tmp_path / "in")
+    before = tree_digest(tmp_path)
+    result = kvcompile("compile", str(tmp_path / "in" / "model.onnx"), "--target", target, cwd=tmp_path)
+    assert_refused(result, f"--target {target} builds its static graph from decomposed attention", tmp_path, before)
+    assert "GroupQueryAttention" in result.stderr and "kvcompile: [" not in result.stderr

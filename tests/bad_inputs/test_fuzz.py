@@ -163,7 +163,7 @@ def compile_case(folder: Path, data: bytes, calibrate: bool) -> str:
         cpu_session(result.out_dir / "ort-cpu" / "model.onnx")
     except Exception as exc:
         raise AssertionError(f"kvcompile wrote a model onnxruntime cannot load: {str(exc)[:300]}") from None
-    return "compiled: " + result.report["status"]
+    return "compiled: " + result.report.status
 
 
 # Findings are collected, not raised, so one run counts all of them (and shrinking, which is slow

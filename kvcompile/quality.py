@@ -1,0 +1,34 @@
+"""Quality figures of a verified artifact: one type for every target (`TargetQuality`), written
+by `runtimes/verify.py` and read by the pipeline (the gate) and the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The artifact against another runtime fed identical inputs at every step."""
+
+    reference: str
+    steps: int
+    logits_cosine_min: float
+    logits_max_abs_diff: float
+    codes_identical: bool | None = None  # the new cache entries' codes, where both store them
+
+
+@dataclass(frozen=True)
+class TargetQuality:
+    """Decode-path quality of one artifact against the float model (the same for every target)."""
+
+    ran_on: str
+    float_ppl: float
+    quantized_ppl: float
+    ppl_delta_pct: float
+    top1_agreement: float
+    mean_kl: float
+    eval_tokens: int
+    eval_text: str
+    quality_gate_pct: float
+    passed: bool
+    agreement: Agreement | None = None

@@ -1,0 +1,137 @@
+"""The Target protocol: what every back end provides, and the typed values it takes and returns.
+
+A target is one module under `kvcompile/targets/` holding one object that satisfies `Target`,
+listed once in `kvcompile/targets/__init__.py` (the registry). The pipeline lowers every
+requested target, writes the manifest, then verifies each one:
+
+    LoweringInput --lower--> Artifact --verify(VerifyInput)--> TargetQuality
+
+- `check` refuses, right after the analysis, a model or option the target cannot take.
+- `lower` writes the target's files under the output folder and returns an `Artifact`: the
+  manifest entry (`TargetIO`), how the cache is stored, what the target changed in the plan, and
+  the facts the report shows (sizes, coverage, ...). Lowering runs the model only where building
+  the artifact needs it (QNN's QDQ calibration).
+- `verify` runs the artifact on the runtime named by `runs_on` through the one verifier in
+  `runtimes/verify.py` and returns the same `TargetQuality` for every target.
+- `open` loads a written artifact for running (`kvcompile run`, `eval`, and `verify` itself).
+- `capabilities` says what the target's cache can hold; `kvcompile.plan.legalize` turns the
+  compile's plan into one the target holds, in one place for every target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+from kvcompile.kvgraph import KVGraph
+from kvcompile.kvstats import KVStats
+from kvcompile.manifest import TargetIO
+from kvcompile.plan import QuantPlan, tensor_plan
+from kvcompile.quality import TargetQuality
+from kvcompile.runtimes.decoder import Decoder
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a target's cache can hold."""
+
+    bits: tuple[int, ...]  # code widths the stored cache takes
+    float_tensors: bool  # tensors a plan leaves in float
+    dynamic_scales: bool  # per-token / per-group scales computed in the graph
+    asymmetric: bool  # a zero point next to the scale
+    dynamic_shapes: bool  # False: one fixed buffer of max_context tokens (a static graph)
+    needs_calibration: bool  # static scales and float checks: refused with --no-calibration
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """The per-target flags: the static graphs' buffer and the SoCs qnn-htp compiles for."""
+
+    max_context: int | None = None  # static targets: tokens the fixed buffer holds
+    socs: tuple[str, ...] = ("SM8650",)
+
+
+@dataclass(frozen=True)
+class LoweringInput:
+    """What lowering reads. `model`/`kv` are the rewritten model the dynamic-shape target ships;
+    static-shape targets build their own graph from the decomposed float model at `float_path`
+    (`float_kv` names its cache) with the plan legalised for them."""
+
+    model: ir.Model
+    kv: KVGraph
+    plan: QuantPlan
+    float_path: Path
+    float_kv: KVGraph
+    stats: KVStats | None
+    stage: Path  # the output folder being written
+    source_dir: Path  # the input model's folder (configs next to it)
+    calib_ids: np.ndarray | None  # calibration tokens, for targets that calibrate their own graph
+    options: TargetOptions
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A lowered target: its manifest entry and what the report says about it."""
+
+    target: str
+    io: TargetIO
+    kv_storage: str  # how the cache is stored, in words
+    facts: dict[str, Any] = field(default_factory=dict)  # sizes, coverage, checker results
+
+
+@dataclass(frozen=True)
+class VerifyInput:
+    """What verification reads: the float model to compare with, held-out text, the gate."""
+
+    float_decoder: Decoder
+    eval_windows: np.ndarray  # [windows, window] held-out tokens
+    eval_text: str
+    prefill: int  # tokens fed at once before the one-token steps (dynamic-shape targets)
+    quality_gate_pct: float
+    folder: Path  # the output folder holding the artifacts
+    progress: Callable[[str, int], Callable[[int], None]]
+
+
+class Target(Protocol):
+    name: str
+    runs_on: str  # where `verify` and `kvcompile run` execute it
+    capabilities: Capabilities
+
+    def check(self, kv: KVGraph, options: TargetOptions) -> None:
+        """Refuse, before any float run, what this target cannot build (one line, naming it)."""
+
+    def lower(self, lowering: LoweringInput) -> Artifact: ...
+
+    def verify(self, artifact: Artifact, verifying: VerifyInput) -> TargetQuality: ...
+
+    def open(self, folder: Path, io: TargetIO, soc: str | None = None) -> Decoder: ...
+
+
+def legalize(kv: KVGraph, stats: KVStats | None, plan: QuantPlan, capabilities: Capabilities) -> tuple[QuantPlan, tuple[str, ...]]:
+    """The compile's plan as `capabilities` can hold it, and a note per tensor it changed.
+
+    A tensor whose bit width, dynamic scales or zero point the target cannot hold is re-planned
+    with static symmetric per-channel scales at the target's widest bit width (calibrated:
+    targets that cannot hold dynamic scales need calibration)."""
+    if stats is None:
+        return plan, ()
+    notes, tensors = [], []
+    bits = max(capabilities.bits)
+    for tensor in kv.tensors:
+        chosen = plan.for_input(tensor.past_input)
+        if chosen.bits is None and capabilities.float_tensors:
+            tensors.append(chosen)
+            continue
+        if (chosen.bits not in capabilities.bits or (chosen.dynamic and not capabilities.dynamic_scales)
+                or (not chosen.symmetric and not capabilities.asymmetric)):
+            why = "static-shape targets take static scales" if not capabilities.dynamic_shapes else "the target's cache"
+            notes.append(f"{tensor.label}: {chosen.name} -> {bits}-bit per-channel ({why})")
+            chosen = tensor_plan(tensor, stats, bits, "per-channel", plan.clip)
+        tensors.append(chosen)
+    return dataclasses.replace(plan, tensors=tuple(tensors)), tuple(notes)

@@ -1,0 +1,59 @@
+"""The one verifier: an artifact's decode-path quality against the float model, and its agreement
+with another runtime on identical inputs. Every target's `verify` calls these, so every target's
+quality has the same meaning and the same fields (`TargetQuality`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from kvcompile.quality import Agreement, TargetQuality
+from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.perplexity import decode_path_scores
+
+
+def decode_quality(float_decoder: Decoder, decoder: Decoder, windows: np.ndarray, *, prefill: int, batch: int,
+                   gate_pct: float, text: str, ran_on: str,
+                   progress: Callable[[int], None] | None = None) -> TargetQuality:
+    """Teacher-forced through the decode path (a `prefill`-token prefill, then one token per
+    step) on `windows`: perplexity of both, top-1 agreement and KL of the artifact's next-token
+    distribution against the float model's."""
+    float_score, score = decode_path_scores([float_decoder, decoder], windows, prefill, batch=batch,
+                                            progress=progress)
+    delta = 100.0 * (score.ppl / float_score.ppl - 1.0)
+    return TargetQuality(
+        ran_on=ran_on,
+        float_ppl=round(float_score.ppl, 4),
+        quantized_ppl=round(score.ppl, 4),
+        ppl_delta_pct=round(delta, 4),
+        top1_agreement=round(score.top1_agreement, 5),
+        mean_kl=round(score.mean_kl, 6),
+        eval_tokens=score.tokens,
+        eval_text=text,
+        quality_gate_pct=gate_pct,
+        passed=delta <= gate_pct,
+    )
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+
+def agreement(decoder: Decoder, reference: Decoder, token_ids: np.ndarray, steps: int, reference_name: str,
+              compare_codes: bool) -> Agreement:
+    """Feed both the same inputs at every step (the reference's cache): the worst logits cosine
+    and |difference|, and (`compare_codes`) whether the new cache entries' codes are identical."""
+    cache = reference.new_cache(1)
+    cosines, worst, codes_equal = [], 0.0, True
+    for t in range(steps):
+        feeds = reference.feeds(cache, token_ids[None, t : t + 1])
+        ours = dict(zip(decoder.output_names, decoder.session.run(decoder.output_names, feeds)))
+        logits, presents = reference.step(cache, token_ids[None, t : t + 1])
+        a, b = ours[decoder.io.logits][0, -1], logits[0, -1]
+        cosines.append(_cosine(a, b))
+        worst = max(worst, float(np.abs(a - b).max()))
+        if compare_codes:
+            codes_equal &= all(np.array_equal(ours[k.output], presents[k.output]) for k in reference.io.kv)
+    return Agreement(reference=reference_name, steps=steps, logits_cosine_min=round(min(cosines), 6),
+                     logits_max_abs_diff=round(worst, 6), codes_identical=bool(codes_equal) if compare_codes else None)
