@@ -13,29 +13,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from kvcompile.errors import TargetError
 from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import TargetIO
 from kvcompile.model_io import save_model
-from kvcompile.plan import QuantPlan
-from kvcompile.runtimes.calibrate import KVStats
+from kvcompile.quality import TargetQuality
 from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.perplexity import decode_path_scores
 from kvcompile.runtimes.session import cpu_session
 from kvcompile.runtimes.tflite import TFLiteSession
+from kvcompile.runtimes.verify import agreement, decode_quality
 from kvcompile.targets import nnapi
+from kvcompile.targets.base import Artifact, LoweringInput, TargetOptions, VerifyInput
 from kvcompile.targets.onnx_to_tf import tf_function
-from kvcompile.targets.static import static_plan, static_target_io, verification_windows
+from kvcompile.targets.static import (
+    STATIC_CAPABILITIES,
+    VERIFY_PREFILL,
+    check_static,
+    static_target_io,
+    verification_windows,
+)
 
 FOLDER = "tflite"
+REFERENCE = "reference.onnx"
 COMPARE_STEPS = 16
 
 
@@ -73,62 +80,60 @@ def convert_in_child(onnx_path: Path, tflite_path: Path) -> None:
         raise TargetError(f"tflite: TFLiteConverter failed: {detail}")
 
 
-def compare_with_onnxruntime(tflite: Decoder, ort: Decoder, token_ids: np.ndarray) -> dict:
-    """Same inputs to both at every step (onnxruntime's cache): logits and new-slot codes."""
-    cache = ort.new_cache(1)
-    worst, cosines, codes_equal = 0.0, [], True
-    for t in range(COMPARE_STEPS):
-        feeds = ort._feeds(cache, token_ids[None, t : t + 1])
-        ours = dict(zip(tflite.output_names, tflite.session.run(tflite.output_names, feeds)))
-        logits, presents = ort.step(cache, token_ids[None, t : t + 1])
-        a, b = ours[ort.io.logits][0, -1], logits[0, -1]
-        worst = max(worst, float(np.abs(a - b).max()))
-        cosines.append(float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))))
-        codes_equal &= all(np.array_equal(ours[k.output], presents[k.output]) for k in ort.io.kv)
-    return {"logits_cosine_min": round(min(cosines), 6), "logits_max_abs_diff": round(worst, 6),
-            "new_slot_codes_identical": bool(codes_equal), "steps_compared": COMPARE_STEPS}
+KV_STORAGE = ("uint8, two 4-bit codes per byte, unpacked and packed in-graph with TFLite builtins "
+              "(float arithmetic: FLOOR, MUL, ADD, SUB, CAST)")
 
 
-def emit(float_path: Path, float_decoder: Decoder, kv: KVGraph, plan: QuantPlan, stats: KVStats, stage: Path,
-         eval_windows: np.ndarray, context: int, quality_gate_pct: float) -> tuple[TargetIO, dict]:
-    folder = stage / FOLDER
-    folder.mkdir()
-    chosen, notes = static_plan(kv, stats, plan)
-    model, used = nnapi.nnapi_graph(float_path, kv, chosen, context)
-    onnx_path = folder / "model.onnx"
-    save_model(model, onnx_path)
-    tflite_path = folder / "model.tflite"
-    convert_in_child(onnx_path, tflite_path)
-    onnx_path.unlink()  # the intermediate ONNX graph is the nnapi target's own artifact
-    io = static_target_io(kv, used, model, f"{FOLDER}/{tflite_path.name}", context, packed=True)
-    session = TFLiteSession(tflite_path)
-    ops = session.op_names()
-    if any("Flex" in op or op == "CUSTOM" for op in ops):
-        raise TargetError(f"tflite: the converted model needs non-builtin ops: {ops}")
-    tflite = Decoder(session, io)
-    save_model(model, folder / "reference.onnx")
-    agreement = compare_with_onnxruntime(tflite, Decoder(cpu_session(folder / "reference.onnx"), io),
-                                         eval_windows.reshape(-1))
-    (folder / "reference.onnx").unlink()
-    windows = verification_windows(eval_windows, nnapi.VERIFY_WINDOWS, nnapi.VERIFY_WINDOW, context)
-    float_score, score = decode_path_scores([float_decoder, tflite], windows, prefill=8, batch=1)
-    delta = 100.0 * (score.ppl / float_score.ppl - 1.0)
-    note = {
-        "artifact": f"{FOLDER}/{tflite_path.name}",
-        "ran": True,
-        "ran_on": "ai-edge-litert interpreter (LiteRT)",
-        "max_context": context,
-        "ops": ops,
-        "io_dtypes": session.io_dtypes(),
-        "kv_storage": "uint8, two 4-bit codes per byte, unpacked and packed in-graph with TFLite builtins "
-                      "(float arithmetic: FLOOR, MUL, ADD, SUB, CAST)",
-        "plan_changes": notes,
-        "agreement_with_onnxruntime": agreement,
-        "quality": {"float_ppl": round(float_score.ppl, 4), "tflite_ppl": round(score.ppl, 4),
-                    "ppl_delta_pct": round(delta, 4), "top1_agreement": round(score.top1_agreement, 5),
-                    "eval_tokens": score.tokens, "passed": delta <= quality_gate_pct},
-    }
-    return io, note
+class TFLiteTarget:
+    name = "tflite"
+    runs_on = "ai-edge-litert interpreter (LiteRT)"
+    capabilities = STATIC_CAPABILITIES
+
+    def check(self, kv: KVGraph, options: TargetOptions) -> None:
+        check_static(self.name, kv)
+
+    def lower(self, lowering: LoweringInput) -> Artifact:
+        """Writes tflite/model.tflite (converted from the nnapi target's graph) and
+        tflite/reference.onnx (that graph, what verify compares the interpreter with)."""
+        context = lowering.options.max_context
+        folder = lowering.stage / FOLDER
+        folder.mkdir()
+        model, used = nnapi.nnapi_graph(lowering.float_path, lowering.float_kv, lowering.plan, context)
+        onnx_path = folder / "model.onnx"
+        save_model(model, onnx_path)
+        tflite_path = folder / "model.tflite"
+        convert_in_child(onnx_path, tflite_path)
+        onnx_path.unlink()
+        io = static_target_io(lowering.float_kv, used, model, f"{FOLDER}/{tflite_path.name}", context, packed=True)
+        session = TFLiteSession(tflite_path)
+        ops = session.op_names()
+        if any("Flex" in op or op == "CUSTOM" for op in ops):
+            raise TargetError(f"tflite: the converted model needs non-builtin ops: {ops}")
+        save_model(model, folder / REFERENCE)
+        facts = {"max_context": context, "ops": ops, "io_dtypes": session.io_dtypes()}
+        return Artifact(self.name, io, KV_STORAGE, facts)
+
+    def verify(self, artifact: Artifact, verifying: VerifyInput) -> TargetQuality:
+        """LiteRT against onnxruntime running the same graph on identical inputs (logits and the new
+        entries' codes), then decode-path quality against the float model. The reference graph is
+        removed afterwards: the artifact is the .tflite file."""
+        tflite = self.open(verifying.folder, artifact.io)
+        reference_path = verifying.folder / FOLDER / REFERENCE
+        reference = Decoder(cpu_session(reference_path), artifact.io)
+        agreement_ = agreement(tflite, reference, verifying.eval_windows.reshape(-1), COMPARE_STEPS,
+                               "onnxruntime CPU EP, the same ONNX graph", compare_codes=True)
+        reference_path.unlink()
+        windows = verification_windows(verifying.eval_windows, nnapi.VERIFY_WINDOWS, nnapi.VERIFY_WINDOW,
+                                       artifact.io.max_context)
+        quality = decode_quality(verifying.float_decoder, tflite, windows, prefill=VERIFY_PREFILL, batch=1,
+                                 gate_pct=verifying.quality_gate_pct, text=verifying.eval_text, ran_on=self.runs_on)
+        return dataclasses.replace(quality, agreement=agreement_)
+
+    def open(self, folder: Path, io: TargetIO, soc: str | None = None) -> Decoder:
+        return Decoder(TFLiteSession(folder / io.model), io)
+
+
+TARGET = TFLiteTarget()
 
 
 if __name__ == "__main__":  # convert_in_child: python -m kvcompile.targets.tflite MODEL.onnx OUT.tflite
