@@ -42,6 +42,8 @@ convert_onnx_models_to_ort(Path(sys.argv[1]), output_dir=Path(sys.argv[2]),
                            optimization_styles=[OptimizationStyle.Fixed], target_platform="arm")
 """
 _ADDR_NO_RANDOMIZE = 0x0040000
+# The converter's whole environment: nothing of the caller's (see write_ort_format).
+CONVERTER_ENV = {"PYTHONHASHSEED": "0", "LC_ALL": "C"}
 # The ORT format is one FlatBuffer (32-bit offsets: at most 2 GiB) holding the optimised graph and
 # every weight inline; it has no external data. A 1.5 GB float32 model already fails to save
 # (measured), so above 1 GiB of weights kvcompile does not try and says so in the report.
@@ -61,16 +63,19 @@ def write_ort_format(onnx_path: Path) -> Path:
     The converter writes some tables in the iteration order of pointer-keyed hash maps, so the
     file depends on where the process's allocations land. It runs in a child process with
     address-space randomization off (Linux personality ADDR_NO_RANDOMIZE), in the model's folder
-    with the same relative arguments whatever the output folder is called (the length of an
-    absolute path shifted the allocations: a compile to another folder wrote different bytes),
-    so the same model gives a byte-identical file (tested)."""
+    with the same relative arguments whatever the output folder is called, and with a fixed
+    environment: the length of an absolute path, or of the caller's environment variables,
+    shifted the allocations (a compile into another folder, or from another shell, wrote
+    different bytes). The same model then gives a byte-identical file (tested) with the same
+    Python installation."""
     target = onnx_path.with_suffix(".ort")
     work = onnx_path.parent / ".ort-format"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
         result = subprocess.run([sys.executable, "-c", _CONVERT, onnx_path.name, work.name], capture_output=True,
-                                text=True, cwd=onnx_path.parent, preexec_fn=_without_address_randomization)
+                                text=True, cwd=onnx_path.parent, env=CONVERTER_ENV,
+                                preexec_fn=_without_address_randomization)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no message"])[-1]
             raise TargetError(f"onnxruntime could not convert the ort-cpu model to the ORT format: {last}")
