@@ -2,9 +2,11 @@
 the package registry (models/real.py; cached outside git), compiled by the real `kvcompile`.
 
 The torch.onnx dynamo export (what most users bring) is compiled with the default flags; the
-TorchScript and onnxruntime-genai (float32, int4 weights) exports with bench.corpus SMOLLM2_FLAGS
-(per-channel scales and short texts, so the run fits CI: `auto` measures 60 candidates on this
-30-layer model). The float16 and opset-23 exports run in `make corpus` (the README's table). Each ends in exit 0 or 3 with an honest report
+onnxruntime-genai int4-weight export (fused attention, MatMulNBits) with bench.corpus
+SMOLLM2_FLAGS (per-channel scales and short texts, so the run fits CI: `auto` measures 60
+candidates on this 30-layer model). The TorchScript, genai float32, float16 and opset-23 exports
+run in `make corpus` (the README's table); CI covers those forms on the 14 corpus families.
+Each ends in exit 0 or 3 with an honest report
 (4-bit keys and values of a 30-layer model may fail the 2% gate: the report and the one-line
 error then say so and what was measured to help), or 2 naming what is not supported. Never 1.
 """
