@@ -455,7 +455,8 @@ def _load_texts(options: TextOptions, tokenizer: Path | None, vocab: int | None)
     )
 
 
-def lower_targets(targets: tuple[str, ...], lowering: LoweringInput) -> tuple[dict[str, Artifact], dict[str, tuple[str, ...]]]:
+def lower_targets(targets: tuple[str, ...],
+                  lowering: LoweringInput) -> tuple[dict[str, Artifact], dict[str, tuple[str, ...]]]:
     """Lower every requested target, each with the plan legalised for what it can hold; returns
     the artifacts and, per target, the plan changes legalising made."""
     artifacts, changes = {}, {}

@@ -8,20 +8,20 @@ requested target, writes the manifest, then verifies each one:
 
 - `check` refuses, right after the analysis, a model or option the target cannot take.
 - `lower` writes the target's files under the output folder and returns an `Artifact`: the
-  manifest entry (`TargetIO`), how the cache is stored, what the target changed in the plan, and
-  the facts the report shows (sizes, coverage, ...). Lowering runs the model only where building
-  the artifact needs it (QNN's QDQ calibration).
+  manifest entry (`TargetIO`), how the cache is stored, and the facts the report shows (sizes,
+  coverage, ...). Lowering runs a model only where building the artifact needs it (qnn-htp
+  calibrates its QDQ quantization on its own float graph).
 - `verify` runs the artifact on the runtime named by `runs_on` through the one verifier in
   `runtimes/verify.py` and returns the same `TargetQuality` for every target.
 - `open` loads a written artifact for running (`kvcompile run`, `eval`, and `verify` itself).
-- `capabilities` says what the target's cache can hold; `kvcompile.plan.legalize` turns the
-  compile's plan into one the target holds, in one place for every target.
+- `capabilities` says what the target's cache can hold; `legalize` (below) turns the compile's
+  plan into one the target holds, in one place for every target, before `lower` sees it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -113,7 +113,8 @@ class Target(Protocol):
     def open(self, folder: Path, io: TargetIO, soc: str | None = None) -> Decoder: ...
 
 
-def legalize(kv: KVGraph, stats: KVStats | None, plan: QuantPlan, capabilities: Capabilities) -> tuple[QuantPlan, tuple[str, ...]]:
+def legalize(kv: KVGraph, stats: KVStats | None, plan: QuantPlan,
+             capabilities: Capabilities) -> tuple[QuantPlan, tuple[str, ...]]:
     """The compile's plan as `capabilities` can hold it, and a note per tensor it changed.
 
     A tensor whose bit width, dynamic scales or zero point the target cannot hold is re-planned
@@ -130,7 +131,8 @@ def legalize(kv: KVGraph, stats: KVStats | None, plan: QuantPlan, capabilities: 
             continue
         if (chosen.bits not in capabilities.bits or (chosen.dynamic and not capabilities.dynamic_scales)
                 or (not chosen.symmetric and not capabilities.asymmetric)):
-            why = "static-shape targets take static scales" if not capabilities.dynamic_shapes else "the target's cache"
+            why = ("static-shape targets take static scales" if not capabilities.dynamic_shapes
+                   else "the most this target's cache holds")
             notes.append(f"{tensor.label}: {chosen.name} -> {bits}-bit per-channel ({why})")
             chosen = tensor_plan(tensor, stats, bits, "per-channel", plan.clip)
         tensors.append(chosen)
