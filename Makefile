@@ -21,8 +21,10 @@ demo: setup
 	@echo "--- build/demo/report.md ---"
 	@cat build/demo/report.md
 
+# Two pytest workers (two cores): each test module runs whole on one worker (its module-scoped
+# fixtures are built once), and tests/corpus/ on one worker (one conformance run); see conftest.py.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 bench: setup
 	$(BIN)/python -m bench.run

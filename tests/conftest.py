@@ -25,6 +25,16 @@ HELDOUT = MODELS / "data" / "heldout.txt"
 CALIB = MODELS / "data" / "calib.txt"
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Group tests for pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): a module's tests
+    on one worker, so its module-scoped fixtures (a compile each) are built once; tests/corpus/
+    in one group, so the conformance run (session-scoped, itself two compiles at a time) runs once."""
+    for item in items:
+        path = Path(str(item.fspath))
+        group = "conformance" if path.parent.name == "corpus" else str(path.relative_to(REPO))
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def heldout_ids() -> np.ndarray:
     from kvcompile.tokens import load_token_ids
@@ -36,8 +46,8 @@ def heldout_ids() -> np.ndarray:
 def conformance(tmp_path_factory):
     """One conformance run for the corpus and SmolLM2 tests (tests/corpus/): every export built
     (cached outside git), then every case compiled by the real CLI, two at a time (two cores)."""
-    from bench.corpus import SMOLLM2_CI_FORMS, corpus_cases, run_cases, smollm2_cases
+    from bench.corpus import SMOLLM2_CI_DYNAMO_FLAGS, SMOLLM2_CI_FORMS, corpus_cases, run_cases, smollm2_cases
 
     work = tmp_path_factory.mktemp("conformance")
-    cases = corpus_cases() + smollm2_cases(SMOLLM2_CI_FORMS)
+    cases = corpus_cases() + smollm2_cases(SMOLLM2_CI_FORMS, SMOLLM2_CI_DYNAMO_FLAGS)
     return work, run_cases(cases, work, workers=2, fidelity=False)

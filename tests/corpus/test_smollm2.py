@@ -17,7 +17,7 @@ import json
 
 import pytest
 
-from bench.corpus import SMOLLM2_CI_FORMS, SMOLLM2_FLAGS, smollm2_cases
+from bench.corpus import SMOLLM2_CI_DYNAMO_FLAGS, SMOLLM2_CI_FORMS, SMOLLM2_FLAGS, smollm2_cases
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +38,19 @@ def _check_report(out, exit_code: int, message: str) -> dict:
 
 
 def test_default_compile_of_the_dynamo_export(conformance):
+    """Every default (scheme auto, fusion, the gate) on a quarter of the default texts
+    (SMOLLM2_CI_DYNAMO_FLAGS); `make bench` times the whole default compile."""
     work, results = conformance
     result = results["smollm2/dynamo"]
     assert result.exit_code in (0, 3), result.message
     report = _check_report(work / "smollm2-dynamo", result.exit_code, result.message)
-    assert report["plan"]["scheme"] == "auto" and report["calibration"]["tokens"] == 8192
-    assert report["quality"]["eval_tokens"] == 48 * (256 - 32 - 1)  # the default verification, whole
-    assert report["limits"]["eval_window"] == 256
+    assert report["plan"]["scheme"] == "auto" and report["calibration"]["tokens"] == 2048
+    assert report["quality"]["eval_tokens"] == 8 * (256 - 32 - 1)  # 2048 tokens: 8 windows of 256
+    assert report["limits"]["eval_window"] == 256 and report["fusion"]["fused"]
 
 
-@pytest.mark.parametrize("case", [c for c in smollm2_cases(SMOLLM2_CI_FORMS) if c.form != "dynamo"],
+@pytest.mark.parametrize("case", [c for c in smollm2_cases(SMOLLM2_CI_FORMS, SMOLLM2_CI_DYNAMO_FLAGS)
+                                  if c.form != "dynamo"],
                          ids=lambda case: case.key)
 def test_every_other_export_compiles_or_is_refused_by_name(case, conformance):
     work, results = conformance
