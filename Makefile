@@ -21,10 +21,10 @@ demo: setup
 	@echo "--- build/demo/report.md ---"
 	@cat build/demo/report.md
 
-# Two pytest workers (two cores): each test module runs whole on one worker (its module-scoped
-# fixtures are built once), and tests/corpus/ on one worker (one conformance run); see conftest.py.
+# Two pytest workers (two cores), a test file whole on one worker: its module-scoped fixtures (a
+# compile each) are built once, and the conformance run (tests/corpus/, one file) runs once.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python -m bench.run

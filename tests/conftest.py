@@ -25,16 +25,6 @@ HELDOUT = MODELS / "data" / "heldout.txt"
 CALIB = MODELS / "data" / "calib.txt"
 
 
-def pytest_collection_modifyitems(items) -> None:
-    """Group tests for pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): a module's tests
-    on one worker, so its module-scoped fixtures (a compile each) are built once; tests/corpus/
-    in one group, so the conformance run (session-scoped, itself two compiles at a time) runs once."""
-    for item in items:
-        path = Path(str(item.fspath))
-        group = "conformance" if path.parent.name == "corpus" else str(path.relative_to(REPO))
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def heldout_ids() -> np.ndarray:
     from kvcompile.tokens import load_token_ids

@@ -53,8 +53,10 @@ def test_ctrl_c_leaves_the_previous_output_intact(previous, stage):
                              stderr=subprocess.PIPE, text=True)
     if stage == "writing":  # interrupt while the new output is being written under a temporary name
         wait_for(lambda: bool(leftovers(out.parent)) or child.poll() is not None)
-    else:
-        time.sleep(2.5)
+    else:  # once the compile says it is calibrating (a fixed sleep raced a slow start on a busy machine)
+        for line in child.stderr:
+            if "calibrating" in line:
+                break
     child.send_signal(signal.SIGINT)
     _, stderr = child.communicate(timeout=120)
     if child.returncode == 0:
