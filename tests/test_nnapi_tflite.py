@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 import onnxruntime as ort
@@ -16,10 +20,21 @@ from kvcompile.passes.manager import run_passes
 from kvcompile.pipeline import CompileOptions, compile_model
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.tflite import TFLiteSession
-from kvcompile.targets.onnx_to_tf import tf_function
-from kvcompile.targets.tflite import convert
+from kvcompile.targets.tflite import convert_in_child
 
 pytestmark = pytest.mark.slow
+# The ONNX graph at FOLDER/m.onnx through kvcompile's TF translation, fed FOLDER/feeds.npz.
+_TF_DIRECT = """
+import sys
+from pathlib import Path
+import numpy as np, onnx
+from kvcompile.targets.onnx_to_tf import tf_function
+folder = Path(sys.argv[1])
+proto = onnx.load(folder / "m.onnx")
+feeds = np.load(folder / "feeds.npz")
+out = tf_function(proto)(*(feeds[i.name] for i in proto.graph.input))
+np.savez(folder / "direct.npz", **{k: np.asarray(v) for k, v in out.items()})
+"""
 CONTEXT = 128
 
 
@@ -121,8 +136,13 @@ def test_onnx_to_tf_translation_matches_onnxruntime(tmp_path):
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     feeds = {"x": np.array([[0.1, -2.0, 3.5, 0.7], [1.0, 0.2, -0.4, 2.2]], np.float32), "ids": np.array([2, 0], np.int32)}
     expected = ort.InferenceSession(proto.SerializeToString()).run(outputs, feeds)
-    direct = tf_function(proto)(*(feeds[i.name] for i in graph.input))
-    (tmp_path / "m.tflite").write_bytes(convert(proto))
+    # TensorFlow runs in child processes, as the tflite target runs it: it segfaults in a process
+    # that has loaded the QNN HTP backend (a pytest worker that ran test_qnn_htp.py first).
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    subprocess.run([sys.executable, "-c", _TF_DIRECT, str(tmp_path)], check=True, capture_output=True)
+    direct = np.load(tmp_path / "direct.npz")
+    convert_in_child(tmp_path / "m.onnx", tmp_path / "m.tflite")
     lite = TFLiteSession(tmp_path / "m.tflite").run(outputs, feeds)
     for name, want, got_tf, got_lite in zip(outputs, expected, [direct[n] for n in outputs], lite):
         np.testing.assert_allclose(np.asarray(got_tf), want, rtol=1e-5, atol=1e-5, err_msg=name)
