@@ -11,8 +11,7 @@ from collections.abc import Iterable
 import onnx_ir as ir
 
 from kvcompile.kvgraph import KVTensor
-
-FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+from kvcompile.passes.find_kv_cache import FLOAT_TYPES  # the cache dtypes the analysis accepts
 
 
 def _inputs(model: ir.Model) -> dict[str, ir.Value]:

@@ -33,7 +33,7 @@ import onnxruntime as ort
 from kvcompile.errors import BadInputError, TargetError
 from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import QnnContext, TargetIO
-from kvcompile.model_io import model_files, save_model
+from kvcompile.model_io import check_external_data, save_model
 from kvcompile.passes.kv_codec import ONNX
 from kvcompile.quality import TargetQuality
 from kvcompile.runtimes.decoder import Decoder
@@ -135,11 +135,13 @@ class QnnHtpTarget:
                      folder / "model.qdq.onnx")
         static_path.unlink()  # an intermediate: the QDQ model and the compiled contexts are the artifacts
         qdq_seconds = time.perf_counter() - started
-        nodes_total = len(onnx.load(folder / "model.qdq.onnx", load_external_data=False).graph.node)
+        qdq_path = folder / "model.qdq.onnx"
+        qdq_graph = onnx.load(qdq_path, load_external_data=False)
+        nodes_total = len(qdq_graph.graph.node)
+        # compiled from its bytes where it has no external data: see qnn_session
+        qdq = qdq_path if check_external_data(qdq_graph, folder) else qdq_path.read_bytes()
 
         compiled = {}
-        qdq_path = folder / "model.qdq.onnx"
-        qdq = qdq_path.read_bytes() if model_files(qdq_path) == [qdq_path] else qdq_path  # bytes: see qnn_session
         for soc in socs:
             (folder / soc).mkdir()
             started = time.perf_counter()
