@@ -4,8 +4,9 @@
    bits 2/4/8 (`--uniform`: only the budget's width) x per-tensor,
    per-channel (static, calibrated), per-token and per-group (dynamic, symmetric or asymmetric).
 2. Cost in quality: the next-token KL on calibration windows, fed as decoding feeds them, of
-   the model compiled with only that tensor stored that way (the real rewrite, run by
-   onnxruntime: `runtimes.sensitivity`).
+   the float model run by onnxruntime with only that tensor's cache entries replaced, as they
+   enter the cache, by what that storage reads back (`runtimes.simulate`: exact for the Q/DQ
+   form; one session for every candidate instead of a compiled model each).
    Cost in memory: stored bits per cache element, per-token scales and zero points included
    (they grow with the context). Static scales are a fixed few KB, whatever the context: they
    are counted in the memory figures but not against the per-element budget.
@@ -33,6 +34,7 @@ from kvcompile.plan import QuantPlan, TensorPlan, tensor_plan
 from kvcompile.kvstats import KVStats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.sensitivity import mean_kl, reference_log_probs
+from kvcompile.runtimes.simulate import StoredCacheDecoder
 
 HARMLESS_KL = 0.0005  # nats: where 2-bit storage is allowed
 CURVE_STEPS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # budgets above --kv-bits the curve is computed at (up to 8)
@@ -41,8 +43,6 @@ SENSITIVITY_WINDOW = 128
 SENSITIVITY_PREFILL = 32
 SENSITIVITY_CHUNK = 4
 REFERENCE_BUDGET = 1 << 24  # float32 reference log-probabilities kept: 64 MiB
-
-VariantFactory = Callable[["QuantPlan"], Decoder]
 
 
 @dataclass(frozen=True)
@@ -179,10 +179,10 @@ def _windows(windows: np.ndarray, vocab: int) -> np.ndarray:
     return windows[:count, :length]
 
 
-def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, variant: VariantFactory, windows: np.ndarray,
+def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, windows: np.ndarray,
               budget: float, clip: str, uniform: bool,
               progress: Callable[[str, int], Callable[[int], None]]) -> QuantPlan:
-    """`variant(plan)` returns a Decoder for the model compiled with that (partial) plan."""
+    """`decoder` runs the float model the plan is for (calibrated on, laid out as `kv`)."""
     if uniform:
         if float(budget) not in (2.0, 4.0, 8.0):
             raise BadInputError("--uniform stores every tensor at --kv-bits: use 2, 4 or 8")
@@ -201,8 +201,9 @@ def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, variant: VariantFac
         elements = [t.elements_per_token for t in unit]
         unit_options = []
         for plans in unit_candidates:
-            kl = mean_kl(variant(_only(kv, plans, budget, clip)), windows, reference,
-                         SENSITIVITY_PREFILL, SENSITIVITY_CHUNK)
+            stored = StoredCacheDecoder(decoder.session, decoder.io,
+                                        {t.past_input: p.codec(t, packed=False) for p, t in zip(plans, unit)})
+            kl = mean_kl(stored, windows, reference, SENSITIVITY_PREFILL, SENSITIVITY_CHUNK)
             bits = np.dot(elements, [p.stored_bits_per_element(t) for p, t in zip(plans, unit)]) / sum(elements)
             unit_options.append(Option(plans, float(bits), kl))
             advance(1)
@@ -232,11 +233,3 @@ def budget_curve(options: list[list[Option]], weights: list[int], budget: float)
         chosen = choose(options, weights, bits)
         curve.append((bits, round(sum(option.kl for option in chosen), 6)))
     return tuple(curve)
-
-
-def _only(kv: KVGraph, plans: tuple[TensorPlan, ...], budget: float, clip: str) -> QuantPlan:
-    """A plan that stores the unit's tensors as `plans` and every other tensor in float."""
-    chosen = {p.past_input for p in plans}
-    others = [TensorPlan(t.past_input, t.label, None, None, True, None, None, "float")
-              for t in kv.tensors if t.past_input not in chosen]
-    return QuantPlan(tuple([*plans, *others]), scheme="probe", bits=budget, clip=clip)

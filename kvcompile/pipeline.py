@@ -380,22 +380,6 @@ def build_variant(float_path: Path, kv: KVGraph, plan: QuantPlan, work: Path, op
     return Decoder(cpu_session(path, optimize=optimize), io)
 
 
-class VariantBuilder:
-    """Builds and loads the model compiled with a given plan, for auto's measurements.
-
-    Variants are written to the compile's private temporary folder (next to any weights copy
-    there) and loaded without graph optimizations, which only slow session creation and do not
-    change results."""
-
-    def __init__(self, model_path: Path, kv: KVGraph, work: Path):
-        self.model_path = model_path
-        self.kv = kv
-        self.work = work
-
-    def __call__(self, plan: QuantPlan) -> Decoder:
-        return build_variant(self.model_path, self.kv, plan, self.work)
-
-
 def load_input_model(model_path: Path, kv: KVGraph, tokens: np.ndarray) -> Decoder:
     """The user's model in onnxruntime, checked to load and to run a prefill and a decode step.
 
@@ -418,10 +402,9 @@ def load_input_model(model_path: Path, kv: KVGraph, tokens: np.ndarray) -> Decod
 
 
 def _plan(kv: KVGraph, stats: KVStats, float_decoder: Decoder, texts: _Texts, options: PlanOptions,
-          float_path: Path, work: Path, progress: Progress) -> QuantPlan:
+          progress: Progress) -> QuantPlan:
     if options.scheme == "auto":
-        variant = VariantBuilder(float_path, kv, work)
-        return auto_plan(kv, stats, float_decoder, variant, texts.calib_windows, options.kv_bits,
+        return auto_plan(kv, stats, float_decoder, texts.calib_windows, options.kv_bits,
                          options.clip, options.uniform, progress)
     return make_plan(kv, stats, options.kv_bits, options.scheme, options.clip, options.group_size,
                      options.asymmetric)
@@ -620,7 +603,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         stats = collect_kv_stats(calib_decoder, texts.calib_windows,
                                  progress=progress(f"calibrating ({texts.calib_windows.size:,} tokens)",
                                                    int(texts.calib_windows.size)))
-        plan = _plan(kv, stats, calib_decoder, texts, plan_options, float_path, work, progress)
+        plan = _plan(kv, stats, calib_decoder, texts, plan_options, progress)
         lap("calibrate_plan_s")
 
         progress("rewriting the graph", 0)

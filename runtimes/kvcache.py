@@ -70,8 +70,8 @@ class GrowingCache:
 
     def replaced(self, tensors: dict[str, np.ndarray]) -> "GrowingCache":
         """A copy of this cache with some tensors swapped (same length); this one is unchanged."""
-        copy = GrowingCache.__new__(GrowingCache)
-        copy.io, copy.batch, copy.length = self.io, self.batch, self.length
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
         copy.tensors = {**self.tensors, **tensors}
         return copy
 

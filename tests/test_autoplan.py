@@ -10,7 +10,6 @@ from kvcompile.autoplan import Option, auto_plan, choose
 from kvcompile.errors import BadInputError
 from kvcompile.manifest import float_model_io
 from kvcompile.passes.find_kv_cache import find_kv_cache
-from kvcompile.pipeline import VariantBuilder
 from kvcompile.plan import TensorPlan
 from kvcompile.runtimes.calibrate import collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
@@ -63,8 +62,7 @@ def no_progress(_description, _total):
 @pytest.mark.parametrize("budget,uniform", [(4.0, False), (4.5, False), (4.0, True), (8.0, True)])
 def test_auto_plan_respects_budget_and_explains(synthetic, tmp_path, budget, uniform):
     path, kv, decoder, windows, stats = synthetic
-    plan = auto_plan(kv, stats, decoder, VariantBuilder(path, kv, tmp_path), windows, budget, "wmse",
-                     uniform, no_progress)
+    plan = auto_plan(kv, stats, decoder, windows, budget, "wmse", uniform, no_progress)
     elements = [t.elements_per_token for t in kv.tensors]
     bits = [plan.for_input(t.past_input).stored_bits_per_element(t) for t in kv.tensors]
     assert np.dot(elements, bits) / sum(elements) <= budget + 1e-9
