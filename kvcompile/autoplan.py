@@ -1,8 +1,9 @@
 """`--scheme auto`: choose how to store each cache tensor, under a bit budget, by measurement.
 
 1. Candidates per tensor (per layer for GroupQueryAttention, which stores K and V alike):
-   bits 2/4/8 (`--uniform`: only the budget's width) x per-tensor,
-   per-channel (static, calibrated), per-token and per-group (dynamic, symmetric or asymmetric).
+   bits 2/4/8 (`--uniform`: only the budget's width) x per-tensor, per-channel (static,
+   calibrated; symmetric or asymmetric), per-token and per-group (dynamic, symmetric or
+   asymmetric).
 2. Cost in quality: the next-token KL on calibration windows, fed as decoding feeds them, of
    the float model run by onnxruntime with only that tensor's cache entries replaced, as they
    enter the cache, by what that storage reads back (`runtimes.simulate`: exact for the Q/DQ
@@ -73,7 +74,8 @@ def units(kv: KVGraph) -> list[tuple[KVTensor, ...]]:
 
 def candidate_plans(unit: tuple[KVTensor, ...], stats: KVStats, widths: tuple[int, ...], clip: str
                     ) -> list[tuple[TensorPlan, ...]]:
-    """4-bit: every granularity; 8-bit: per-channel and per-token; 2-bit: the dynamic ones
+    """4-bit: every granularity (per-channel symmetric and asymmetric); 8-bit: per-channel and
+    per-token; 2-bit: the dynamic ones
     (static 2-bit scales are never competitive). A GroupQueryAttention layer can only be stored
     the ways the fused kernel stores it: 4 bits (its 8-bit cache is int8, which kvcompile does not
     emit), static symmetric scales, K and V alike."""
@@ -86,6 +88,8 @@ def candidate_plans(unit: tuple[KVTensor, ...], stats: KVStats, widths: tuple[in
     for bits in widths:
         if bits != 2 or len(widths) == 1:
             plans.append(tensor_plan(tensor, stats, bits, "per-channel", clip))
+        if bits == 4:
+            plans.append(tensor_plan(tensor, stats, bits, "per-channel", clip, symmetric=False))
         if bits == 4 or len(widths) == 1:
             plans.append(tensor_plan(tensor, stats, bits, "per-tensor", clip))
             plans.append(tensor_plan(tensor, stats, bits, "per-token", clip, symmetric=True))

@@ -131,7 +131,7 @@ def _summary_table(report: Report) -> Table:
                    "per-group, or kivi (keys per-channel, values per-token).")
 @click.option("--group-size", type=int, default=32, show_default=True,
               help="head_dim channels per scale for --scheme per-group (32, 64, 128).")
-@click.option("--asymmetric", is_flag=True, help="Zero points for per-token/per-group scales.")
+@click.option("--asymmetric", is_flag=True, help="Zero points: per-token/per-group scales, or static per-tensor/per-channel ranges (min/max).")
 @click.option("--uniform", is_flag=True, help="auto: keep every tensor at --kv-bits (choose scales only).")
 @click.option("--rotate", type=click.Choice(["hadamard"]), default=None,
               help="Rotate K and V (after RoPE) by a Hadamard transform of head_dim before storing.")

@@ -9,6 +9,7 @@ the tensor's own layout.
 Granularities:
   per-tensor   static, one scale                              (no stored parameters)
   per-channel  static, one scale per KV head and channel      (no stored parameters)
+  (static and asymmetric: a zero point too, from the calibrated minimum and maximum)
   per-token    dynamic, one scale (+ zero point) per token and head   (16 (+8) bits / head_dim)
   per-group    dynamic, one per token and `group` head_dim channels    (16 (+8) bits / group)
 Explicit schemes apply one choice to every tensor ("kivi": keys per-channel, values per-token
@@ -25,8 +26,9 @@ import numpy as np
 from kvcompile.errors import BadInputError
 from kvcompile.kvgraph import KVGraph, KVTensor
 from kvcompile.manifest import KVIO, Packing, StoredParam, packed_dims, param_shape, scale_name, zero_point_name
-from kvcompile.quant import Codec, SUPPORTED_BITS, codes_per_byte, symmetric_scale, symmetric_zero_point
-from kvcompile.ranges import CLIP_METHODS, channel_ranges, rope_pairs, tensor_range
+from kvcompile.quant import (Codec, SUPPORTED_BITS, asymmetric_params, codes_per_byte, symmetric_scale,
+                            symmetric_zero_point)
+from kvcompile.ranges import CLIP_METHODS, channel_ranges, rope_pairs, tensor_range, tie_pairs
 from kvcompile.kvstats import KVStats
 
 SCHEMES = ("auto", "per-tensor", "per-channel", "per-token", "per-group", "kivi")
@@ -180,6 +182,8 @@ def tensor_plan(tensor: KVTensor, stats: KVStats, bits: int, granularity: str, c
     samples = stats.tensors[tensor.past_input].samples
     absmax = stats.tensors[tensor.past_input].absmax
     pairs = rope_pairs(tensor.head_dim) if tensor.kind == "key" and tensor.rope else None
+    if not symmetric:
+        return _asymmetric_static_plan(tensor, stats, bits, granularity, pairs)
     if granularity == "per-tensor":
         scale = symmetric_scale(tensor_range(samples, bits, clip), bits)
         reason = f"one {clip} scale for the whole tensor (absmax {absmax.max():.3g})"
@@ -190,6 +194,25 @@ def tensor_plan(tensor: KVTensor, stats: KVStats, bits: int, granularity: str, c
         reason = f"{clip} scale per head and channel{tied}; channel absmax max/median {ratio:.1f}"
     return TensorPlan(tensor.past_input, tensor.label, bits, granularity, True, scale,
                       np.full((1, 1), symmetric_zero_point(bits), np.uint8), reason=reason)
+
+
+def _asymmetric_static_plan(tensor: KVTensor, stats: KVStats, bits: int, granularity: str,
+                            pairs: np.ndarray | None) -> TensorPlan:
+    """Static scale and zero point from the calibrated minimum and maximum (per head and channel,
+    or one for the tensor; RoPE pairs tied). The grid holds the whole calibrated range and zero
+    exactly: on SmolLM2 clipping keys cost more than it saved, and values of attention-sink
+    tokens are near zero, so an error there is multiplied by the attention they receive."""
+    tensor_stats = stats.tensors[tensor.past_input]
+    low, high = tensor_stats.minimum, tensor_stats.maximum
+    if granularity == "per-tensor":
+        low, high = low.min(keepdims=True)[:1, :1], high.max(keepdims=True)[:1, :1]
+        reason = "one asymmetric min/max range for the whole tensor"
+    else:
+        low, high = tie_pairs(low, pairs, np.minimum), tie_pairs(high, pairs, np.maximum)
+        tied = " (RoPE pairs tied)" if pairs is not None else ""
+        reason = f"asymmetric min/max range per head and channel{tied}"
+    scale, zero_point = asymmetric_params(low.reshape(low.shape[-2:]), high.reshape(high.shape[-2:]), bits)
+    return TensorPlan(tensor.past_input, tensor.label, bits, granularity, False, scale, zero_point, reason=reason)
 
 
 def make_plan(kv: KVGraph, stats: KVStats, bits: int, scheme: str, clip: str = "wmse",

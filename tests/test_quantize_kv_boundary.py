@@ -49,7 +49,8 @@ def compile_synthetic(bits: int, scheme: str, asymmetric: bool = False, **kwargs
 @pytest.mark.parametrize("name", sorted(FORMS))
 @pytest.mark.parametrize("bits,scheme,asymmetric", [
     (4, "per-channel", False), (4, "per-tensor", False), (2, "per-channel", False), (8, "per-tensor", False),
-    (4, "per-token", False), (4, "per-token", True), (2, "per-group", True), (4, "kivi", False)])
+    (4, "per-token", False), (4, "per-token", True), (2, "per-group", True), (4, "kivi", False),
+    (4, "per-channel", True), (8, "per-tensor", True)])
 def test_rewrite_is_valid_runs_and_stores_codes(name, bits, scheme, asymmetric):
     kv, plan, float_decoder, quantized, io = compile_synthetic(bits, scheme, asymmetric=asymmetric, **FORMS[name])
     onnx.checker.check_model(quantized, full_check=True)

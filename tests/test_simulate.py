@@ -47,3 +47,16 @@ def test_simulation_matches_the_compiled_q_dq_model(synthetic, tmp_path, scheme,
     floating = decode(decoder, windows)
     assert np.abs(compiled - floating).max() > 1e-2, "4-bit storage changes the logits"
     np.testing.assert_allclose(simulated, compiled, atol=1e-4, rtol=0)
+
+
+def test_asymmetric_static_ranges_hold_the_calibrated_range_and_zero(synthetic):
+    _, kv, _, _, stats = synthetic
+    plan = make_plan(kv, stats, 4, "per-channel", asymmetric=True)
+    for tensor in kv.tensors:
+        tensor_plan = plan.for_input(tensor.past_input)
+        assert not tensor_plan.symmetric and tensor_plan.zero_point.shape == tensor_plan.scale.shape
+        codec = tensor_plan.canonical_codec()
+        samples = stats.tensors[tensor.past_input].samples
+        step = tensor_plan.scale[None]
+        assert (np.abs(codec.fake_quantize(samples) - samples) <= step / 2 + 1e-6).all(), "nothing clipped"
+        assert (codec.fake_quantize(np.zeros_like(samples[:1])) == 0).all(), "zero is exact"
