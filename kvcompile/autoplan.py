@@ -34,7 +34,7 @@ from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph, KVTensor
 from kvcompile.plan import QuantPlan, TensorPlan, tensor_plan
 from kvcompile.kvstats import KVStats
 from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.sensitivity import mean_kl, reference_log_probs
+from kvcompile.runtimes.sensitivity import float_prefill, mean_kl, reference_log_probs
 from kvcompile.runtimes.simulate import StoredCacheDecoder
 
 HARMLESS_KL = 0.0005  # nats: where 2-bit storage is allowed
@@ -198,6 +198,7 @@ def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, windows: np.ndarray
     reference_logits, _ = decoder.step(decoder.new_cache(1), windows[:1, :2])
     windows = _windows(windows, reference_logits.shape[-1])
     reference = reference_log_probs(decoder, windows, SENSITIVITY_PREFILL)
+    prefilled = float_prefill(decoder, windows, SENSITIVITY_PREFILL)
     count = sum(len(c) for c in candidates)
     advance = progress(f"measuring sensitivity ({count} candidate storages)", count)
     options = []
@@ -207,7 +208,7 @@ def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, windows: np.ndarray
         for plans in unit_candidates:
             stored = StoredCacheDecoder(decoder.session, decoder.io,
                                         {t.past_input: p.codec(t, packed=False) for p, t in zip(plans, unit)})
-            kl = mean_kl(stored, windows, reference, SENSITIVITY_PREFILL, SENSITIVITY_CHUNK)
+            kl = mean_kl(stored, windows, reference, SENSITIVITY_PREFILL, SENSITIVITY_CHUNK, prefilled)
             bits = np.dot(elements, [p.stored_bits_per_element(t) for p, t in zip(plans, unit)]) / sum(elements)
             unit_options.append(Option(plans, float(bits), kl))
             advance(1)

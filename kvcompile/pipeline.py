@@ -598,8 +598,11 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         if fusion.fused:
             model, kv, float_path = fusion.model, fusion.kv, fusion.path
         lap("fuse_s")
-        calib_decoder = float_decoder if float_path == model_path else Decoder(
-            cpu_session(float_path), float_model_io(kv, str(float_path)))
+        # Calibration and auto's measurements run the float model before any fusion: its cache
+        # holds the same entries (the fused float model was checked to match it) and it takes
+        # chunks of several tokens for a whole batch, where GroupQueryAttention takes one row.
+        calib_decoder = float_decoder if decomposed_path == model_path else Decoder(
+            cpu_session(decomposed_path), float_model_io(decomposed_kv, str(decomposed_path)))
         stats = collect_kv_stats(calib_decoder, texts.calib_windows,
                                  progress=progress(f"calibrating ({texts.calib_windows.size:,} tokens)",
                                                    int(texts.calib_windows.size)))

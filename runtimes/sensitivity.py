@@ -22,10 +22,23 @@ def reference_log_probs(decoder: Decoder, windows: np.ndarray, prefill: int) -> 
     return log_softmax(logits[:, prefill:]).astype(np.float32)
 
 
-def mean_kl(decoder: Decoder, windows: np.ndarray, reference: np.ndarray, prefill: int, chunk: int) -> float:
-    """Mean KL(reference || variant) in nats per position after the prefill."""
+def float_prefill(decoder: Decoder, windows: np.ndarray, prefill: int) -> dict[str, np.ndarray]:
+    """The float model's present outputs after the prefill, shared by every stored-cache
+    simulation of it (`runtimes.simulate`: the prefill's entries are stored as they enter)."""
+    _, presents = decoder.step(decoder.new_cache(windows.shape[0]), windows[:, :prefill])
+    return presents
+
+
+def mean_kl(decoder: Decoder, windows: np.ndarray, reference: np.ndarray, prefill: int, chunk: int,
+            prefilled: dict[str, np.ndarray] | None = None) -> float:
+    """Mean KL(reference || variant) in nats per position after the prefill. `prefilled`: the
+    float model's presents after the prefill (`float_prefill`), when `decoder` simulates storing
+    that same model's cache; the prefill is then not run again."""
     cache = decoder.new_cache(windows.shape[0])
-    decoder.step(cache, windows[:, :prefill])
+    if prefilled is None:
+        decoder.step(cache, windows[:, :prefill])
+    else:
+        cache.update(prefilled, prefill)
     pieces = []
     for start in range(prefill, windows.shape[1], chunk):
         logits, _ = decoder.step(cache, windows[:, start : start + chunk])

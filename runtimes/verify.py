@@ -12,6 +12,8 @@ from kvcompile.quality import Agreement, TargetQuality
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.perplexity import decode_path_scores
 
+FLOAT_CHUNK = 32  # tokens the float model is fed per call: its logits do not depend on it
+
 
 def decode_quality(float_decoder: Decoder, decoder: Decoder, windows: np.ndarray, *, prefill: int, batch: int,
                    gate_pct: float, text: str, ran_on: str,
@@ -20,7 +22,7 @@ def decode_quality(float_decoder: Decoder, decoder: Decoder, windows: np.ndarray
     step) on `windows`: perplexity of both, top-1 agreement and KL of the artifact's next-token
     distribution against the float model's."""
     float_score, score = decode_path_scores([float_decoder, decoder], windows, prefill, batch=batch,
-                                            progress=progress)
+                                            progress=progress, reference_chunk=FLOAT_CHUNK)
     delta = 100.0 * (score.ppl / float_score.ppl - 1.0)
     return TargetQuality(
         ran_on=ran_on,

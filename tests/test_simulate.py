@@ -13,6 +13,7 @@ from kvcompile.plan import make_plan
 from kvcompile.runtimes.calibrate import collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.session import cpu_session
+from kvcompile.runtimes.sensitivity import float_prefill, mean_kl, reference_log_probs
 from kvcompile.runtimes.simulate import StoredCacheDecoder
 from synthetic import build_decoder
 
@@ -60,3 +61,13 @@ def test_asymmetric_static_ranges_hold_the_calibrated_range_and_zero(synthetic):
         step = tensor_plan.scale[None]
         assert (np.abs(codec.fake_quantize(samples) - samples) <= step / 2 + 1e-6).all(), "nothing clipped"
         assert (codec.fake_quantize(np.zeros_like(samples[:1])) == 0).all(), "zero is exact"
+
+
+def test_a_shared_float_prefill_measures_what_running_the_prefill_does(synthetic):
+    _, kv, decoder, windows, stats = synthetic
+    plan = make_plan(kv, stats, 4, "per-token", asymmetric=True)
+    stored = StoredCacheDecoder(decoder.session, decoder.io, plan.codecs(kv, packed=False))
+    reference = reference_log_probs(decoder, windows, 16)
+    kl = mean_kl(stored, windows, reference, 16, 4)
+    assert kl > 0
+    assert mean_kl(stored, windows, reference, 16, 4, float_prefill(decoder, windows, 16)) == pytest.approx(kl, rel=1e-5)
