@@ -355,7 +355,7 @@ def stage_float_model(model: ir.Model, kv: KVGraph, rotate: str | None, work: Pa
     --rotate is applied here (in place: the compiled model is built from the rotated graph).
     The input itself is used when it is self-contained, unrotated and was not changed by
     `normalize_export` (the KVGraph names its nodes); otherwise one copy is written to `work`
-    with its weights in `work/float.onnx.data`, which every variant then references (onnxruntime
+    with its weights in `work/float.onnx.data`, which the fusion check's variants reference (onnxruntime
     refuses external data outside a model's folder, so links will not do), so that loading a
     variant reads its graph and not its weights.
     """

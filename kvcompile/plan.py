@@ -28,7 +28,7 @@ from kvcompile.kvgraph import KVGraph, KVTensor
 from kvcompile.manifest import KVIO, Packing, StoredParam, packed_dims, param_shape, scale_name, zero_point_name
 from kvcompile.quant import (Codec, SUPPORTED_BITS, asymmetric_params, codes_per_byte, symmetric_scale,
                             symmetric_zero_point)
-from kvcompile.ranges import CLIP_METHODS, channel_ranges, rope_pairs, tensor_range, tie_pairs
+from kvcompile.ranges import CLIP_METHODS, channel_ranges, tensor_range
 from kvcompile.kvstats import KVStats
 
 SCHEMES = ("auto", "per-tensor", "per-channel", "per-token", "per-group", "kivi")
@@ -181,25 +181,22 @@ def tensor_plan(tensor: KVTensor, stats: KVStats, bits: int, granularity: str, c
                           reason=f"{kind} scale computed for every {group} channels of each token", group=group)
     samples = stats.tensors[tensor.past_input].samples
     absmax = stats.tensors[tensor.past_input].absmax
-    pairs = rope_pairs(tensor.head_dim) if tensor.kind == "key" and tensor.rope else None
     if not symmetric:
-        return _asymmetric_static_plan(tensor, stats, bits, granularity, pairs)
+        return _asymmetric_static_plan(tensor, stats, bits, granularity)
     if granularity == "per-tensor":
         scale = symmetric_scale(tensor_range(samples, bits, clip), bits)
         reason = f"one {clip} scale for the whole tensor (absmax {absmax.max():.3g})"
     else:
-        scale = symmetric_scale(channel_ranges(samples, bits, clip, pairs), bits)
+        scale = symmetric_scale(channel_ranges(samples, bits, clip), bits)
         ratio = float(absmax.max() / max(np.median(absmax), 1e-12))
-        tied = " (RoPE pairs tied)" if pairs is not None else ""
-        reason = f"{clip} scale per head and channel{tied}; channel absmax max/median {ratio:.1f}"
+        reason = f"{clip} scale per head and channel; channel absmax max/median {ratio:.1f}"
     return TensorPlan(tensor.past_input, tensor.label, bits, granularity, True, scale,
                       np.full((1, 1), symmetric_zero_point(bits), np.uint8), reason=reason)
 
 
-def _asymmetric_static_plan(tensor: KVTensor, stats: KVStats, bits: int, granularity: str,
-                            pairs: np.ndarray | None) -> TensorPlan:
+def _asymmetric_static_plan(tensor: KVTensor, stats: KVStats, bits: int, granularity: str) -> TensorPlan:
     """Static scale and zero point from the calibrated minimum and maximum (per head and channel,
-    or one for the tensor; RoPE pairs tied). The grid holds the whole calibrated range and zero
+    or one for the tensor). The grid holds the whole calibrated range and zero
     exactly: on SmolLM2 clipping keys cost more than it saved, and values of attention-sink
     tokens are near zero, so an error there is multiplied by the attention they receive."""
     tensor_stats = stats.tensors[tensor.past_input]
@@ -208,9 +205,7 @@ def _asymmetric_static_plan(tensor: KVTensor, stats: KVStats, bits: int, granula
         low, high = low.min(keepdims=True)[:1, :1], high.max(keepdims=True)[:1, :1]
         reason = "one asymmetric min/max range for the whole tensor"
     else:
-        low, high = tie_pairs(low, pairs, np.minimum), tie_pairs(high, pairs, np.maximum)
-        tied = " (RoPE pairs tied)" if pairs is not None else ""
-        reason = f"asymmetric min/max range per head and channel{tied}"
+        reason = "asymmetric min/max range per head and channel"
     scale, zero_point = asymmetric_params(low.reshape(low.shape[-2:]), high.reshape(high.shape[-2:]), bits)
     return TensorPlan(tensor.past_input, tensor.label, bits, granularity, False, scale, zero_point, reason=reason)
 

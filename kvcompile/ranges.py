@@ -10,9 +10,10 @@
   errors; plain MSE clips them too hard. On the fixture this cut the next-token KL by a third
   against plain MSE (README).
 
-Keys are cached after RoPE, which rotates channel pairs (i, j) together: a range that holds
-for one position holds for all only if both channels of a pair share it. `rope_pairs` gives the
-pairs and every search here ties them (the error of a candidate is summed over the pair).
+Ranges are per head and channel, never tied across RoPE's channel pairs: tying (each pair
+sharing the wider of its two ranges, so that a range would hold at rotations the calibration did
+not see) cost SmolLM2 +28.7% perplexity where untied ranges cost +10.5% (16 x 256 held-out
+tokens, simulated), and at 1024-token windows tied ranges were worse too (bench/storage_sweep.py).
 
 All functions take canonical samples [tokens, heads, head_dim] and return absmax-like ranges
 [heads, head_dim] (or [1, 1] for one range per tensor) for `quant.symmetric_scale`.
@@ -29,39 +30,26 @@ MSE_GRID = np.linspace(0.3, 1.0, 36)
 PERCENTILE = 99.9
 
 
-def rope_pairs(head_dim: int) -> np.ndarray:
-    """Partner channel of each channel under RoPE's half-split rotation (HF rotate_half): i <-> i + D/2."""
-    half = head_dim // 2
-    return np.concatenate([np.arange(half, head_dim), np.arange(half)])
-
-
-def tie_pairs(per_channel: np.ndarray, pairs: np.ndarray | None, reduce=np.maximum) -> np.ndarray:
-    """Combine each channel's value with its RoPE partner's ([H, D] arrays)."""
-    if pairs is None:
-        return per_channel
-    return reduce(per_channel, per_channel[:, pairs])
-
-
 def _error(samples: np.ndarray, ranges: np.ndarray, bits: int, axis, weighted: bool) -> np.ndarray:
     scale = symmetric_scale(ranges, bits)
     squared = (fake_quantize(samples, scale, symmetric_zero_point(bits), bits) - samples) ** 2
     return (squared * samples**2 if weighted else squared).mean(axis=axis)
 
 
-def channel_ranges(samples: np.ndarray, bits: int, method: str, pairs: np.ndarray | None = None) -> np.ndarray:
+def channel_ranges(samples: np.ndarray, bits: int, method: str) -> np.ndarray:
     """One range per head and channel [H, D]."""
     magnitudes = np.abs(samples)
-    absmax = tie_pairs(magnitudes.max(axis=0), pairs)
+    absmax = magnitudes.max(axis=0)
     if method == "minmax":
         return absmax
     if method == "percentile":
-        return tie_pairs(np.percentile(magnitudes, PERCENTILE, axis=0).astype(np.float32), pairs)
+        return np.percentile(magnitudes, PERCENTILE, axis=0).astype(np.float32)
     if method not in ("mse", "wmse"):
         raise ValueError(f"unknown clipping method {method!r}")
     best_error = best_range = None
     for fraction in MSE_GRID:
         candidate = absmax * np.float32(fraction)
-        error = tie_pairs(_error(samples, candidate, bits, axis=0, weighted=method == "wmse"), pairs, reduce=np.add)
+        error = _error(samples, candidate, bits, axis=0, weighted=method == "wmse")
         if best_error is None:
             best_error, best_range = error, candidate
         else:

@@ -20,7 +20,7 @@ Two transforms are used:
   - scale folding (`--fold-scales`): M = diag(1 / s) with s the per-channel scales. The cache
     then holds k / s, which one per-tensor scale of 1.0 quantizes exactly as the per-channel
     scales s would: per-channel quality on targets that only take per-tensor Q/DQ (QNN HTP).
-    For RoPE keys s is tied across each rotary pair, so it commutes with RoPE.
+    Keys are transformed after RoPE, so s need not respect RoPE's channel pairs.
   Diagonal transforms are applied with Mul, others with MatMul.
 """
 
