@@ -28,6 +28,13 @@ from kvcompile.quant import fake_quantize, symmetric_scale, symmetric_zero_point
 CLIP_METHODS = ("minmax", "percentile", "mse", "wmse")
 MSE_GRID = np.linspace(0.3, 1.0, 36)
 PERCENTILE = 99.9
+# Tokens the clipping searches evaluate (evenly strided from the samples); the largest magnitude
+# they scale is taken from every sample. 2,048 keep a search under 0.15 s per SmolLM2 tensor.
+SEARCH_TOKENS = 2048
+
+
+def _search_subset(samples: np.ndarray) -> np.ndarray:
+    return samples[:: max(1, -(-samples.shape[0] // SEARCH_TOKENS))]
 
 
 def _error(samples: np.ndarray, ranges: np.ndarray, bits: int, axis, weighted: bool) -> np.ndarray:
@@ -47,9 +54,10 @@ def channel_ranges(samples: np.ndarray, bits: int, method: str) -> np.ndarray:
     if method not in ("mse", "wmse"):
         raise ValueError(f"unknown clipping method {method!r}")
     best_error = best_range = None
+    subset = _search_subset(samples)
     for fraction in MSE_GRID:
         candidate = absmax * np.float32(fraction)
-        error = _error(samples, candidate, bits, axis=0, weighted=method == "wmse")
+        error = _error(subset, candidate, bits, axis=0, weighted=method == "wmse")
         if best_error is None:
             best_error, best_range = error, candidate
         else:
@@ -68,7 +76,8 @@ def tensor_range(samples: np.ndarray, bits: int, method: str) -> np.ndarray:
     elif method == "percentile":
         chosen = np.percentile(magnitudes, PERCENTILE)
     elif method in ("mse", "wmse"):
-        errors = [float(_error(samples, absmax * np.float32(f), bits, axis=None, weighted=method == "wmse"))
+        subset = _search_subset(samples)
+        errors = [float(_error(subset, absmax * np.float32(f), bits, axis=None, weighted=method == "wmse"))
                   for f in MSE_GRID]
         chosen = absmax * MSE_GRID[int(np.argmin(errors))]
     else:
