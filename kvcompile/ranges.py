@@ -12,8 +12,9 @@
 
 Ranges are per head and channel, never tied across RoPE's channel pairs: tying (each pair
 sharing the wider of its two ranges, so that a range would hold at rotations the calibration did
-not see) cost SmolLM2 +28.7% perplexity where untied ranges cost +10.5% (16 x 256 held-out
-tokens, simulated), and at 1024-token windows tied ranges were worse too (bench/storage_sweep.py).
+not see) cost SmolLM2 +26.7% perplexity where untied ranges cost +10.3% (keys and values 4-bit
+wmse, 16 x 256 held-out tokens, `python -m bench.storage_sweep`), and it did not protect longer
+contexts either: at 1024-token windows tied asymmetric keys cost +17.6%, untied +15.6%.
 
 All functions take canonical samples [tokens, heads, head_dim] and return absmax-like ranges
 [heads, head_dim] (or [1, 1] for one range per tensor) for `quant.symmetric_scale`.
