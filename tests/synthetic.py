@@ -257,3 +257,20 @@ def build_encoder() -> onnx.ModelProto:
                               opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     return model
+
+
+def saved_llama_decoder(folder):
+    """The 2-layer llama-form decoder (4 heads, 2 KV heads, head_dim 64) saved in `folder`:
+    (path, KVGraph, float Decoder) for tests that calibrate and measure on it."""
+    import onnx_ir as ir
+
+    from kvcompile.manifest import float_model_io
+    from kvcompile.passes.find_kv_cache import find_kv_cache
+    from kvcompile.runtimes.decoder import Decoder
+    from kvcompile.runtimes.session import cpu_session
+
+    proto = build_decoder("llama", layers=2, heads=4, kv_heads=2, head_dim=64)
+    path = folder / "model.onnx"
+    path.write_bytes(proto.SerializeToString())
+    kv = find_kv_cache(ir.serde.deserialize_model(proto))
+    return path, kv, Decoder(cpu_session(path), float_model_io(kv, str(path)))

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 
 from kvcompile.autoplan import Option, auto_plan, choose
 from kvcompile.errors import BadInputError
-from kvcompile.manifest import float_model_io
-from kvcompile.passes.find_kv_cache import find_kv_cache
 from kvcompile.plan import TensorPlan
 from kvcompile.runtimes.calibrate import collect_kv_stats
-from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.session import cpu_session
-from synthetic import build_decoder
+from synthetic import saved_llama_decoder
 
 
 def option(name: str, bits: float, kl: float) -> Option:
@@ -45,14 +40,9 @@ def test_choose_refuses_an_impossible_budget():
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    proto = build_decoder("llama", layers=2, heads=4, kv_heads=2, head_dim=64)
-    path = tmp_path_factory.mktemp("auto") / "model.onnx"
-    path.write_bytes(proto.SerializeToString())
-    kv = find_kv_cache(ir.serde.deserialize_model(proto))
-    decoder = Decoder(cpu_session(path), float_model_io(kv, str(path)))
+    path, kv, decoder = saved_llama_decoder(tmp_path_factory.mktemp("auto"))
     windows = np.random.default_rng(0).integers(0, 32, (8, 128))
-    stats = collect_kv_stats(decoder, windows, chunk=32)
-    return path, kv, decoder, windows, stats
+    return path, kv, decoder, windows, collect_kv_stats(decoder, windows, chunk=32)
 
 
 def no_progress(_description, _total):

@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 
-from kvcompile.manifest import float_model_io
-from kvcompile.passes.find_kv_cache import find_kv_cache
 from kvcompile.pipeline import build_variant
 from kvcompile.plan import make_plan
 from kvcompile.runtimes.calibrate import collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.session import cpu_session
 from kvcompile.runtimes.sensitivity import float_prefill, mean_kl, reference_log_probs
 from kvcompile.runtimes.simulate import StoredCacheDecoder
-from synthetic import build_decoder
+from synthetic import saved_llama_decoder
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    proto = build_decoder("llama", layers=2, heads=4, kv_heads=2, head_dim=64)
-    path = tmp_path_factory.mktemp("simulate") / "model.onnx"
-    path.write_bytes(proto.SerializeToString())
-    kv = find_kv_cache(ir.serde.deserialize_model(proto))
-    decoder = Decoder(cpu_session(path), float_model_io(kv, str(path)))
+    path, kv, decoder = saved_llama_decoder(tmp_path_factory.mktemp("simulate"))
     windows = np.random.default_rng(0).integers(0, 32, (4, 64))
     return path, kv, decoder, windows, collect_kv_stats(decoder, windows, chunk=16)
 
