@@ -22,7 +22,9 @@ def gate_advice(plan: QuantPlan, delta_pct: float, gate_pct: float, fused: bool,
     if plan.scheme != "auto":
         advice.append("--scheme auto (not run in this compile): it measures every storage of every tensor and "
                       "keeps the least KL within the budget")
-    elif len(plan.budget_curve) > 1:
+    elif len(plan.budget_curve) > 1 and not fused:
+        # (fused attention: every candidate is the kernel's 4-bit cache, so the curve says nothing
+        # about what more bits would buy; the fusion advice below names the way to them)
         advice.append(_budget_advice(plan.budget_curve, delta_pct, gate_pct))
     if fused and fuse_mode != "off":
         advice.append(FUSION_ADVICE)

@@ -105,6 +105,8 @@ def _summary_table(report: Report) -> Table:
         table.add_row("perplexity change", f"{quality.gate.ppl_delta_pct:+.3f}%")
         table.add_row("top-1 agreement", f"{100 * quality.gate.top1_agreement:.2f}%")
         table.add_row("quality gate", "passed" if quality.passed else "FAILED")
+        if report.limits.eval_window:
+            table.add_row("context calibrated and verified at (--max-context)", f"{report.limits.eval_window:,} tokens")
     wall = report.memory_wall
     budget = wall["budget_fit_tokens"]
     table.add_row(f"context in a {format_bytes(wall['budget_bytes'])} KV budget (fp16 -> compiled)",
@@ -147,12 +149,13 @@ def _summary_table(report: Report) -> Table:
 @click.option("--soc", "socs", multiple=True, default=("SM8650",), show_default=True,
               help="qnn-htp: Snapdragon SoC(s) to compile for (SM8450, SM8550, SM8650, SM8750, SM8850).")
 @click.option("--max-context", type=click.IntRange(min=2), default=None,
-              help="Static-shape targets (qnn-htp, nnapi, tflite): tokens the fixed cache buffer holds "
-                   "[default: 1024, or less if the model's context or attention window is shorter].")
+              help="The longest context the model will run at: calibration and verification use windows "
+                   "this long (static key ranges are checked as far as they are used) and the static targets' "
+                   "buffer holds it [default: 1024, or less if the model's context or attention window is shorter].")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration text, or token ids as .npy [default: bundled text].")
 @click.option("--calib-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
-              help="Calibration tokens (windows of 256).")
+              help="Calibration tokens (in windows of --max-context).")
 @click.option("--eval", "eval_text", type=click.Path(path_type=Path), default=None,
               help="Held-out text (or .npy ids) for verification [default: bundled text].")
 @click.option("--eval-tokens", type=click.IntRange(min=1), default=12288, show_default=True)
@@ -365,13 +368,16 @@ def run_command(folder, prompt, target, soc, max_new_tokens, temperature, top_k,
 @click.option("--target", default=None, help="Which artifact [default: the first, ort-cpu].")
 @click.option("--soc", default=None, help="qnn-htp: which compiled SoC [default: the first].")
 @click.option("--tokens", "token_count", type=click.IntRange(min=1), default=12288, show_default=True,
-              help="Tokens to use (windows of 256; static targets: windows of max-context).")
+              help="Tokens to use.")
+@click.option("--window", type=click.IntRange(min=16), default=None,
+              help="Tokens per window [default: the context the compile verified at; static targets: at most "
+                   "their buffer].")
 @click.option("--json", "as_json", is_flag=True)
-def eval_command(folder, text, target, soc, token_count, as_json) -> None:
+def eval_command(folder, text, target, soc, token_count, window, as_json) -> None:
     """Decode-path perplexity of a compiled FOLDER (the measurement the compile's verifier uses)."""
     from kvcompile.evaluate import evaluate_folder
 
-    result = evaluate_folder(Path(folder), text, target, soc, token_count)
+    result = evaluate_folder(Path(folder), text, target, soc, token_count, window)
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
     else:

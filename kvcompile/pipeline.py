@@ -104,7 +104,8 @@ class CompileOptions:
     fold_scales: bool = False
     fuse_attention: str = "auto"  # auto | on | off
     socs: tuple[str, ...] = ("SM8650",)  # qnn-htp
-    max_context: int | None = None  # static-shape targets: tokens the buffer holds (None: 1024 or the model's limit)
+    max_context: int | None = None  # the context it will run at: calibration/verification windows and the
+    # static targets' buffer (None: 1024, or the model's limit if shorter)
     targets: tuple[str, ...] = ("ort-cpu",)
     calib: Path | None = None
     calib_tokens: int = 8192
@@ -116,14 +117,13 @@ class CompileOptions:
     no_calibration: bool = False  # dynamic scales only, no float runs: the compile is unverified
     device: str | None = None  # memory-wall report: a devices.toml key or a .toml profile
     budget: str = DEFAULT_BUDGET  # memory-wall report: RAM for the KV cache
-    window: int = 256
     prefill: int = 32
 
     def stages(self) -> StageOptions:
         return StageOptions(
             analysis=AnalysisOptions(kv_map=self.kv_map, tokenizer=self.tokenizer),
             texts=TextOptions(calib=self.calib, calib_tokens=self.calib_tokens, eval_text=self.eval_text,
-                              eval_tokens=self.eval_tokens, window=self.window, prefill=self.prefill),
+                              eval_tokens=self.eval_tokens, window=DEFAULT_CONTEXT, prefill=self.prefill),
             plan=PlanOptions(kv_bits=self.kv_bits, scheme=self.scheme, clip=self.clip, group_size=self.group_size,
                              asymmetric=self.asymmetric, uniform=self.uniform, rotate=self.rotate,
                              fold_scales=self.fold_scales, fuse_attention=self.fuse_attention,
@@ -227,34 +227,44 @@ def refuse_unsupported_attention(model: ir.Model, kv: KVGraph) -> None:
         )
 
 
-DEFAULT_STATIC_CONTEXT = 1024
+DEFAULT_CONTEXT = 1024  # the context calibrated and verified at (and the static buffer) unless --max-context says
 MIN_WINDOW = 16  # the shortest evaluation window that still leaves decode steps after a prefill
 
 
 def within_limits(stages: StageOptions, limits: ModelLimits) -> StageOptions:
-    """The options with every context kept within the model's limits: calibration and evaluation
-    windows, and the static targets' buffer (1024 by default, else what --max-context asks).
-    An explicit --max-context beyond a limit is refused, naming the limit and where it was read."""
-    window = limits.clamp(stages.texts.window)
-    if window < MIN_WINDOW:
+    """The options with the context the model will run at resolved within the model's limits.
+
+    That context (--max-context; 1024 by default, or the model's limit if shorter) is the length of
+    the calibration and verification windows, so what the gate passes holds as far as the artifact
+    is meant to run: keys are cached after RoPE, and static key ranges calibrated on short windows
+    do not cover the rotations of later positions (SmolLM2, asymmetric keys: +5.6% at 256-token
+    windows, +15.6% at 1024). The static targets' buffer holds the same context, or the model's
+    attention window if that is shorter. An explicit --max-context beyond a limit is refused,
+    naming the limit and where it was read."""
+    explicit = stages.target.max_context
+    caps = [(limits.max_context, "the model's context limit"), (limits.window, "its attention window")]
+    caps = [(value, what) for value, what in caps if value is not None]
+    if explicit is not None and limits.max_context is not None and explicit > limits.max_context:
+        raise BadInputError(
+            f"--max-context {explicit} is longer than the model's context limit, {limits.max_context} tokens "
+            f"({'; '.join(limits.facts)}): pass --max-context {limits.max_context} or less")
+    context = explicit if explicit is not None else limits.clamp(DEFAULT_CONTEXT)
+    if context < MIN_WINDOW:
         raise UnsupportedModelError(
             f"the model takes at most {limits.max_context} tokens ({'; '.join(limits.facts)}); kvcompile calibrates "
             f"and verifies through windows of at least {MIN_WINDOW} tokens")
     static = [t for t in stages.targets if not TARGETS[t].capabilities.dynamic_shapes]
-    max_context = stages.target.max_context
+    buffer = None
     if static:
-        caps = [(limits.max_context, "the model's context limit"), (limits.window, "its attention window")]
-        caps = [(value, what) for value, what in caps if value is not None]
-        if max_context is None:
-            max_context = min([DEFAULT_STATIC_CONTEXT] + [value for value, _ in caps])
+        buffer = explicit if explicit is not None else min([context] + [value for value, _ in caps])
         for value, what in caps:
-            if max_context > value:
+            if buffer > value:
                 raise BadInputError(
-                    f"--max-context {max_context} is longer than {what}, {value} tokens "
+                    f"--max-context {buffer} is longer than {what}, {value} tokens "
                     f"({'; '.join(limits.facts)}); the static graph attends over its whole buffer: pass "
                     f"--max-context {value} or less")
-    texts = dataclasses.replace(stages.texts, window=window, prefill=min(stages.texts.prefill, window // 4))
-    return dataclasses.replace(stages, texts=texts, target=dataclasses.replace(stages.target, max_context=max_context))
+    texts = dataclasses.replace(stages.texts, window=context, prefill=min(stages.texts.prefill, context // 4))
+    return dataclasses.replace(stages, texts=texts, target=dataclasses.replace(stages.target, max_context=buffer))
 
 
 def _input_ids_name(kv: KVGraph) -> str:

@@ -202,7 +202,9 @@ def decisions_markdown(report: dict[str, Any]) -> list[str]:
         lines += [f"  - {fact}" for fact in limits["facts"]]
         if limits.get("eval_window"):
             lines.append(f"- calibration and verification windows: {limits['eval_window']} tokens "
-                         f"({limits['prefill']}-token prefill, then one token per step)")
+                         f"({limits['prefill']}-token prefill, then one token per step): the quality figures "
+                         f"hold up to this context; static key ranges are not checked beyond it "
+                         f"(--max-context sets it)")
     return lines + [""]
 
 

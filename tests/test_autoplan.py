@@ -63,3 +63,15 @@ def test_auto_plan_respects_budget_and_explains(synthetic, tmp_path, budget, uni
         assert tensor_plan.name in tensor_plan.evidence, "the choice is among the measured candidates"
         best_affordable = min(kl for name, kl in tensor_plan.evidence.items())
         assert tensor_plan.evidence[tensor_plan.name] >= best_affordable
+
+
+def test_fused_advice_does_not_read_the_kernels_4_bit_only_curve():
+    """Fused attention: every candidate auto measured is the kernel's 4-bit cache, so a flat budget
+    curve says nothing about what 8 bits would buy: the advice names the way to them instead of
+    claiming that no --kv-bits up to 8 meets the gate."""
+    from kvcompile.advice import FUSION_ADVICE, gate_advice
+    from kvcompile.plan import QuantPlan
+
+    flat = QuantPlan((), scheme="auto", bits=4.0, budget_curve=((4.0, 0.12), (8.0, 0.12)))
+    assert gate_advice(flat, 12.0, 2.0, fused=True, fuse_mode="auto") == [FUSION_ADVICE]
+    assert "no --kv-bits up to 8" in gate_advice(flat, 12.0, 2.0, fused=False, fuse_mode="off")[0]

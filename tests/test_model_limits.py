@@ -96,11 +96,18 @@ def test_contexts_stay_within_the_limits(tmp_path):
     def contexts(stages):
         return stages.texts.window, stages.texts.prefill, stages.target.max_context
 
-    assert contexts(within_limits(stages("ort-cpu"), ModelLimits(None, None))) == (256, 32, None)
+    # The context it will run at: calibration and verification windows, and the static buffer.
+    assert contexts(within_limits(stages("ort-cpu"), ModelLimits(None, None))) == (1024, 32, None)
+    assert contexts(within_limits(stages("ort-cpu", max_context=4096), ModelLimits(None, None))) == (4096, 32, None)
     short = within_limits(stages("ort-cpu", "nnapi"), ModelLimits(100, None, ("context 100: test",)))
     assert contexts(short) == (100, 25, 100)
-    assert contexts(within_limits(stages("tflite"), ModelLimits(4096, 64))) == (256, 32, 64)
+    # A sliding window bounds the static buffer only: the dynamic artifact is verified past it.
+    assert contexts(within_limits(stages("tflite"), ModelLimits(4096, 64))) == (1024, 32, 64)
     with pytest.raises(BadInputError, match="--max-context 2048 is longer than the model's context limit, 1000"):
         within_limits(stages("qnn-htp", max_context=2048), ModelLimits(1000, None))
+    with pytest.raises(BadInputError, match="--max-context 2048 is longer than the model's context limit, 1000"):
+        within_limits(stages("ort-cpu", max_context=2048), ModelLimits(1000, None))
+    with pytest.raises(BadInputError, match="--max-context 128 is longer than its attention window, 64"):
+        within_limits(stages("tflite", max_context=128), ModelLimits(4096, 64))
     with pytest.raises(UnsupportedModelError, match="at most 8 tokens"):
         within_limits(stages("ort-cpu"), ModelLimits(8, None))
