@@ -40,6 +40,7 @@ def evaluate_folder(folder: Path, text: Path | None, target: str | None, soc: st
     window = min(window, decoder.io.max_context) if static else window
     windows = make_windows(load_token_ids(source, tokenizer), window, max(1, tokens // window), "evaluation",
                            MIN_TEXT_WINDOWS)
-    (score,) = decode_path_scores([decoder], windows, PREFILL, batch=1 if static else 16)
+    prefill = min(PREFILL, window // 4)  # as the compile's verifier cuts its windows
+    (score,) = decode_path_scores([decoder], windows, prefill, batch=1 if static else 16)
     return {"target": target, "ppl": round(score.ppl, 4), "nll": round(score.nll, 6), "tokens": score.tokens,
-            "text": source.name if text else "bundled heldout.txt", "window": window, "prefill": PREFILL}
+            "text": source.name if text else "bundled heldout.txt", "window": window, "prefill": prefill}

@@ -46,14 +46,18 @@ def test_acceptance_memory_and_quality(fixture_compile):
     assert report["plan"]["scheme"] == "auto"
     assert report["quality"]["ppl_delta_pct"] <= 1.0
     assert report["quality"]["top1_agreement"] > 0.9
-    assert report["quality"]["eval_tokens"] == 48 * (256 - 32 - 1)
+    assert report["quality"]["eval_tokens"] == 12 * (1024 - 32 - 1)  # windows of the default context
+    assert report["limits"]["eval_window"] == 1024
     assert report["quality"]["passed"] and report["status"] == "passed"
     assert report == json.loads((out / "report.json").read_text()), "--json prints report.json"
 
 
 def test_acceptance_qdq_form_within_0_3_percent(tmp_path):
-    """Issue 4: at --kv-bits 4 the Q/DQ form (tokens attend to their own K/V in float) loses <= 0.3%."""
-    report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "qdq", fuse_attention="off")).report.to_dict()
+    """Issue 4: at --kv-bits 4 the Q/DQ form (tokens attend to their own K/V in float) loses <= 0.3%,
+    at the context the fixture is trained for (256 tokens; at the default 1024, beyond its training
+    context, it measured +0.37%)."""
+    report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "qdq", fuse_attention="off",
+                                          max_context=256)).report.to_dict()
     assert report["memory"]["avg_bits_per_element"] <= 4.0
     assert report["quality"]["ppl_delta_pct"] <= 0.3
 
@@ -323,8 +327,8 @@ def test_no_calibration_compiles_without_running_the_model(tmp_path):
     # Unverified, not untested here: the artifact runs and stays close to the float model.
     from kvcompile.evaluate import evaluate_folder
 
-    compiled = evaluate_folder(out, None, "ort-cpu", None, 12288)  # the verifier's tokens: float PPL 32.763
-    assert compiled["tokens"] == 10704 and compiled["ppl"] < 1.02 * 32.763, compiled
+    compiled = evaluate_folder(out, None, "ort-cpu", None, 12288)  # the verifier's tokens: float PPL 49.228
+    assert compiled["window"] == 1024 and compiled["tokens"] == 11892 and compiled["ppl"] < 1.02 * 49.228, compiled
 
 
 @pytest.mark.parametrize("args, message", [
@@ -370,15 +374,15 @@ def test_a_users_short_text_is_used_whole(tmp_path, heldout_ids):
     """A text shorter than --eval-tokens asks for is used whole (its windows counted in the report),
     and refused only below the stated minimum of 2 windows."""
     text = tmp_path / "mine.npy"
-    np.save(text, heldout_ids[: 9 * 256 + 100])
+    np.save(text, heldout_ids[: 3 * 1024 + 100])
     report = compile_model(CompileOptions(model=DYNAMO, out_dir=tmp_path / "o", eval_text=text,
                                           calib_tokens=2048)).report.to_dict()
-    assert report["quality"]["eval_tokens"] == 9 * (256 - 32 - 1)
+    assert report["quality"]["eval_tokens"] == 3 * (1024 - 32 - 1)
     assert report["quality"]["eval_text"] == "mine.npy"
-    np.save(text, heldout_ids[:300])
+    np.save(text, heldout_ids[:1500])
     result = kvcompile(str(DYNAMO), "--eval", str(text), "-o", str(tmp_path / "short"), "--calib-tokens", "2048")
     assert result.returncode == 2
-    assert "1 window(s) of 256, and at least 2 are needed" in result.stderr
+    assert "1 window(s) of 1024, and at least 2 are needed" in result.stderr
 
 
 def test_progress_without_a_terminal_is_one_plain_line_per_stage(tmp_path):

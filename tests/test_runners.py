@@ -70,7 +70,9 @@ def test_eval_uses_the_verifiers_measurement(every_target):
     result = run("-m", "kvcompile.cli", "eval", str(every_target), "--tokens", "2048", "--json")
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout)
-    assert measured["target"] == "ort-cpu" and measured["tokens"] == 8 * (256 - 32 - 1)
+    # Windows of the context the compile verified at (--max-context 48), cut as its verifier cuts them.
+    assert measured["target"] == "ort-cpu" and measured["window"] == CONTEXT and measured["prefill"] == CONTEXT // 4
+    assert measured["tokens"] == 2048 // CONTEXT * (CONTEXT - CONTEXT // 4 - 1)
     assert 20 < measured["ppl"] < 80
     report = json.loads((every_target / "report.json").read_text())
     assert set(report["targets"]) == {"ort-cpu", "qnn-htp", "nnapi", "tflite"}

@@ -2,8 +2,8 @@
 
 Each model is exported (models/exporters.py, cached outside git) and compiled by the real
 `kvcompile` command in a fresh process (the `conformance` fixture), with shorter texts than the
-default (bench.corpus CORPUS_FLAGS: 16 evaluation windows of 256 tokens, longer than every
-sliding window here).
+default (bench.corpus CORPUS_FLAGS: 16 evaluation windows of 256 tokens, the context the families
+are trained at (--max-context 256), longer than every sliding window here).
 
 Every legitimate model ends in exit 0 (compiled, gate passed), 2 (refused: one line naming the
 construct) or 3 (gate failed, honest report), never 1. Beyond that, each case must end exactly as
@@ -100,8 +100,9 @@ def test_the_dynamo_export_compiles_fused(conformance):
     assert result.exit_code in (0, 3), result.message
     report = _check_report(work / "smollm2-dynamo", result.exit_code, result.message)
     assert report["plan"]["scheme"] == "per-channel" and report["calibration"]["tokens"] == 1024
-    assert report["quality"]["eval_tokens"] == 4 * (256 - 32 - 1)  # 1024 tokens: 4 windows of 256
-    assert report["limits"]["eval_window"] == 256 and report["fusion"]["fused"]
+    # 1024 tokens: one window of the default context (1024), 32-token prefill, then one per step
+    assert report["quality"]["eval_tokens"] == 1024 - 32 - 1
+    assert report["limits"]["eval_window"] == 1024 and report["fusion"]["fused"]
 
 
 @pytest.mark.parametrize("case", [c for c in smollm2_cases(SMOLLM2_CI_FORMS, SMOLLM2_CI_DYNAMO_FLAGS)
