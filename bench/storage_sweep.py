@@ -5,7 +5,8 @@
 Every row stores the keys one way and the values another ("-": float) and runs the float export
 of SmolLM2 (`models/real.py`: dynamo form) with each new cache entry replaced, as it enters the
 cache, by what that storage reads back (`runtimes/simulate.py`; exact for the Q/DQ form, tested).
-Ranges are calibrated on the bundled calib.txt (32 windows of 256, as a compile does; or
+Ranges are calibrated on the bundled calib.txt (32 windows of 256, as a compile did before it
+moved to --max-context windows (8 x 1024 by default); or
 `--calib-window`), scored on held-out text (prefill 32, then one token per step; perplexity
 against the float model's).
 `--sinks N` keeps the first N positions of every window in float and calibrates without them.
