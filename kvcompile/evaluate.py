@@ -13,7 +13,7 @@ from pathlib import Path
 from kvcompile.manifest import read_manifest
 from kvcompile.runtimes.perplexity import decode_path_scores
 from kvcompile.runtimes.targets import default_target, load_decoder
-from kvcompile.tokens import MIN_TEXT_WINDOWS, bundled_text, load_token_ids, make_windows
+from kvcompile.tokens import MIN_TEXT_WINDOWS, bundled_text, decode_prefill, load_token_ids, make_windows
 
 PREFILL = 32
 DEFAULT_WINDOW = 1024  # the compile's default context, for a folder whose report does not say
@@ -40,7 +40,7 @@ def evaluate_folder(folder: Path, text: Path | None, target: str | None, soc: st
     window = min(window, decoder.io.max_context) if static else window
     windows = make_windows(load_token_ids(source, tokenizer), window, max(1, tokens // window), "evaluation",
                            MIN_TEXT_WINDOWS)
-    prefill = min(PREFILL, window // 4)  # as the compile's verifier cuts its windows
+    prefill = decode_prefill(window, PREFILL)
     (score,) = decode_path_scores([decoder], windows, prefill, batch=1 if static else 16)
     return {"target": target, "ppl": round(score.ppl, 4), "nll": round(score.nll, 6), "tokens": score.tokens,
             "text": source.name if text else "bundled heldout.txt", "window": window, "prefill": prefill}

@@ -78,7 +78,8 @@ from kvcompile.kvstats import KVStats
 from kvcompile.runtimes.calibrate import collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.session import ORT_ERRORS, cpu_session
-from kvcompile.tokens import MIN_TEXT_WINDOWS, bundled_text, find_tokenizer, load_token_ids, make_windows
+from kvcompile.tokens import (MIN_TEXT_WINDOWS, bundled_text, decode_prefill, find_tokenizer, load_token_ids,
+                              make_windows)
 
 AVAILABLE_TARGETS = tuple(TARGETS)
 MIN_OPSET = 18  # BitwiseAnd/BitwiseOr used by the packing fragments
@@ -149,7 +150,7 @@ class TextOptions:
     calib_tokens: int
     eval_text: Path | None
     eval_tokens: int
-    window: int
+    window: int  # the context calibrated and verified at: resolved by `within_limits`
     prefill: int
 
 
@@ -242,28 +243,28 @@ def within_limits(stages: StageOptions, limits: ModelLimits) -> StageOptions:
     attention window if that is shorter. An explicit --max-context beyond a limit is refused,
     naming the limit and where it was read."""
     explicit = stages.target.max_context
-    caps = [(limits.max_context, "the model's context limit"), (limits.window, "its attention window")]
-    caps = [(value, what) for value, what in caps if value is not None]
+    facts = "; ".join(limits.facts)
     if explicit is not None and limits.max_context is not None and explicit > limits.max_context:
         raise BadInputError(
             f"--max-context {explicit} is longer than the model's context limit, {limits.max_context} tokens "
-            f"({'; '.join(limits.facts)}): pass --max-context {limits.max_context} or less")
+            f"({facts}): pass --max-context {limits.max_context} or less")
+    if explicit is not None and explicit < MIN_WINDOW:
+        raise BadInputError(f"--max-context {explicit} is too short: kvcompile calibrates and verifies through "
+                            f"windows of at least {MIN_WINDOW} tokens; pass --max-context {MIN_WINDOW} or more")
     context = explicit if explicit is not None else limits.clamp(DEFAULT_CONTEXT)
     if context < MIN_WINDOW:
         raise UnsupportedModelError(
-            f"the model takes at most {limits.max_context} tokens ({'; '.join(limits.facts)}); kvcompile calibrates "
+            f"the model takes at most {limits.max_context} tokens ({facts}); kvcompile calibrates "
             f"and verifies through windows of at least {MIN_WINDOW} tokens")
-    static = [t for t in stages.targets if not TARGETS[t].capabilities.dynamic_shapes]
     buffer = None
-    if static:
-        buffer = explicit if explicit is not None else min([context] + [value for value, _ in caps])
-        for value, what in caps:
-            if buffer > value:
-                raise BadInputError(
-                    f"--max-context {buffer} is longer than {what}, {value} tokens "
-                    f"({'; '.join(limits.facts)}); the static graph attends over its whole buffer: pass "
-                    f"--max-context {value} or less")
-    texts = dataclasses.replace(stages.texts, window=context, prefill=min(stages.texts.prefill, context // 4))
+    if any(not TARGETS[t].capabilities.dynamic_shapes for t in stages.targets):
+        buffer = context if limits.window is None else min(context, limits.window)
+        if explicit is not None and buffer < explicit:
+            raise BadInputError(
+                f"--max-context {explicit} is longer than its attention window, {limits.window} tokens "
+                f"({facts}); the static graph attends over its whole buffer: pass "
+                f"--max-context {limits.window} or less")
+    texts = dataclasses.replace(stages.texts, window=context, prefill=decode_prefill(context, stages.texts.prefill))
     return dataclasses.replace(stages, texts=texts, target=dataclasses.replace(stages.target, max_context=buffer))
 
 

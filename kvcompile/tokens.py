@@ -70,6 +70,12 @@ def load_token_ids(source: Path, tokenizer: Path | None, vocab_size: int | None 
     return ids
 
 
+def decode_prefill(window: int, wanted: int) -> int:
+    """Prefill tokens of a `window`-token decode-path window: `wanted`, at most a quarter of the
+    window so that most of it is scored one token per step (the verifier's and `kvcompile eval`'s rule)."""
+    return min(wanted, window // 4)
+
+
 MIN_TEXT_WINDOWS = 2  # the fewest windows a text may give before it is refused as too short
 
 

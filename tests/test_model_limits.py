@@ -109,5 +109,7 @@ def test_contexts_stay_within_the_limits(tmp_path):
         within_limits(stages("ort-cpu", max_context=2048), ModelLimits(1000, None))
     with pytest.raises(BadInputError, match="--max-context 128 is longer than its attention window, 64"):
         within_limits(stages("tflite", max_context=128), ModelLimits(4096, 64))
+    with pytest.raises(BadInputError, match="--max-context 8 is too short"):
+        within_limits(stages("nnapi", max_context=8), ModelLimits(None, None))
     with pytest.raises(UnsupportedModelError, match="at most 8 tokens"):
         within_limits(stages("ort-cpu"), ModelLimits(8, None))
