@@ -31,7 +31,7 @@ import numpy as np
 
 from kvcompile.errors import BadInputError
 from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph, KVTensor
-from kvcompile.plan import QuantPlan, TensorPlan, tensor_plan
+from kvcompile.plan import QuantPlan, TensorPlan, centered_channel_plan, tensor_plan
 from kvcompile.kvstats import KVStats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.sensitivity import float_prefill, mean_kl, reference_log_probs
@@ -54,7 +54,10 @@ class Option:
 
     @property
     def name(self) -> str:
-        return self.plans[0].name
+        names = [plan.name for plan in self.plans]
+        if len(set(names)) == 1:
+            return names[0]
+        return ", ".join(f"{plan.label.split('.')[-1]} {name}" for plan, name in zip(self.plans, names))
 
 
 def units(kv: KVGraph) -> list[tuple[KVTensor, ...]]:
@@ -78,11 +81,19 @@ def candidate_plans(unit: tuple[KVTensor, ...], stats: KVStats, widths: tuple[in
     per-token; 2-bit: the dynamic ones
     (static 2-bit scales are never competitive). A GroupQueryAttention layer can only be stored
     the ways the fused kernel stores it: 4 bits (its 8-bit cache is int8, which kvcompile does not
-    emit), static symmetric scales, K and V alike."""
+    emit), static symmetric scales, K and V alike; per channel, the keys (and values) may be
+    centered where the kernel lets the center out exactly (`KVTensor.centerable`)."""
     tensor = unit[0]
     if tensor.attention == GROUP_QUERY_ATTENTION:
-        return [tuple(tensor_plan(t, stats, 4, granularity, clip) for t in unit)
-                for granularity in ("per-tensor", "per-channel")]
+        plans = [tuple(tensor_plan(t, stats, 4, granularity, clip) for t in unit)
+                 for granularity in ("per-tensor", "per-channel")]
+        centered = tuple(centered_channel_plan(t, stats, 4, clip) if t.centerable else plain
+                         for t, plain in zip(unit, plans[1]))
+        if all(t.centerable for t in unit):
+            plans.append((centered[0], plans[1][1]))  # keys alone
+        if any(t.centerable for t in unit):
+            plans.append(centered)
+        return plans
     group = 32 if tensor.head_dim > 32 and tensor.head_dim % 32 == 0 else None
     plans = []
     for bits in widths:

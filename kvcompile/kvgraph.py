@@ -62,6 +62,9 @@ class KVTensor:
     reader_operand: int | None = None
     # A sliding-window cache: the present output keeps only the last N entries (window N + 1).
     kept_entries: int | None = None
+    # GroupQueryAttention: a per-channel center subtracted from the entries the op appends comes
+    # back exactly through attention (passes.quantize_gqa.centering_error says when it does).
+    centerable: bool = False
 
     @property
     def label(self) -> str:

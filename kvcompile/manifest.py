@@ -71,6 +71,9 @@ class KVIO:
     scale_shape: list[int] | None = None
     zero_point: list | int | None = None
     params: list[StoredParam] = field(default_factory=list)
+    # Centered storage (GroupQueryAttention): the codes hold x - center; a runner that reads the
+    # cache back as floats adds it (shape as `scale_shape`). The compiled graph applies it itself.
+    center: list | None = None
 
     @property
     def quantized(self) -> bool:

@@ -10,6 +10,8 @@ Granularities:
   per-tensor   static, one scale                              (no stored parameters)
   per-channel  static, one scale per KV head and channel      (no stored parameters)
   (static and asymmetric: a zero point too, from the calibrated minimum and maximum)
+  (static and centered, GroupQueryAttention only: symmetric around each channel's calibrated
+   midpoint, which is subtracted before quantizing and comes back exactly through attention)
   per-token    dynamic, one scale (+ zero point) per token and head   (16 (+8) bits / head_dim)
   per-group    dynamic, one per token and `group` head_dim channels    (16 (+8) bits / group)
 Explicit schemes apply one choice to every tensor ("kivi": keys per-channel, values per-token
@@ -51,6 +53,8 @@ class TensorPlan:
     reason: str
     group: int | None = None  # dynamic: head_dim channels per scale
     evidence: dict = field(default_factory=dict, compare=False)  # what auto measured
+    # static, GroupQueryAttention only: subtracted before quantizing, canonical [H, D] float32
+    center: np.ndarray | None = None
 
     @property
     def dynamic(self) -> bool:
@@ -61,7 +65,8 @@ class TensorPlan:
         if self.bits is None:
             return "float"
         detail = self.granularity + (f"{self.group}" if self.granularity == "per-group" else "")
-        return f"{self.bits}-bit {detail}" + ("" if self.symmetric else " asym")
+        return (f"{self.bits}-bit {detail}" + ("" if self.symmetric else " asym")
+                + ("" if self.center is None else " centered"))
 
     def codec(self, tensor: KVTensor, packed: bool = True) -> Codec | None:
         """The codec in the tensor's logical layout (static scales broadcast over batch and seq)."""
@@ -70,8 +75,9 @@ class TensorPlan:
         if self.dynamic:
             return Codec(self.bits, None, None, tensor.axes.head_dim, group=self.group, symmetric=self.symmetric,
                          packed=packed)
+        center = None if self.center is None else to_layout(self.center, tensor)
         return Codec(self.bits, to_layout(self.scale, tensor), to_layout(self.zero_point, tensor),
-                     pack_axis=tensor.axes.head_dim, packed=packed)
+                     pack_axis=tensor.axes.head_dim, packed=packed, center=center)
 
     def canonical_codec(self) -> Codec | None:
         """The codec for canonical samples [tokens, heads, head_dim] (calibration layout)."""
@@ -79,7 +85,8 @@ class TensorPlan:
             return None
         if self.dynamic:
             return Codec(self.bits, None, None, 2, group=self.group, symmetric=self.symmetric)
-        return Codec(self.bits, self.scale[None], self.zero_point[None], pack_axis=2)
+        center = None if self.center is None else self.center[None]
+        return Codec(self.bits, self.scale[None], self.zero_point[None], pack_axis=2, center=center)
 
     def stored_bits_per_element(self, tensor: KVTensor) -> float:
         """Bits stored per cache element that grow with the context: codes and dynamic parameters."""
@@ -95,7 +102,8 @@ class TensorPlan:
         if self.bits is None or self.dynamic:
             return 0
         zero_point_bytes = 0 if self.symmetric else self.zero_point.size
-        return int(self.scale.size * 4 + zero_point_bytes)
+        center_bytes = 0 if self.center is None else self.center.size * 4
+        return int(self.scale.size * 4 + zero_point_bytes + center_bytes)
 
 
 @dataclass(frozen=True)
@@ -194,6 +202,28 @@ def tensor_plan(tensor: KVTensor, stats: KVStats, bits: int, granularity: str, c
                       np.full((1, 1), symmetric_zero_point(bits), np.uint8), reason=reason)
 
 
+def centered_channel_plan(tensor: KVTensor, stats: KVStats, bits: int, clip: str) -> TensorPlan:
+    """Static symmetric scales per head and channel around each channel's calibrated midpoint:
+    what is stored is x - center, what reads back is the dequantized value + center.
+
+    Post-RoPE keys sit off zero in many channels (a symmetric grid then spends half its levels
+    on values that never occur); centering gives the whole grid to the range seen, as an
+    asymmetric range does, without a zero point the fused kernel cannot take. Only where
+    attention lets the center out exactly (`passes.quantize_gqa`: GroupQueryAttention)."""
+    tensor_stats = stats.tensors[tensor.past_input]
+    low = tensor_stats.minimum.reshape(tensor_stats.minimum.shape[-2:])
+    high = tensor_stats.maximum.reshape(tensor_stats.maximum.shape[-2:])
+    center = ((low + high) / np.float32(2)).astype(np.float32)
+    if clip == "minmax":
+        ranges = (high - low) / np.float32(2)
+    else:
+        ranges = channel_ranges(tensor_stats.samples - center, bits, clip)
+    scale = symmetric_scale(ranges, bits)
+    reason = f"{clip} scale per head and channel around the channel's calibrated midpoint (centered)"
+    return TensorPlan(tensor.past_input, tensor.label, bits, "per-channel", True, scale,
+                      np.full((1, 1), symmetric_zero_point(bits), np.uint8), reason=reason, center=center)
+
+
 def _asymmetric_static_plan(tensor: KVTensor, stats: KVStats, bits: int, granularity: str) -> TensorPlan:
     """Static scale and zero point from the calibrated minimum and maximum (per head and channel,
     or one for the tensor), not clipped. The grid holds zero exactly: values of attention-sink
@@ -254,5 +284,6 @@ def stored_kvio(float_io: KVIO, plan: QuantPlan, packed: bool = True) -> KVIO:
         scale=None if tensor_plan.dynamic else tensor_plan.scale.tolist(),
         scale_shape=None if tensor_plan.dynamic else list(tensor_plan.scale.shape),
         zero_point=None if tensor_plan.dynamic else tensor_plan.zero_point.tolist(),
+        center=None if tensor_plan.center is None else tensor_plan.center.tolist(),
         params=params,
     )

@@ -183,10 +183,16 @@ class Codec:
     to the cache, with the head_dim axis holding D // group entries. Codes are packed along
     ``pack_axis`` (the head_dim axis), so appending tokens never splits a byte; ``packed=False``
     keeps one code per byte (for accelerators that cannot unpack nibbles).
+
+    A static codec may carry a ``center`` (broadcast like ``scale``): what is quantized is
+    ``x - center`` and what reads back is the dequantized value plus ``center``. Attention can
+    store keys this way exactly (softmax ignores the per-query constant ``q . center``) and
+    values too (the attention weights sum to one, so ``center`` is added back to the output).
     """
 
     def __init__(self, bits: int, scale: np.ndarray | float | None, zero_point: np.ndarray | int | None,
-                 pack_axis: int, group: int | None = None, symmetric: bool = True, packed: bool = True):
+                 pack_axis: int, group: int | None = None, symmetric: bool = True, packed: bool = True,
+                 center: np.ndarray | None = None):
         check_bits(bits)
         self.bits = bits
         self.pack_axis = pack_axis
@@ -196,6 +202,9 @@ class Codec:
         self.symmetric = symmetric
         self.scale = None if scale is None else np.asarray(scale, dtype=np.float32)
         self.zero_point = None if zero_point is None else np.asarray(zero_point, dtype=np.uint8)
+        if center is not None and group is not None:
+            raise ValueError("a center is for static scales only")
+        self.center = None if center is None else np.asarray(center, dtype=np.float32)
 
     @property
     def dynamic(self) -> bool:
@@ -224,6 +233,8 @@ class Codec:
         scales only."""
         x = np.asarray(x, dtype=np.float32)
         if not self.dynamic:
+            if self.center is not None:
+                x = x - self.center
             return self._pack(quantize(x, self.scale, self.zero_point, self.bits)), None, None
         scale, zero_point = self.params(x)
         grouped, s, z, axis = self._grouped(x, scale, zero_point)
@@ -241,7 +252,8 @@ class Codec:
         """(packed codes, stored scales, stored zero points) -> float32 tensor."""
         codes = self.unpack(packed)
         if not self.dynamic:
-            return dequantize(codes, self.scale, self.zero_point)
+            values = dequantize(codes, self.scale, self.zero_point)
+            return values if self.center is None else values + self.center
         scale = np.asarray(scale, dtype=np.float32)
         if zero_point is None:
             zero_point = np.full(scale.shape, symmetric_zero_point(self.bits), np.uint8)

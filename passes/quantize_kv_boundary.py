@@ -66,7 +66,12 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
         return [t for t in self.kv.tensors if self.codecs.get(t.past_input) is not None]
 
     def requires(self, model: ir.Model) -> None:
+        """Every planned cache is a graph input; no codec is centered (that takes the fused
+        kernel: `targets.base.legalize` re-plans a centered tensor for the Q/DQ form)."""
         require_cache_inputs(model, self._planned())
+        centered = [t.label for t in self._planned() if self.codecs[t.past_input].center is not None]
+        if centered:
+            raise ValueError(f"the Q/DQ boundary does not take centered storage ({', '.join(centered)})")
 
     def ensures(self, model: ir.Model) -> None:
         ensure_stored_as(model, self._planned(), ir.DataType.UINT8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,42 @@ def test_fused_advice_does_not_read_the_kernels_4_bit_only_curve():
     flat = QuantPlan((), scheme="auto", bits=4.0, budget_curve=((4.0, 0.12), (8.0, 0.12)))
     assert gate_advice(flat, 12.0, 2.0, fused=True, fuse_mode="auto") == [FUSION_ADVICE]
     assert "no --kv-bits up to 8" in gate_advice(flat, 12.0, 2.0, fused=False, fuse_mode="off")[0]
+
+
+def _stats_for(kv, center: float):
+    """Calibration statistics of entries spread around `center` in every channel."""
+    from kvcompile.kvstats import KVStats, TensorStats
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for t in kv.tensors:
+        samples = (center + rng.normal(size=(256, t.num_heads, t.head_dim))).astype(np.float32)
+        tensors[t.past_input] = TensorStats(samples, np.abs(samples).max(0), samples.min(0), samples.max(0), 256)
+    return KVStats(tensors, 256)
+
+
+def test_gqa_candidates_center_what_the_kernel_lets_out_exactly():
+    """A GroupQueryAttention layer is offered keys (and values) stored minus their calibrated
+    midpoint where the node takes them apart and does not rotate them (centerable), and the
+    centered range is the spread around it, not the distance from zero."""
+    import onnx_ir as ir
+
+    from kvcompile.autoplan import candidate_plans, units
+    from kvcompile.passes.find_kv_cache import find_kv_cache
+    from synthetic import build_decoder
+
+    kv = find_kv_cache(ir.serde.deserialize_model(build_decoder("gqa_op", layers=1)))
+    unit = units(kv)[0]
+    assert all(t.centerable for t in unit)
+    stats = _stats_for(kv, center=5.0)
+    names = [", ".join(p.name for p in plans) for plans in candidate_plans(unit, stats, (2, 4, 8), "wmse")]
+    assert names == ["4-bit per-tensor, 4-bit per-tensor", "4-bit per-channel, 4-bit per-channel",
+                     "4-bit per-channel centered, 4-bit per-channel",
+                     "4-bit per-channel centered, 4-bit per-channel centered"]
+    centered, plain = candidate_plans(unit, stats, (4,), "wmse")[3][0], candidate_plans(unit, stats, (4,), "wmse")[1][0]
+    assert np.allclose(centered.center, 5.0, atol=1.0)
+    assert centered.scale.max() < plain.scale.min() / 1.5, "the grid spans the spread, not 0..max"
+    assert centered.static_bytes() == plain.static_bytes() + centered.center.size * 4
+
+    unmovable = [replace(t, centerable=False) for t in unit]
+    assert len(candidate_plans(tuple(unmovable), stats, (4,), "wmse")) == 2

@@ -224,7 +224,7 @@ def test_fused_4bit_artifact_runs_in_onnxruntime_genai(tmp_path, heldout_ids, so
     model = GENAI if source.startswith("onnx-genai") else DYNAMO
     out = tmp_path / "out"
     report = compile_model(CompileOptions(model=model, out_dir=out, calib_tokens=2048)).report.to_dict()
-    assert report["quality"]["passed"] and report["plan"]["choices"]["L0.K"] == "4-bit per-channel"
+    assert report["quality"]["passed"] and report["plan"]["choices"]["L0.K"].startswith("4-bit per-channel")
     target = report["targets"]["ort-cpu"]
     assert target["onnxruntime_genai"].endswith("runs in onnxruntime-genai")
     if model == DYNAMO:

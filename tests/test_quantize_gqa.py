@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from kvcompile.errors import UnsupportedModelError
-from kvcompile.passes.find_kv_cache import find_kv_cache
+from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVAxes, KVGraph, KVTensor
+from kvcompile.passes.find_kv_cache import centering_error, find_kv_cache
 from kvcompile.passes.quantize_gqa import QuantizeGQACachePass
 from kvcompile.quant import Codec, symmetric_scale
 from synthetic import build_decoder
@@ -98,4 +99,80 @@ def test_dynamic_scales_are_refused_with_the_reason():
     kv = find_kv_cache(model)
     codecs = {t.past_input: Codec(4, None, None, 3, group=8) for t in kv.tensors}
     with pytest.raises(UnsupportedModelError, match="static scales only"):
+        QuantizeGQACachePass(kv, codecs)(model)
+
+
+def single_gqa_model(do_rotary: int = 0) -> tuple[ir.Model, KVGraph]:
+    """One float GroupQueryAttention node as a model, and the KVGraph naming its cache."""
+    node = helper.make_node(
+        "GroupQueryAttention", ["q", "k", "v", "pk", "pv", "seqlens", "total"] + (["cos", "sin"] if do_rotary else []),
+        ["o", "prk", "prv"], domain="com.microsoft", num_heads=HEADS, kv_num_heads=KV_HEADS, do_rotary=do_rotary)
+    cache = ["b", KV_HEADS, "p", HEAD_DIM]
+    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["b", "s", HEADS * HEAD_DIM]),
+              helper.make_tensor_value_info("k", TensorProto.FLOAT, ["b", "s", KV_HEADS * HEAD_DIM]),
+              helper.make_tensor_value_info("v", TensorProto.FLOAT, ["b", "s", KV_HEADS * HEAD_DIM]),
+              helper.make_tensor_value_info("pk", TensorProto.FLOAT, cache),
+              helper.make_tensor_value_info("pv", TensorProto.FLOAT, cache),
+              helper.make_tensor_value_info("seqlens", TensorProto.INT32, ["b"]),
+              helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    if do_rotary:
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [16, HEAD_DIM // 2]) for n in ("cos", "sin")]
+    graph = helper.make_graph([node], "g", inputs, [
+        helper.make_tensor_value_info("o", TensorProto.FLOAT, ["b", "s", HEADS * HEAD_DIM]),
+        helper.make_tensor_value_info("prk", TensorProto.FLOAT, cache),
+        helper.make_tensor_value_info("prv", TensorProto.FLOAT, cache)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = ir.serde.deserialize_model(proto)
+    gqa = next(iter(model.graph))
+    tensors = tuple(KVTensor(
+        layer=0, kind=kind, past_input=past, present_output=present, axes=KVAxes(0, 1, 2, 3), num_heads=KV_HEADS,
+        head_dim=HEAD_DIM, dtype="float32", attention=GROUP_QUERY_ATTENTION, past_shape=("batch", KV_HEADS, "seq", HEAD_DIM),
+        centerable=centering_error(gqa, kind) is None)
+        for kind, past, present in (("key", "pk", "prk"), ("value", "pv", "prv")))
+    return model, KVGraph(tensors, (), "o")
+
+
+def test_centered_keys_and_values_come_back_exactly():
+    """K and V that sit exactly on a grid around a center far from zero: stored centered they read
+    back exactly, so the 4-bit node's output equals the float node's (a symmetric grid of the same
+    scale around zero would saturate every entry)."""
+    model, kv = single_gqa_model()
+    assert all(t.centerable for t in kv.tensors)
+    rng = np.random.default_rng(1)
+    scale = rng.uniform(0.05, 0.2, size=(1, KV_HEADS, 1, HEAD_DIM)).astype(np.float32)
+    centers = {kind: rng.uniform(3, 6, size=(1, KV_HEADS, 1, HEAD_DIM)).astype(np.float32) for kind in ("key", "value")}
+    entries = {kind: centers[kind] + scale * rng.integers(-7, 8, size=(1, KV_HEADS, 5, HEAD_DIM)).astype(np.float32)
+               for kind in ("key", "value")}
+    feeds = {"q": rng.normal(size=(1, 5, HEADS * HEAD_DIM)).astype(np.float32),
+             **{name: entries[kind].transpose(0, 2, 1, 3).reshape(1, 5, KV_HEADS * HEAD_DIM)
+                for name, kind in (("k", "key"), ("v", "value"))},
+             "seqlens": np.array([4], np.int32), "total": np.array(5, np.int32)}
+    float_session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                         providers=["CPUExecutionProvider"])
+    empty = np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32)
+    expected = float_session.run(["o"], dict(feeds, pk=empty, pv=empty))[0]
+
+    codecs = {t.past_input: Codec(4, scale, 8, pack_axis=3, center=centers[t.kind]) for t in kv.tensors}
+    QuantizeGQACachePass(kv, codecs)(model)
+    out = ir.serde.serialize_model(model)
+    onnx.checker.check_model(out)
+    assert [n.op_type for n in out.graph.node].count("Sub") == 2 and [n.op_type for n in out.graph.node].count("Add") == 1
+    session = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    packed = np.zeros((1, KV_HEADS, 0, HEAD_DIM // 2), np.uint8)
+    output_name = out.graph.output[0].name
+    output, present_k, present_v = session.run([output_name, "prk", "prv"], dict(feeds, pk=packed, pv=packed))
+    np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(present_k, codecs["pk"].encode(entries["key"])[0])
+    np.testing.assert_array_equal(codecs["pv"].decode(present_v), entries["value"].astype(np.float32))
+    uncentered = Codec(4, scale, 8, pack_axis=3)
+    assert np.abs(uncentered.fake_quantize(entries["key"]) - entries["key"]).max() > 1.0
+
+
+def test_keys_rotated_inside_the_node_are_not_centered():
+    model, kv = single_gqa_model(do_rotary=1)
+    key, value = kv.tensors
+    assert not key.centerable and value.centerable
+    codecs = {t.past_input: Codec(4, np.full((1, KV_HEADS, 1, HEAD_DIM), 0.1, np.float32), 8, pack_axis=3,
+                                  center=np.ones((1, KV_HEADS, 1, HEAD_DIM), np.float32)) for t in kv.tensors}
+    with pytest.raises(UnsupportedModelError, match="rotates the keys itself"):
         QuantizeGQACachePass(kv, codecs)(model)

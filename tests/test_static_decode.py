@@ -13,7 +13,7 @@ from conftest import DYNAMO, TOKENIZER
 from kvcompile.manifest import MASKED_BIAS, float_model_io
 from kvcompile.model_io import check_onnx, load_model
 from kvcompile.passes.find_kv_cache import find_kv_cache
-from kvcompile.plan import make_plan
+from kvcompile.plan import centered_channel_plan, make_plan
 from kvcompile.runtimes.calibrate import collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.kvcache import StaticCache
@@ -115,3 +115,9 @@ def test_the_plan_is_legalised_per_target_from_its_capabilities():
         static, notes = legalize(kv, stats, plan, TARGETS[name].capabilities)
         assert {t.name for t in static.tensors} == {"4-bit per-channel"}
         assert len(notes) == len(kv.tensors) and "static-shape targets take static scales" in notes[0]
+
+    centered = dataclasses.replace(plan, tensors=tuple(centered_channel_plan(t, stats, 4, "wmse") for t in kv.tensors))
+    same, notes = legalize(kv, stats, centered, TARGETS["ort-cpu"].capabilities)
+    assert all(t.center is not None for t in same.tensors) and notes == ()
+    static, notes = legalize(kv, stats, centered, TARGETS["nnapi"].capabilities)
+    assert all(t.center is None for t in static.tensors) and "only through GroupQueryAttention" in notes[0]

@@ -47,6 +47,7 @@ class Capabilities:
     asymmetric: bool  # a zero point next to the scale
     dynamic_shapes: bool  # False: one fixed buffer of max_context tokens (a static graph)
     needs_calibration: bool  # static scales and float checks: refused with --no-calibration
+    centered: bool = False  # a per-channel center taken out before quantizing (GroupQueryAttention)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def legalize(kv: KVGraph, stats: KVStats | None, plan: QuantPlan,
              capabilities: Capabilities) -> tuple[QuantPlan, tuple[str, ...]]:
     """The compile's plan as `capabilities` can hold it, and a note per tensor it changed.
 
-    A tensor whose bit width, dynamic scales or zero point the target cannot hold is re-planned
+    A tensor whose bit width, dynamic scales, zero point or center the target cannot hold is re-planned
     with static symmetric per-channel scales at the target's widest bit width (calibrated:
     targets that cannot hold dynamic scales need calibration)."""
     if stats is None:
@@ -130,9 +131,13 @@ def legalize(kv: KVGraph, stats: KVStats | None, plan: QuantPlan,
             tensors.append(chosen)
             continue
         if (chosen.bits not in capabilities.bits or (chosen.dynamic and not capabilities.dynamic_scales)
-                or (not chosen.symmetric and not capabilities.asymmetric)):
-            why = ("static-shape targets take static scales" if not capabilities.dynamic_shapes
-                   else "the most this target's cache holds")
+                or (not chosen.symmetric and not capabilities.asymmetric)
+                or (chosen.center is not None and not capabilities.centered)):
+            if chosen.center is not None and not capabilities.centered:
+                why = "a center comes back exactly only through GroupQueryAttention"
+            else:
+                why = ("static-shape targets take static scales" if not capabilities.dynamic_shapes
+                       else "the most this target's cache holds")
             notes.append(f"{tensor.label}: {chosen.name} -> {bits}-bit per-channel ({why})")
             chosen = tensor_plan(tensor, stats, bits, "per-channel", plan.clip)
         tensors.append(chosen)

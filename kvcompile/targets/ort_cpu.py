@@ -112,6 +112,9 @@ def kv_storage(plan: QuantPlan) -> str:
     parts = ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
     dynamic = sum(t.dynamic for t in plan.tensors)
     extra = f"; float16 per-token scales next to {dynamic} tensor(s)" if dynamic else ""
+    centered = sum(t.center is not None for t in plan.tensors)
+    if centered:
+        extra += f"; {centered} tensor(s) stored minus a calibrated per-channel center (GroupQueryAttention)"
     return f"uint8 codes packed along head_dim: {parts}{extra}"
 
 
@@ -121,7 +124,7 @@ class OrtCpuTarget:
     name = "ort-cpu"
     runs_on = "onnxruntime CPU EP"
     capabilities = Capabilities(bits=SUPPORTED_BITS, float_tensors=True, dynamic_scales=True, asymmetric=True,
-                                dynamic_shapes=True, needs_calibration=False)
+                                dynamic_shapes=True, needs_calibration=False, centered=True)
 
     def check(self, kv: KVGraph, options: TargetOptions) -> None:
         """Every attention form kvcompile analyses compiles here."""
