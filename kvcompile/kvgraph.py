@@ -62,8 +62,8 @@ class KVTensor:
     reader_operand: int | None = None
     # A sliding-window cache: the present output keeps only the last N entries (window N + 1).
     kept_entries: int | None = None
-    # GroupQueryAttention: a per-channel center subtracted from the entries the op appends comes
-    # back exactly through attention (passes.quantize_gqa.centering_error says when it does).
+    # GroupQueryAttention keys: a per-channel center subtracted from the keys the op appends
+    # comes out exactly through its softmax (find_kv_cache.key_centering_error says when).
     centerable: bool = False
 
     @property

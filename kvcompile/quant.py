@@ -186,8 +186,8 @@ class Codec:
 
     A static codec may carry a ``center`` (broadcast like ``scale``): what is quantized is
     ``x - center`` and what reads back is the dequantized value plus ``center``. Attention can
-    store keys this way exactly (softmax ignores the per-query constant ``q . center``) and
-    values too (the attention weights sum to one, so ``center`` is added back to the output).
+    store keys this way without storing the center in the cache: softmax ignores the per-query
+    constant ``q . center`` (passes.quantize_gqa).
     """
 
     def __init__(self, bits: int, scale: np.ndarray | float | None, zero_point: np.ndarray | int | None,

@@ -335,17 +335,16 @@ def _static_dim(value: ir.Value, axis: int, what: str) -> int:
     )
 
 
-# GroupQueryAttention's inputs holding the new keys and values it appends (empty when packed QKV)
-GQA_NEW_ENTRY_SLOTS = {"key": 1, "value": 2}
+GQA_KEY_INPUT = 1  # GroupQueryAttention's new keys (empty when Q, K and V come packed in input 0)
 
 
-def centering_error(node: ir.Node, kind: str) -> str | None:
-    """Why subtracting a center from the new keys or values this GroupQueryAttention appends
-    would not be exact (None if it is)."""
-    if len(node.inputs) <= GQA_NEW_ENTRY_SLOTS[kind] or node.inputs[GQA_NEW_ENTRY_SLOTS[kind]] is None:
+def key_centering_error(node: ir.Node) -> str | None:
+    """Why subtracting a center from the new keys this GroupQueryAttention appends would not come
+    out exactly through its softmax (None if it would)."""
+    if len(node.inputs) <= GQA_KEY_INPUT or node.inputs[GQA_KEY_INPUT] is None:
         return "the node takes Q, K and V packed in one input"
     rotary = node.attributes.get("do_rotary")
-    if kind == "key" and rotary is not None and rotary.as_int() != 0:
+    if rotary is not None and rotary.as_int() != 0:
         return "the node rotates the keys itself (do_rotary=1), after the center would be subtracted"
     return None
 
@@ -471,8 +470,8 @@ def _tensor(entry: _Found, layer: int, head: int | None) -> KVTensor:
         reader=entry.reader.name if entry.reader is not None else None,
         reader_operand=entry.reader_operand,
         kept_entries=entry.kept_entries,
-        centerable=(entry.form == GROUP_QUERY_ATTENTION and entry.attention_op is not None
-                    and centering_error(entry.attention_op, entry.kind) is None),
+        centerable=(entry.form == GROUP_QUERY_ATTENTION and entry.kind == "key" and entry.attention_op is not None
+                    and key_centering_error(entry.attention_op) is None),
     )
 
 

@@ -92,9 +92,9 @@ def _stats_for(kv, center: float):
 
 
 def test_gqa_candidates_center_what_the_kernel_lets_out_exactly():
-    """A GroupQueryAttention layer is offered keys (and values) stored minus their calibrated
-    midpoint where the node takes them apart and does not rotate them (centerable), and the
-    centered range is the spread around it, not the distance from zero."""
+    """A GroupQueryAttention layer's per-channel keys are stored minus their calibrated midpoint
+    where the node takes them apart and does not rotate them (centerable), and the centered range
+    is the spread around it, not the distance from zero."""
     import onnx_ir as ir
 
     from kvcompile.autoplan import candidate_plans, units
@@ -103,16 +103,15 @@ def test_gqa_candidates_center_what_the_kernel_lets_out_exactly():
 
     kv = find_kv_cache(ir.serde.deserialize_model(build_decoder("gqa_op", layers=1)))
     unit = units(kv)[0]
-    assert all(t.centerable for t in unit)
+    assert [t.centerable for t in unit] == [True, False]
     stats = _stats_for(kv, center=5.0)
     names = [", ".join(p.name for p in plans) for plans in candidate_plans(unit, stats, (2, 4, 8), "wmse")]
-    assert names == ["4-bit per-tensor, 4-bit per-tensor", "4-bit per-channel, 4-bit per-channel",
-                     "4-bit per-channel centered, 4-bit per-channel",
-                     "4-bit per-channel centered, 4-bit per-channel centered"]
-    centered, plain = candidate_plans(unit, stats, (4,), "wmse")[3][0], candidate_plans(unit, stats, (4,), "wmse")[1][0]
+    assert names == ["4-bit per-tensor, 4-bit per-tensor", "4-bit per-channel centered, 4-bit per-channel"]
+    unmovable = tuple(replace(t, centerable=False) for t in unit)
+    centered = candidate_plans(unit, stats, (4,), "wmse")[1][0]
+    plain = candidate_plans(unmovable, stats, (4,), "wmse")[1][0]
+    assert plain.name == "4-bit per-channel" and plain.center is None
     assert np.allclose(centered.center, 5.0, atol=1.0)
     assert centered.scale.max() < plain.scale.min() / 1.5, "the grid spans the spread, not 0..max"
     assert centered.static_bytes() == plain.static_bytes() + centered.center.size * 4
 
-    unmovable = [replace(t, centerable=False) for t in unit]
-    assert len(candidate_plans(tuple(unmovable), stats, (4,), "wmse")) == 2
