@@ -227,9 +227,10 @@ def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, windows: np.ndarray
     curve = budget_curve(options, weights, float(budget))
     tensors = []
     for option, alternatives in zip(chosen, options):
-        evidence = {o.name: round(o.kl, 6) for o in alternatives}
         reason = _reason(option, alternatives, budget)
-        tensors += [replace(plan, reason=reason, evidence=evidence) for plan in option.plans]
+        for index, plan in enumerate(option.plans):  # each tensor's evidence under its own storage's name
+            evidence = {o.plans[index].name: round(o.kl, 6) for o in alternatives}
+            tensors.append(replace(plan, reason=reason, evidence=evidence))
     order = {t.past_input: i for i, t in enumerate(kv.tensors)}
     tensors.sort(key=lambda p: order[p.past_input])
     return QuantPlan(tuple(tensors), scheme="auto", bits=float(budget), clip=clip, budget_curve=curve)

@@ -220,6 +220,8 @@ def centered_channel_plan(tensor: KVTensor, stats: KVStats, bits: int, clip: str
     low = tensor_stats.minimum.reshape(tensor_stats.minimum.shape[-2:])
     high = tensor_stats.maximum.reshape(tensor_stats.maximum.shape[-2:])
     center = ((low + high) / np.float32(2)).astype(np.float32)
+    if tensor.dtype == "float16":  # the graph subtracts it in the keys' dtype: keep the value it holds
+        center = center.astype(np.float16).astype(np.float32)
     if clip == "minmax":
         ranges = (high - low) / np.float32(2)
     else:

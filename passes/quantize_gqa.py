@@ -144,7 +144,8 @@ class QuantizeGQACachePass(ir.passes.InPlacePass):
             raise UnsupportedModelError(f"{tensor.label}: a centered cache plan cannot be applied: {reason}")
         builder = FragmentBuilder(graph, names, f"kvcompile/L{tensor.layer}/gqa_key_center")
         keys = node.inputs[GQA_KEY_INPUT]
-        shifted = builder.op("Sub", [keys, builder.const(flat_center(codec, tensor), "center")])
+        center = flat_center(codec, tensor).astype(tensor.dtype)  # the keys' dtype (float16: exact, plan.py)
+        shifted = builder.op("Sub", [keys, builder.const(center, "center")])
         shifted.type, shifted.shape = keys.type, keys.shape
         node.replace_input_with(GQA_KEY_INPUT, shifted)
         graph.insert_before(node, builder.nodes)
