@@ -8,7 +8,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from kvcompile.errors import BadInputError, UnsupportedModelError
 from kvcompile.limits import ModelLimits, config_limits, read_limits
