@@ -3,7 +3,7 @@
 What it matches
   Every `com.microsoft.GroupQueryAttention` node whose past/present key and value are the
   cache tensors of the plan (found by the analysis), with static symmetric per-tensor or
-  per-channel scales.
+  per-channel scales (per-channel keys optionally centered).
 
 What it rewrites
   - attributes `kv_cache_bit_width` (4), `k_quant_type` / `v_quant_type` (PER_TENSOR or
@@ -103,9 +103,12 @@ class QuantizeGQACachePass(ir.passes.InPlacePass):
                 raise UnsupportedModelError(
                     f"layer {tensors['key'].layer}: the CPU GroupQueryAttention needs K and V scales of one "
                     "kind (both per-tensor or both per-channel)")
-            self._quantize(graph, names, node, tensors, codecs, 4)
             if codecs["value"].center is not None:
                 raise UnsupportedModelError(f"{tensors['value'].label}: values are not stored centered")
+            if codecs["key"].center is not None and key_centering_error(node) is not None:
+                raise UnsupportedModelError(f"{tensors['key'].label}: a centered cache plan cannot be applied: "
+                                            f"{key_centering_error(node)}")
+            self._quantize(graph, names, node, tensors, codecs, 4)
             if codecs["key"].center is not None:
                 self._center_keys(graph, names, node, tensors["key"], codecs["key"])
             modified = True
@@ -138,10 +141,7 @@ class QuantizeGQACachePass(ir.passes.InPlacePass):
     def _center_keys(self, graph: ir.Graph, names: NameAllocator, node: ir.Node, tensor: KVTensor,
                      codec: Codec) -> None:
         """Subtract a centered key plan's center from the new keys the node appends (see the
-        module docstring for why this is exact)."""
-        reason = key_centering_error(node)
-        if reason is not None:
-            raise UnsupportedModelError(f"{tensor.label}: a centered cache plan cannot be applied: {reason}")
+        module docstring for why this is exact; `call` checked that it is)."""
         builder = FragmentBuilder(graph, names, f"kvcompile/L{tensor.layer}/gqa_key_center")
         keys = node.inputs[GQA_KEY_INPUT]
         center = flat_center(codec, tensor).astype(tensor.dtype)  # the keys' dtype (float16: exact, plan.py)

@@ -177,3 +177,4 @@ def test_keys_rotated_inside_the_node_are_not_centered():
               for t in kv.tensors}
     with pytest.raises(UnsupportedModelError, match="rotates the keys itself"):
         QuantizeGQACachePass(kv, codecs)(model)
+    assert "kv_cache_bit_width" not in next(iter(model.graph)).attributes, "refused before rewriting"
