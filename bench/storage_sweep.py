@@ -19,6 +19,7 @@ Storages (static, 4-bit, per head and channel unless said):
   mid-wmse      minus the midpoint, then symmetric with wmse clipping of the centered entries
   mid-rot-sym   the same after a Hadamard rotation of head_dim
   mid-rot-wmse  mid-wmse after a Hadamard rotation of head_dim
+  mean-wmse     minus the channel's mean instead of its midpoint, then as mid-wmse
   asym          asymmetric min/max, zero inside the range (kvcompile's --asymmetric static)
   asym-p9999    asymmetric, 0.01/99.99 percentiles
   tok-asym      dynamic per-token asymmetric (4.375 bits)
@@ -100,6 +101,9 @@ def storage(kind: str, samples: np.ndarray, rope: bool, head_dim: int):
         return ChannelStorage(symmetric_scale(tied_wmse_ranges(samples, rope), 4))
     if kind == "sym-minmax":
         return ChannelStorage(symmetric_scale(np.abs(samples).max(0), 4))
+    if kind == "mean-wmse":
+        center = samples.mean(0)
+        return ChannelStorage(symmetric_scale(channel_ranges(samples - center, 4, "wmse"), 4), center=center)
     if kind in ("mid-wmse", "mid-rot-wmse"):
         center = (samples.max(0) + samples.min(0)) / 2
         rotation = hadamard(head_dim) if kind == "mid-rot-wmse" else None
