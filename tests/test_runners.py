@@ -119,5 +119,7 @@ def test_python_api_example_compiles_and_generates(tmp_path):
     result = run("examples/compile_and_run.py", str(DYNAMO), str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     summary, text = result.stdout.split("\n", 1)
-    assert "3.97x smaller than float16" in summary and text.startswith("The GNU General Public License")
+    ratio = json.loads((tmp_path / "out" / "report.json").read_text())["memory"]["ratio_vs_fp16"]
+    assert 3.9 < ratio < 4.0, "4-bit codes plus a few KB of static scales and key centers"
+    assert f"{ratio:.2f}x smaller than float16" in summary and text.startswith("The GNU General Public License")
     assert len(text) > 60
