@@ -101,11 +101,8 @@ def storage(kind: str, samples: np.ndarray, rope: bool, head_dim: int):
         return ChannelStorage(symmetric_scale(tied_wmse_ranges(samples, rope), 4))
     if kind == "sym-minmax":
         return ChannelStorage(symmetric_scale(np.abs(samples).max(0), 4))
-    if kind == "mean-wmse":
-        center = samples.mean(0)
-        return ChannelStorage(symmetric_scale(channel_ranges(samples - center, 4, "wmse"), 4), center=center)
-    if kind in ("mid-wmse", "mid-rot-wmse"):
-        center = (samples.max(0) + samples.min(0)) / 2
+    if kind in ("mid-wmse", "mid-rot-wmse", "mean-wmse"):
+        center = samples.mean(0) if kind == "mean-wmse" else (samples.max(0) + samples.min(0)) / 2
         rotation = hadamard(head_dim) if kind == "mid-rot-wmse" else None
         centered = samples - center if rotation is None else (samples - center) @ rotation
         return ChannelStorage(symmetric_scale(channel_ranges(centered, 4, "wmse"), 4), center=center,

@@ -105,9 +105,9 @@ class QuantizeGQACachePass(ir.passes.InPlacePass):
                     "kind (both per-tensor or both per-channel)")
             if codecs["value"].center is not None:
                 raise UnsupportedModelError(f"{tensors['value'].label}: values are not stored centered")
-            if codecs["key"].center is not None and key_centering_error(node) is not None:
-                raise UnsupportedModelError(f"{tensors['key'].label}: a centered cache plan cannot be applied: "
-                                            f"{key_centering_error(node)}")
+            reason = key_centering_error(node) if codecs["key"].center is not None else None
+            if reason is not None:
+                raise UnsupportedModelError(f"{tensors['key'].label}: a centered cache plan cannot be applied: {reason}")
             self._quantize(graph, names, node, tensors, codecs, 4)
             if codecs["key"].center is not None:
                 self._center_keys(graph, names, node, tensors["key"], codecs["key"])
@@ -123,8 +123,7 @@ class QuantizeGQACachePass(ir.passes.InPlacePass):
             codec, tensor = codecs[kind], tensors[kind]
             per_tensor = codec.scale.size == 1
             node.attributes[attribute] = ir.AttrString(attribute, "PER_TENSOR" if per_tensor else "PER_CHANNEL")
-            scale = codec.scale.reshape(-1) if per_tensor else np.broadcast_to(
-                codec.scale, (1, tensor.num_heads, 1, tensor.head_dim)).reshape(-1)
+            scale = codec.scale.reshape(-1) if per_tensor else per_channel_row(codec.scale, tensor)
             name = names.name(f"kvcompile/L{layer}.{kind[0].upper()}/gqa_scale")
             value = ir.Value(name=name, const_value=ir.tensor(scale.astype(np.float32).copy(), name=name))
             value.type, value.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(value.const_value.shape)
@@ -144,13 +143,14 @@ class QuantizeGQACachePass(ir.passes.InPlacePass):
         module docstring for why this is exact; `call` checked that it is)."""
         builder = FragmentBuilder(graph, names, f"kvcompile/L{tensor.layer}/gqa_key_center")
         keys = node.inputs[GQA_KEY_INPUT]
-        center = flat_center(codec, tensor).astype(tensor.dtype)  # the keys' dtype (float16: exact, plan.py)
+        center = per_channel_row(codec.center, tensor).astype(tensor.dtype)  # the keys' dtype (float16: exact, plan.py)
         shifted = builder.op("Sub", [keys, builder.const(center, "center")])
         shifted.type, shifted.shape = keys.type, keys.shape
         node.replace_input_with(GQA_KEY_INPUT, shifted)
         graph.insert_before(node, builder.nodes)
 
 
-def flat_center(codec: Codec, tensor: KVTensor) -> np.ndarray:
-    """The codec's center as [kv_heads * head_dim] float32, how the node's K/V inputs lay out a token."""
-    return np.broadcast_to(codec.center, (1, tensor.num_heads, 1, tensor.head_dim)).reshape(-1).astype(np.float32)
+def per_channel_row(values: np.ndarray, tensor: KVTensor) -> np.ndarray:
+    """Per-channel scales or centers (layout [1, kv_heads, 1, head_dim]) as one float32 row of
+    kv_heads * head_dim: how the node takes scales and how its K/V inputs lay out a token."""
+    return np.broadcast_to(values, (1, tensor.num_heads, 1, tensor.head_dim)).reshape(-1).astype(np.float32)

@@ -130,10 +130,10 @@ def legalize(kv: KVGraph, stats: KVStats | None, plan: QuantPlan,
         if chosen.bits is None and capabilities.float_tensors:
             tensors.append(chosen)
             continue
+        uncentered = chosen.center is not None and not capabilities.centered
         if (chosen.bits not in capabilities.bits or (chosen.dynamic and not capabilities.dynamic_scales)
-                or (not chosen.symmetric and not capabilities.asymmetric)
-                or (chosen.center is not None and not capabilities.centered)):
-            if chosen.center is not None and not capabilities.centered:
+                or (not chosen.symmetric and not capabilities.asymmetric) or uncentered):
+            if uncentered:
                 why = "a center comes back exactly only through GroupQueryAttention"
             else:
                 why = ("static-shape targets take static scales" if not capabilities.dynamic_shapes
