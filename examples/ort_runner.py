@@ -33,7 +33,8 @@ MASKED_BIAS = -100.0  # the attention_bias of an empty slot (kvcompile.manifest.
 
 
 def concrete(shape: list, batch: int, seq: int) -> tuple[int, ...]:
-    return tuple(batch if d == "batch" else seq if d == "seq" else d for d in shape)
+    """Sizes for a stored shape; float slots ("sink_seq", "recent_seq") start empty like the cache."""
+    return tuple(batch if d == "batch" else seq if d in ("seq", "sink_seq", "recent_seq") else d for d in shape)
 
 
 def stored_tensors(kv: dict) -> list[dict]:

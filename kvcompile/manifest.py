@@ -36,9 +36,12 @@ class Packing:
 
 @dataclass(frozen=True)
 class StoredParam:
-    """Per-token quantization parameters stored next to a cache tensor (dynamic scales)."""
+    """What is stored next to a cache tensor's codes: per-token quantization parameters (dynamic
+    scales), or a layer's float slots, listed with its key cache (GroupQueryAttention: the keys and
+    values of the first `sinks` and the newest `recent` positions in float16, stacked along the
+    heads axis, keys first, as the node takes them: centered keys minus their center)."""
 
-    kind: str  # "scale" | "zero_point"
+    kind: str  # "scale" | "zero_point" | "sink" | "recent"
     input: str
     output: str
     stored_dtype: str  # float16 | uint8
@@ -109,9 +112,14 @@ class RunOptions:
     attention_sinks: int | None = None  # static targets: slots kept when the fixed buffer slides
     qnn_contexts: dict[str, QnnContext] = field(default_factory=dict)  # qnn-htp: one per SoC
     qdq_model: str | None = None  # qnn-htp: the QDQ graph the contexts were compiled from (runs on the CPU EP)
+    # [sinks, recent]: float slots next to a 4-bit GroupQueryAttention cache. With `seq` tokens
+    # cached, a "sink_seq" dim is min(sinks, seq) and a "recent_seq" dim min(recent, max(0, seq - sinks)).
+    float_slots: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        if self.float_slots is not None:
+            out["float_slots"] = list(self.float_slots)
         if self.attention_sinks is not None:
             out["attention_sinks"] = self.attention_sinks
         if self.chunks_one_row_at_a_time:
@@ -131,7 +139,7 @@ class RunOptions:
             contexts[soc] = QnnContext(context_model=entry.pop("context_model"), provider_options=entry)
         return RunOptions(chunks_one_row_at_a_time=bool(data.get("chunks_one_row_at_a_time", False)),
                           attention_sinks=data.get("attention_sinks"), qnn_contexts=contexts,
-                          qdq_model=data.get("qdq_model"))
+                          qdq_model=data.get("qdq_model"), float_slots=data.get("float_slots"))
 
 
 @dataclass(frozen=True)
@@ -182,6 +190,17 @@ def scale_name(cache_name: str) -> str:
 
 def zero_point_name(cache_name: str) -> str:
     return f"{cache_name}_zero_point"
+
+
+def slot_name(key_cache_name: str, part: str) -> str:
+    """Graph I/O name of a layer's float slots (part "sink" or "recent"), named after its key cache:
+    keys and values stacked along the heads axis, keys first."""
+    return f"{key_cache_name}_kv_{part}"
+
+
+def slot_lengths(seq: int, sinks: int, recent: int) -> dict[str, int]:
+    """The float slots' lengths with `seq` tokens cached (RunOptions.float_slots)."""
+    return {"sink_seq": min(sinks, seq), "recent_seq": min(recent, max(0, seq - sinks))}
 
 
 def param_shape(dims, axis: int, group: int) -> list:

@@ -27,7 +27,8 @@ import numpy as np
 
 from kvcompile.errors import BadInputError
 from kvcompile.kvgraph import KVGraph, KVTensor
-from kvcompile.manifest import KVIO, Packing, StoredParam, packed_dims, param_shape, scale_name, zero_point_name
+from kvcompile.manifest import (KVIO, Packing, StoredParam, packed_dims, param_shape, scale_name, slot_name,
+                                zero_point_name)
 from kvcompile.quant import (Codec, SUPPORTED_BITS, asymmetric_params, codes_per_byte, symmetric_scale,
                             symmetric_zero_point)
 from kvcompile.ranges import CLIP_METHODS, channel_ranges, tensor_range
@@ -55,6 +56,9 @@ class TensorPlan:
     evidence: dict = field(default_factory=dict, compare=False)  # what auto measured
     # static, GroupQueryAttention keys only: subtracted before quantizing, canonical [H, D] float32
     center: np.ndarray | None = None
+    # GroupQueryAttention only: (sinks, recent) positions also kept in float (passes.gqa_float_slots)
+    float_slots: tuple[int, int] | None = None
+    float_slot_bytes: int = 0  # what those float copies occupy when full
 
     @property
     def dynamic(self) -> bool:
@@ -98,12 +102,12 @@ class TensorPlan:
         return self.bits + per_group / self.group
 
     def static_bytes(self) -> int:
-        """Bytes of scales and zero points that do not grow with the context."""
+        """Bytes that do not grow with the context: scales, zero points, centers, float slots."""
         if self.bits is None or self.dynamic:
             return 0
         zero_point_bytes = 0 if self.symmetric else self.zero_point.size
         center_bytes = 0 if self.center is None else self.center.size * 4
-        return int(self.scale.size * 4 + zero_point_bytes + center_bytes)
+        return int(self.scale.size * 4 + zero_point_bytes + center_bytes + self.float_slot_bytes)
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ class PlanOptions:
     fold_scales: bool = False
     fuse_attention: str = "auto"  # auto | on | off
     calibrated: bool = True  # False: --no-calibration (dynamic scales only)
+    float_slots: tuple[int, int] = (4, 128)  # fused GroupQueryAttention: (sinks, recent) positions kept in float
 
 
 def check_options(bits: float, scheme: str, clip: str = "wmse", group_size: int = 32) -> None:
@@ -266,6 +271,23 @@ def make_plan(kv: KVGraph, stats: KVStats, bits: int, scheme: str, clip: str = "
     return QuantPlan(tuple(plans), scheme=scheme, bits=float(bits), clip=clip)
 
 
+def with_float_slots(plan: QuantPlan, kv: KVGraph, layers: set[int], sinks: int, recent: int) -> QuantPlan:
+    """The plan with (sinks, recent) float slots on both cache tensors of each of `layers` (the
+    4-bit GroupQueryAttention layers that can take them: passes.gqa_float_slots)."""
+    if not sinks and not recent:
+        return plan
+    tensors = []
+    for tensor in kv.tensors:
+        chosen = plan.for_input(tensor.past_input)
+        if tensor.layer in layers and chosen.bits is not None:
+            chosen = dataclasses.replace(
+                chosen, float_slots=(sinks, recent),
+                float_slot_bytes=(sinks + recent) * tensor.num_heads * tensor.head_dim * 2,  # float16
+                reason=f"{chosen.reason}; the first {sinks} and newest {recent} positions also in float")
+        tensors.append(chosen)
+    return dataclasses.replace(plan, tensors=tuple(tensors))
+
+
 def stored_kvio(float_io: KVIO, plan: QuantPlan, packed: bool = True) -> KVIO:
     """The manifest entry of a cache tensor stored as the plan says."""
     tensor_plan = plan.for_input(float_io.input)
@@ -274,6 +296,13 @@ def stored_kvio(float_io: KVIO, plan: QuantPlan, packed: bool = True) -> KVIO:
     bits = tensor_plan.bits
     per_byte = codes_per_byte(bits) if packed else 1
     params = []
+    if tensor_plan.float_slots is not None and float_io.kind == "key":  # the layer's keys and values
+        for part in ("sink", "recent"):
+            shape = list(float_io.logical_shape)
+            shape[float_io.seq_axis] = f"{part}_seq"
+            shape[float_io.heads_axis] = 2 * shape[float_io.heads_axis]
+            params.append(StoredParam(part, slot_name(float_io.input, part), slot_name(float_io.output, part),
+                                      "float16", shape))
     if tensor_plan.dynamic:
         shape = param_shape(float_io.logical_shape, float_io.head_dim_axis, tensor_plan.group)
         params.append(StoredParam("scale", scale_name(float_io.input), scale_name(float_io.output), "float16", shape))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvcompile.manifest import MASKED_BIAS, TargetIO
+from kvcompile.manifest import MASKED_BIAS, TargetIO, slot_lengths
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "int8": np.int8}
 
@@ -28,9 +28,11 @@ def stored_tensors(io: TargetIO) -> list[tuple[str, str, str, list[int | str]]]:
     return out
 
 
-def concrete_shape(shape: list[int | str], batch: int, seq: int) -> tuple[int, ...]:
-    """Replace the symbolic "batch" and "seq" dims of a manifest shape by sizes."""
-    sizes = {"batch": batch, "seq": seq}
+def concrete_shape(shape: list[int | str], batch: int, seq: int, float_slots: list[int] | None = None
+                   ) -> tuple[int, ...]:
+    """Replace the symbolic "batch" and "seq" dims of a manifest shape by sizes (and the float
+    slots' "sink_seq" and "recent_seq", given `RunOptions.float_slots`)."""
+    sizes = {"batch": batch, "seq": seq, **slot_lengths(seq, *(float_slots or (0, 0)))}
     out = []
     for dim in shape:
         if isinstance(dim, int):
@@ -50,7 +52,7 @@ class GrowingCache:
         self.batch = batch
         self.length = 0
         self.tensors: dict[str, np.ndarray] = {
-            name: np.zeros(concrete_shape(shape, batch, 0), stored_numpy_dtype(dtype))
+            name: np.zeros(concrete_shape(shape, batch, 0, io.options.float_slots), stored_numpy_dtype(dtype))
             for name, _, dtype, shape in stored_tensors(io)
         }
 

@@ -37,7 +37,7 @@ def bound_step(decoder: Decoder, context: int) -> Callable[[], None]:
     session = decoder.session
     binding = session.io_binding()
     for name, _, dtype, shape in stored_tensors(decoder.io):
-        array = _random_stored(stored_numpy_dtype(dtype), concrete_shape(shape, 1, context - 1), rng)
+        array = _random_stored(stored_numpy_dtype(dtype), concrete_shape(shape, 1, context - 1, decoder.io.options.float_slots), rng)
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
     cache = decoder.new_cache(1)
     cache.length = context - 1

@@ -102,31 +102,32 @@ def test_dynamic_scales_are_refused_with_the_reason():
         QuantizeGQACachePass(kv, codecs)(model)
 
 
-def single_gqa_model(do_rotary: int = 0) -> tuple[ir.Model, KVGraph]:
+def single_gqa_model(do_rotary: int = 0, heads: int = HEADS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM
+                     ) -> tuple[ir.Model, KVGraph]:
     """One float GroupQueryAttention node as a model, and the KVGraph naming its cache."""
     node = helper.make_node(
         "GroupQueryAttention", ["q", "k", "v", "pk", "pv", "seqlens", "total"] + (["cos", "sin"] if do_rotary else []),
-        ["o", "prk", "prv"], domain="com.microsoft", num_heads=HEADS, kv_num_heads=KV_HEADS, do_rotary=do_rotary)
-    cache = ["b", KV_HEADS, "p", HEAD_DIM]
-    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["b", "s", HEADS * HEAD_DIM]),
-              helper.make_tensor_value_info("k", TensorProto.FLOAT, ["b", "s", KV_HEADS * HEAD_DIM]),
-              helper.make_tensor_value_info("v", TensorProto.FLOAT, ["b", "s", KV_HEADS * HEAD_DIM]),
+        ["o", "prk", "prv"], domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, do_rotary=do_rotary)
+    cache = ["b", kv_heads, "p", head_dim]
+    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["b", "s", heads * head_dim]),
+              helper.make_tensor_value_info("k", TensorProto.FLOAT, ["b", "s", kv_heads * head_dim]),
+              helper.make_tensor_value_info("v", TensorProto.FLOAT, ["b", "s", kv_heads * head_dim]),
               helper.make_tensor_value_info("pk", TensorProto.FLOAT, cache),
               helper.make_tensor_value_info("pv", TensorProto.FLOAT, cache),
               helper.make_tensor_value_info("seqlens", TensorProto.INT32, ["b"]),
               helper.make_tensor_value_info("total", TensorProto.INT32, [])]
     if do_rotary:
-        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [16, HEAD_DIM // 2]) for n in ("cos", "sin")]
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [16, head_dim // 2]) for n in ("cos", "sin")]
     graph = helper.make_graph([node], "g", inputs, [
-        helper.make_tensor_value_info("o", TensorProto.FLOAT, ["b", "s", HEADS * HEAD_DIM]),
+        helper.make_tensor_value_info("o", TensorProto.FLOAT, ["b", "s", heads * head_dim]),
         helper.make_tensor_value_info("prk", TensorProto.FLOAT, cache),
         helper.make_tensor_value_info("prv", TensorProto.FLOAT, cache)])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     model = ir.serde.deserialize_model(proto)
     gqa = next(iter(model.graph))
     tensors = tuple(KVTensor(
-        layer=0, kind=kind, past_input=past, present_output=present, axes=KVAxes(0, 1, 2, 3), num_heads=KV_HEADS,
-        head_dim=HEAD_DIM, dtype="float32", attention=GROUP_QUERY_ATTENTION, past_shape=("batch", KV_HEADS, "seq", HEAD_DIM),
+        layer=0, kind=kind, past_input=past, present_output=present, axes=KVAxes(0, 1, 2, 3), num_heads=kv_heads,
+        head_dim=head_dim, dtype="float32", attention=GROUP_QUERY_ATTENTION, past_shape=("batch", kv_heads, "seq", head_dim),
         centerable=kind == "key" and key_centering_error(gqa) is None)
         for kind, past, present in (("key", "pk", "prk"), ("value", "pv", "prv")))
     return model, KVGraph(tensors, (), "o")

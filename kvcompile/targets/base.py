@@ -48,6 +48,7 @@ class Capabilities:
     dynamic_shapes: bool  # False: one fixed buffer of max_context tokens (a static graph)
     needs_calibration: bool  # static scales and float checks: refused with --no-calibration
     centered: bool = False  # a per-channel center taken out before quantizing (GroupQueryAttention)
+    float_slots: bool = False  # sink and recent positions also kept in float (GroupQueryAttention)
 
 
 @dataclass(frozen=True)
@@ -140,5 +141,8 @@ def legalize(kv: KVGraph, stats: KVStats | None, plan: QuantPlan,
                        else "the most this target's cache holds")
             notes.append(f"{tensor.label}: {chosen.name} -> {bits}-bit per-channel ({why})")
             chosen = tensor_plan(tensor, stats, bits, "per-channel", plan.clip)
+        elif chosen.float_slots is not None and not capabilities.float_slots:
+            notes.append(f"{tensor.label}: without the float sink and recent slots (they take GroupQueryAttention)")
+            chosen = dataclasses.replace(chosen, float_slots=None, float_slot_bytes=0)
         tensors.append(chosen)
     return dataclasses.replace(plan, tensors=tuple(tensors)), tuple(notes)

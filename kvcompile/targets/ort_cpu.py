@@ -115,6 +115,11 @@ def kv_storage(plan: QuantPlan) -> str:
     centered = sum(t.center is not None for t in plan.tensors)
     if centered:
         extra += f"; {centered} tensor(s) stored minus a calibrated per-channel center (GroupQueryAttention)"
+    slotted = [t for t in plan.tensors if t.float_slots is not None]
+    if slotted:
+        sinks, recent = slotted[0].float_slots
+        extra += (f"; {len(slotted)} tensor(s) with their first {sinks} and newest {recent} positions also in float "
+                  "(GroupQueryAttention reads them in float)")
     return f"uint8 codes packed along head_dim: {parts}{extra}"
 
 
@@ -124,7 +129,7 @@ class OrtCpuTarget:
     name = "ort-cpu"
     runs_on = "onnxruntime CPU EP"
     capabilities = Capabilities(bits=SUPPORTED_BITS, float_tensors=True, dynamic_scales=True, asymmetric=True,
-                                dynamic_shapes=True, needs_calibration=False, centered=True)
+                                dynamic_shapes=True, needs_calibration=False, centered=True, float_slots=True)
 
     def check(self, kv: KVGraph, options: TargetOptions) -> None:
         """Every attention form kvcompile analyses compiles here."""
@@ -140,6 +145,9 @@ class OrtCpuTarget:
         ort_format = f"{FOLDER}/{write_ort_format(onnx_path).name}" if fits_ort_format else None
         float_io = float_model_io(kv, f"{FOLDER}/model.onnx")
         io = dataclasses.replace(float_io, kv=[stored_kvio(k, plan) for k in float_io.kv])
+        slots = next((t.float_slots for t in plan.tensors if t.float_slots is not None), None)
+        if slots is not None:
+            io = dataclasses.replace(io, options=dataclasses.replace(io.options, float_slots=list(slots)))
         vocab = model.graph.outputs[[v.name for v in model.graph.outputs].index(kv.logits_output)].shape.dims[-1]
         genai = write_genai_config(kv, io, query_heads(model, kv), vocab, lowering.source_dir, folder)
         facts = {"ort_format": ort_format, "onnx_checker": checker, "onnxruntime_genai": genai}
