@@ -140,6 +140,10 @@ def _summary_table(report: Report) -> Table:
 @click.option("--fuse-attention", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Fuse decomposed attention into GroupQueryAttention with a 4-bit cache (auto: when "
                    "possible and faster).")
+@click.option("--float-slots", type=(click.IntRange(min=0), click.IntRange(min=0)), default=(4, 128),
+              show_default=True, metavar="SINKS RECENT",
+              help="Fused GroupQueryAttention: also keep the first SINKS and newest RECENT positions of every "
+                   "layer in float (a fixed number of bytes; attention reads them exactly). 0 0: none.")
 @click.option("--fold-scales", is_flag=True,
               help="Fold per-channel scales into the attention so the cache takes one per-tensor scale.")
 @click.option("--clip", default="wmse", show_default=True,

@@ -39,6 +39,7 @@ from kvcompile.model_io import (
 from kvcompile.passes.find_kv_cache import find_kv_cache, load_kv_map
 from kvcompile.passes.manager import cleaned_up, run_passes
 from kvcompile.passes.normalize import normalize_export
+from kvcompile.passes.gqa_float_slots import GQAFloatSlotsPass, float_slot_layers
 from kvcompile.passes.quantize_gqa import QuantizeGQACachePass
 from kvcompile.passes.transform_kv import KVTransform, transform_passes
 from kvcompile.passes.quantize_kv_boundary import (
@@ -47,7 +48,7 @@ from kvcompile.passes.quantize_kv_boundary import (
 from kvcompile.advice import gate_advice
 from kvcompile.autoplan import auto_plan
 from kvcompile.fusion import decide as decide_fusion
-from kvcompile.plan import PlanOptions, QuantPlan, check_options, make_plan, stored_kvio
+from kvcompile.plan import PlanOptions, QuantPlan, check_options, make_plan, stored_kvio, with_float_slots
 from kvcompile.quality import TargetQuality
 from kvcompile.report_types import (
     BudgetPoint,
@@ -104,6 +105,7 @@ class CompileOptions:
     rotate: str | None = None  # "hadamard"
     fold_scales: bool = False
     fuse_attention: str = "auto"  # auto | on | off
+    float_slots: tuple[int, int] = (4, 128)  # fused GroupQueryAttention: (sinks, recent) kept in float
     socs: tuple[str, ...] = ("SM8650",)  # qnn-htp
     max_context: int | None = None  # the context it will run at: calibration/verification windows and the
     # static targets' buffer (None: 1024, or the model's limit if shorter)
@@ -128,7 +130,7 @@ class CompileOptions:
             plan=PlanOptions(kv_bits=self.kv_bits, scheme=self.scheme, clip=self.clip, group_size=self.group_size,
                              asymmetric=self.asymmetric, uniform=self.uniform, rotate=self.rotate,
                              fold_scales=self.fold_scales, fuse_attention=self.fuse_attention,
-                             calibrated=not self.no_calibration),
+                             calibrated=not self.no_calibration, float_slots=tuple(self.float_slots)),
             targets=resolve_targets(self.targets),
             target=TargetOptions(max_context=self.max_context, socs=tuple(self.socs)),
             quality_gate_pct=self.quality_gate_pct,
@@ -332,7 +334,9 @@ def quantize_graph(model: ir.Model, kv: KVGraph, plan: QuantPlan) -> ir.Model:
     appended = {t.past_input for t in kv.tensors if t.concat_node is not None}
     boundary = {name: c for name, c in codecs.items() if name in appended}
     fused = {name: c for name, c in codecs.items() if name not in appended}
-    run_passes(model, QuantizeKVBoundaryPass(kv, boundary), QuantizeGQACachePass(kv, fused), *cleaned_up())
+    slotted = {name: c for name, c in fused.items() if plan.for_input(name).float_slots is not None}
+    slots = [GQAFloatSlotsPass(kv, slotted, *plan.for_input(next(iter(slotted))).float_slots)] if slotted else []
+    run_passes(model, QuantizeKVBoundaryPass(kv, boundary), QuantizeGQACachePass(kv, fused), *slots, *cleaned_up())
     return model
 
 
@@ -618,6 +622,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                                  progress=progress(f"calibrating ({texts.calib_windows.size:,} tokens)",
                                                    int(texts.calib_windows.size)))
         plan = _plan(kv, stats, calib_decoder, texts, plan_options, progress)
+        slot_layers = float_slot_layers(model, kv) if any(plan_options.float_slots) else set()
         lap("calibrate_plan_s")
 
         progress("rewriting the graph", 0)
@@ -626,7 +631,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         quantize_graph(model, kv, plan)
         lap("rewrite_s")
 
-        with staged_output_dir(out_dir) as stage:
+        def emit_and_verify(model: ir.Model, plan: QuantPlan, stage: Path):
             progress(f"writing artifacts ({', '.join(stages.targets)})", 0)
             lowering = LoweringInput(model=model, kv=kv, plan=plan, float_path=decomposed_path,
                                      float_kv=decomposed_kv, stats=stats, stage=stage, source_dir=model_path.parent,
@@ -639,6 +644,26 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                                     quality_gate_pct=stages.quality_gate_pct, folder=stage, progress=progress)
             qualities = {name: TARGETS[name].verify(artifact, verifying) for name, artifact in artifacts.items()}
             lap("verify_s")
+            return artifacts, changes, manifest, qualities
+
+        with staged_output_dir(out_dir) as stage:
+            artifacts, changes, manifest, qualities = emit_and_verify(model, plan, stage)
+            slots_decision = None
+            if slot_layers and not plan_options.fold_scales:
+                slots_decision = float_slots_decision(qualities["ort-cpu"], plan_options.float_slots, len(slot_layers))
+                if not qualities["ort-cpu"].passed:
+                    # The gate decides: float slots cost bytes and onnxruntime-genai compatibility, so
+                    # they are added only to a compile that fails without them.
+                    progress(slots_decision, 0)
+                    for child in stage.iterdir():
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+                    plan = with_float_slots(plan, kv, slot_layers, *plan_options.float_slots)
+                    del model
+                    model = load_model(float_path)
+                    quantize_graph(model, kv, plan)
+                    timings["first_emit_s"], timings["first_verify_s"] = timings["emit_s"], timings["verify_s"]
+                    lap("rewrite_s")
+                    artifacts, changes, manifest, qualities = emit_and_verify(model, plan, stage)
             memory = memory_figures(kv, plan)
             report = Report(
                 kvcompile_version=__version__,
@@ -654,7 +679,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                                 fusion.fused or GROUP_QUERY_ATTENTION in kv.attention_forms,
                                 plan_options.fuse_attention),
                 targets=target_reports(artifacts, changes, qualities),
-                fusion=FusionSection(fused=fusion.fused, reason=fusion.reason),
+                fusion=FusionSection(fused=fusion.fused, reason=fusion.reason, float_slots=slots_decision),
                 limits=LimitsSection(max_context=limits.max_context, sliding_window=limits.window,
                                      facts=list(limits.facts), eval_window=stages.texts.window,
                                      prefill=stages.texts.prefill),
@@ -666,6 +691,18 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
     if not result.passed:
         raise QualityGateError(gate_message(report.quality, stages.quality_gate_pct, out_dir), result=result)
     return result
+
+
+def float_slots_decision(first: TargetQuality, slots: tuple[int, int], layers: int) -> str:
+    """Why the artifact has float slots or not (the report's decisions)."""
+    sinks, recent = slots
+    if first.passed:
+        return (f"float slots: none needed (the 4-bit cache alone passed the gate at {first.ppl_delta_pct:+.2f}%; "
+                f"the first {sinks} and newest {recent} positions in float would cost bytes and "
+                "onnxruntime-genai compatibility)")
+    return (f"float slots: the 4-bit cache alone lost {first.ppl_delta_pct:+.2f}% (gate {first.quality_gate_pct}%), "
+            f"so the first {sinks} and newest {recent} positions of {layers} GroupQueryAttention layer(s) are also "
+            "kept in float16 and read exactly (--float-slots 0 0: never)")
 
 
 def gate_message(quality: Verdict, gate_pct: float, out_dir: Path) -> str:

@@ -193,6 +193,8 @@ def decisions_markdown(report: dict[str, Any]) -> list[str]:
     lines = ["## Decisions", ""]
     if "fusion" in report:
         lines.append(f"- attention: {report['fusion']['reason']}")
+        if report["fusion"].get("float_slots"):
+            lines.append(f"- {report['fusion']['float_slots']}")
     limits = report.get("limits")
     if limits is not None:
         context = limits["max_context"]

@@ -133,6 +133,7 @@ class TargetReport:
 class FusionSection:
     fused: bool
     reason: str
+    float_slots: str | None = None  # GroupQueryAttention: whether sink/recent float slots were added, and why
 
 
 @dataclass(frozen=True)

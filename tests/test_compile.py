@@ -395,3 +395,40 @@ def test_progress_without_a_terminal_is_one_plain_line_per_stage(tmp_path):
         assert sum(stage in line for line in lines) == 1, (stage, result.stderr)
     assert all(line.startswith("kvcompile: [") and " s] " in line for line in lines), result.stderr
     assert "\x1b" not in result.stderr and "\r" not in result.stderr, "no terminal control codes in a log"
+
+
+@pytest.mark.parametrize("model", [DYNAMO, FP16], ids=["float32", "float16"])
+def test_float_slots_are_added_when_the_gate_fails_without_them(tmp_path, model):
+    """A fused compile that fails the gate with its 4-bit cache alone is rebuilt with float sink and
+    recent slots (the fixture loses ~0.5% alone: a 0.01% gate fails it); the slots cut the loss, the
+    report says why they are there, the manifest describes them, the memory figures count them, and
+    the artifact decodes."""
+    out = tmp_path / "slots"
+    options = CompileOptions(model=model, out_dir=out, calib_tokens=2048, eval_tokens=4096, max_context=256,
+                             quality_gate_pct=0.01)
+    try:
+        report = compile_model(options).report.to_dict()
+    except QualityGateError as failed:  # the gate is below what even float slots reach on this text
+        report = failed.result.report.to_dict()
+    assert report["fusion"]["fused"]
+    decision = report["fusion"]["float_slots"]
+    assert decision.startswith("float slots: the 4-bit cache alone lost") and "first 4 and newest 128" in decision
+    alone = float(decision.split("lost ")[1].split("%")[0])
+    assert report["quality"]["ppl_delta_pct"] < alone / 2
+    assert "first_verify_s" in report["timings"]
+    io = read_manifest(out).targets["ort-cpu"]
+    assert io.options.float_slots == [4, 128]
+    slots = {(kv.kind, p.kind, p.stored_dtype, tuple(p.stored_shape)) for kv in io.kv for p in kv.params}
+    assert slots == {("key", "sink", "float16", ("batch", 4, "sink_seq", 64)),  # keys and values of 2 kv heads
+                     ("key", "recent", "float16", ("batch", 4, "recent_seq", 64))}
+    per_tensor = 132 * 2 * 64 * 2  # (4 + 128) positions x 2 kv heads x head_dim 64, float16
+    assert report["memory"]["static_bytes"] >= per_tensor * len(io.kv)
+    assert "newest 128 positions also in float" in report["targets"]["ort-cpu"]["kv_storage"]
+    decoder = Decoder(cpu_session(out / "ort-cpu" / "model.onnx"), io)
+    assert len(greedy_tokens(decoder, np.arange(5, 45), 8)) == 8
+
+
+def test_no_float_slots_when_the_gate_passes_without_them(fixture_compile):
+    out, report = fixture_compile
+    assert report["fusion"]["float_slots"].startswith("float slots: none needed")
+    assert all(not kv.params for kv in read_manifest(out).targets["ort-cpu"].kv)
