@@ -9,7 +9,8 @@ Ranges are calibrated on the bundled calib.txt (32 windows of 256, as a compile 
 moved to --max-context windows (8 x 1024 by default); or
 `--calib-window`), scored on held-out text (prefill 32, then one token per step; perplexity
 against the float model's).
-`--sinks N` keeps the first N positions of every window in float and calibrates without them.
+`--sinks N` keeps the first N positions of every window in float and calibrates without them;
+`--recent R` keeps the newest R positions in float (an entry is stored when it leaves them).
 Storages (static, 4-bit, per head and channel unless said):
   sym-wmse      symmetric, kvcompile's wmse clipping: --scheme per-channel
   sym-wmse-tied the same with RoPE channel pairs sharing a range (kvcompile before this sweep)
@@ -20,6 +21,10 @@ Storages (static, 4-bit, per head and channel unless said):
   mid-rot-sym   the same after a Hadamard rotation of head_dim
   mid-rot-wmse  mid-wmse after a Hadamard rotation of head_dim
   mean-wmse     minus the channel's mean instead of its midpoint, then as mid-wmse
+  sink-mid-wmse mid-wmse with the center moved (at most half a step) so that the first position's
+                mean entry, the attention sink (content-independent after the first layers), is a
+                grid point; where it lies beyond the codes, the scale widens to reach it
+  sink-sym-wmse sym-wmse centered the same way (a center within half a step of zero)
   asym          asymmetric min/max, zero inside the range (kvcompile's --asymmetric static)
   asym-p9999    asymmetric, 0.01/99.99 percentiles
   tok-asym      dynamic per-token asymmetric (4.375 bits)
@@ -94,7 +99,22 @@ def tied_wmse_ranges(samples: np.ndarray, rope: bool) -> np.ndarray:
     return best
 
 
-def storage(kind: str, samples: np.ndarray, rope: bool, head_dim: int):
+def sink_on_grid(sink: np.ndarray, center: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Center and scale moved so the (content-independent) first-position entry `sink` [H, D] is a
+    grid point: the center shifts by at most half a step; where the sink lies beyond the
+    symmetric codes [-8, 7] the scale widens until it reaches the end code."""
+    steps = (sink - center) / scale
+    scale = np.where(steps > 7, (sink - center) / 7, np.where(steps < -8, (sink - center) / -8, scale))
+    steps = np.round((sink - center) / scale)
+    return (sink - steps * scale).astype(np.float32), scale.astype(np.float32)
+
+
+def storage(kind: str, samples: np.ndarray, rope: bool, head_dim: int, sink: np.ndarray | None = None):
+    if kind in ("sink-mid-wmse", "sink-sym-wmse"):
+        center = (samples.max(0) + samples.min(0)) / 2 if kind == "sink-mid-wmse" else np.zeros_like(sink)
+        scale = symmetric_scale(channel_ranges(samples - center, 4, "wmse"), 4)
+        center, scale = sink_on_grid(sink, center, scale)
+        return ChannelStorage(scale, center=center)
     if kind == "sym-wmse":
         return ChannelStorage(symmetric_scale(channel_ranges(samples, 4, "wmse"), 4))
     if kind == "sym-wmse-tied":
@@ -123,18 +143,33 @@ def storage(kind: str, samples: np.ndarray, rope: bool, head_dim: int):
 
 
 class SinkCache(FakeQuantizedCache):
-    """Keeps the first `sinks` positions of every window in float (layout [batch, heads, seq, dim])."""
+    """Keeps the first `sinks` positions of every window in float, and the newest `recent`
+    positions too: an entry is stored (fake-quantized) when it leaves the recent window
+    (layout [batch, heads, seq, dim])."""
 
     sinks = 0
+    recent = 0
 
     def update(self, presents, new_tokens):
-        start, kept = self.length, {}
+        if not self.recent:
+            start, kept = self.length, {}
+            for kv in self.io.kv:
+                if kv.input in self.codecs and start < self.sinks:
+                    kept[kv.input] = presents[kv.output][:, :, start : self.sinks].copy()
+            super().update(presents, new_tokens)
+            for name, entries in kept.items():
+                self.tensors[name][:, :, start : self.sinks] = entries
+            return
+        stored_upto = max(self.sinks, self.length - self.recent)
+        self.length += new_tokens
+        leaving_upto = max(self.sinks, self.length - self.recent)
         for kv in self.io.kv:
-            if kv.input in self.codecs and start < self.sinks:
-                kept[kv.input] = presents[kv.output][:, :, start : self.sinks].copy()
-        super().update(presents, new_tokens)
-        for name, entries in kept.items():
-            self.tensors[name][:, :, start : self.sinks] = entries
+            present = presents[kv.output].copy()
+            codec = self.codecs.get(kv.input)
+            if codec is not None and leaving_upto > stored_upto:
+                part = present[:, :, stored_upto:leaving_upto]
+                present[:, :, stored_upto:leaving_upto] = codec.fake_quantize(part).astype(present.dtype)
+            self.tensors[kv.input] = present
 
 
 class SinkDecoder(StoredCacheDecoder):
@@ -142,15 +177,20 @@ class SinkDecoder(StoredCacheDecoder):
         return SinkCache(self.io, batch, self.codecs)
 
 
-def calibration_samples(decoder: Decoder, windows: np.ndarray, skip: int) -> dict[str, np.ndarray]:
-    """Every cache entry of positions >= skip, [tokens, heads, head_dim] per past input."""
+def calibration_samples(decoder: Decoder, windows: np.ndarray, skip: int
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every cache entry of positions >= skip, [tokens, heads, head_dim] per past input, and the
+    mean entry at the first position [heads, head_dim]."""
     pieces: dict[str, list[np.ndarray]] = {kv.input: [] for kv in decoder.io.kv}
+    firsts: dict[str, list[np.ndarray]] = {kv.input: [] for kv in decoder.io.kv}
     for start in range(0, windows.shape[0], 8):
         _, presents = decoder.step(decoder.new_cache(len(windows[start : start + 8])), windows[start : start + 8])
         for kv in decoder.io.kv:
             x = presents[kv.output][:, :, skip:]
             pieces[kv.input].append(np.transpose(x, (0, 2, 1, 3)).reshape(-1, x.shape[1], x.shape[3]))
-    return {name: np.concatenate(parts) for name, parts in pieces.items()}
+            firsts[kv.input].append(presents[kv.output][:, :, 0])
+    return ({name: np.concatenate(parts) for name, parts in pieces.items()},
+            {name: np.concatenate(parts).mean(0) for name, parts in firsts.items()})
 
 
 def main() -> None:
@@ -158,6 +198,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--sinks", type=int, default=0)
+    parser.add_argument("--recent", type=int, default=0, help="newest positions kept in float")
     parser.add_argument("--calib-window", type=int, default=256, help="calibration windows (8,192 tokens in all)")
     parser.add_argument("--only", default=",".join(DEFAULT_ROWS), help="K:V storages, comma-separated")
     args = parser.parse_args()
@@ -173,8 +214,9 @@ def main() -> None:
                          8192 // args.calib_window, "calibration", 1)
     held_out = make_windows(load_token_ids(bundled_text("heldout.txt"), tokenizer, None), args.window,
                             args.windows, "evaluation", 1)
-    samples = calibration_samples(decoder, calib, args.sinks)
+    samples, sinks = calibration_samples(decoder, calib, args.sinks)
     SinkCache.sinks = args.sinks
+    SinkCache.recent = args.recent
     rows = [row.split(":") for row in args.only.split(",")]
     decoders = [decoder]
     for keys, values in rows:
@@ -183,12 +225,13 @@ def main() -> None:
             kind = keys if tensor.kind == "key" else values
             if kind != "-":
                 codecs[tensor.past_input] = storage(kind, samples[tensor.past_input],
-                                                    tensor.kind == "key" and tensor.rope, tensor.head_dim)
+                                                    tensor.kind == "key" and tensor.rope, tensor.head_dim,
+                                                    sinks[tensor.past_input])
         decoders.append(SinkDecoder(decoder.session, decoder.io, codecs))
     started = time.time()
     scores = decode_path_scores(decoders, held_out, 32)
     print(f"SmolLM2 dynamo, {args.windows} x {args.window} held-out tokens, calibrated on windows of "
-          f"{args.calib_window}, sinks {args.sinks}, "
+          f"{args.calib_window}, sinks {args.sinks}, recent {args.recent}, "
           f"float ppl {scores[0].ppl:.3f} ({time.time() - started:.0f} s)")
     print("| keys | values | perplexity | delta | top-1 | KL |\n| --- | --- | --- | --- | --- | --- |")
     results = []
@@ -198,7 +241,7 @@ def main() -> None:
         results.append({"keys": keys, "values": values, "ppl": score.ppl, "delta_pct": delta})
     print(json.dumps({"float_ppl": scores[0].ppl, "windows": args.windows, "window": args.window,
                       "calib_window": args.calib_window,
-                      "sinks": args.sinks, "rows": results}))
+                      "sinks": args.sinks, "recent": args.recent, "rows": results}))
 
 
 if __name__ == "__main__":
