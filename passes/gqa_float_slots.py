@@ -48,7 +48,7 @@ from kvcompile.manifest import slot_name
 from kvcompile.passes.find_kv_cache import key_centering_error
 from kvcompile.passes.kv_codec import Encoded, FragmentBuilder, emit_decode
 from kvcompile.passes.names import NameAllocator
-from kvcompile.passes.quantize_gqa import PAST_SLOTS, PRESENT_SLOTS
+from kvcompile.passes.quantize_gqa import PRESENT_SLOTS, cache_attention_nodes
 from kvcompile.quant import Codec
 
 QUERY_INPUT, KEY_INPUT, VALUE_INPUT = 0, 1, 2
@@ -69,22 +69,10 @@ def float_slots_error(node: ir.Node) -> str | None:
     return None
 
 
-def _node_tensors(node: ir.Node, by_input: dict[str, KVTensor]) -> dict[str, KVTensor | None]:
-    return {kind: by_input.get(node.inputs[slot].name if node.inputs[slot] is not None else "")
-            for kind, slot in PAST_SLOTS.items()}
-
-
 def float_slot_layers(model: ir.Model, kv: KVGraph) -> set[int]:
     """Layers whose GroupQueryAttention can read float slots (`float_slots_error` is None)."""
-    by_input = {t.past_input: t for t in kv.tensors}
-    layers = set()
-    for node in model.graph:
-        if (node.domain, node.op_type) != ("com.microsoft", "GroupQueryAttention"):
-            continue
-        tensors = _node_tensors(node, by_input)
-        if all(t is not None for t in tensors.values()) and float_slots_error(node) is None:
-            layers.add(tensors["key"].layer)
-    return layers
+    return {tensors["key"].layer for node, tensors in cache_attention_nodes(model.graph, kv)
+            if float_slots_error(node) is None}
 
 
 @dataclass
@@ -108,14 +96,10 @@ class GQAFloatSlotsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        by_input = {t.past_input: t for t in self.kv.tensors}
         names = NameAllocator(graph)
         positions = None
-        for node in list(graph):
-            if (node.domain, node.op_type) != ("com.microsoft", "GroupQueryAttention"):
-                continue
-            tensors = _node_tensors(node, by_input)
-            if any(t is None or self.codecs.get(t.past_input) is None for t in tensors.values()):
+        for node, tensors in cache_attention_nodes(graph, self.kv):
+            if any(self.codecs.get(t.past_input) is None for t in tensors.values()):
                 continue
             reason = float_slots_error(node)
             if reason is not None:

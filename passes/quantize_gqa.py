@@ -32,6 +32,8 @@ Why
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx_ir as ir
 
@@ -79,16 +81,9 @@ class QuantizeGQACachePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        by_input = {t.past_input: t for t in self.kv.tensors}
         names = NameAllocator(graph)
         modified = False
-        for node in list(graph):
-            if (node.domain, node.op_type) != ("com.microsoft", "GroupQueryAttention"):
-                continue
-            tensors = {kind: by_input.get(node.inputs[slot].name if node.inputs[slot] is not None else "")
-                       for kind, slot in PAST_SLOTS.items()}
-            if any(t is None for t in tensors.values()):
-                continue
+        for node, tensors in cache_attention_nodes(graph, self.kv):
             codecs = {kind: self.codecs.get(t.past_input) for kind, t in tensors.items()}
             if all(codec is None for codec in codecs.values()):
                 continue  # this layer's cache stays in float
@@ -148,6 +143,19 @@ class QuantizeGQACachePass(ir.passes.InPlacePass):
         shifted.type, shifted.shape = keys.type, keys.shape
         node.replace_input_with(GQA_KEY_INPUT, shifted)
         graph.insert_before(node, builder.nodes)
+
+
+def cache_attention_nodes(graph: ir.Graph, kv: KVGraph) -> Iterator[tuple[ir.Node, dict[str, KVTensor]]]:
+    """Every GroupQueryAttention node whose past key and value are cache tensors of `kv`, with
+    them ({"key": ..., "value": ...}); the nodes are listed first, so a caller may replace them."""
+    by_input = {t.past_input: t for t in kv.tensors}
+    for node in list(graph):
+        if (node.domain, node.op_type) != ("com.microsoft", "GroupQueryAttention"):
+            continue
+        tensors = {kind: by_input.get(node.inputs[slot].name if node.inputs[slot] is not None else "")
+                   for kind, slot in PAST_SLOTS.items()}
+        if all(t is not None for t in tensors.values()):
+            yield node, tensors
 
 
 def per_channel_row(values: np.ndarray, tensor: KVTensor) -> np.ndarray:
