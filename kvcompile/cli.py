@@ -93,6 +93,9 @@ def _summary_table(report: Report) -> Table:
     for choice in plan.choices.values():
         counts[choice] = counts.get(choice, 0) + 1
     table.add_row("stored as", ", ".join(f"{name} x{n}" for name, n in sorted(counts.items())))
+    if report.fusion.float_slots and "alone lost" in report.fusion.float_slots:
+        table.add_row("float slots", f"added (the 4-bit cache alone failed the gate); {memory.static_bytes:,} "
+                                     "static bytes in all")
     table.add_row("average stored bits per element", f"{memory.avg_bits_per_element:.3f}")
     table.add_row("KV bytes per token (fp16 -> compiled)",
                   f"{memory.fp16_bytes_per_token} -> {memory.quantized_bytes_per_token:.1f}")
@@ -142,8 +145,9 @@ def _summary_table(report: Report) -> Table:
                    "possible and faster).")
 @click.option("--float-slots", type=(click.IntRange(min=0), click.IntRange(min=0)), default=(4, 128),
               show_default=True, metavar="SINKS RECENT",
-              help="Fused GroupQueryAttention: also keep the first SINKS and newest RECENT positions of every "
-                   "layer in float (a fixed number of bytes; attention reads them exactly). 0 0: none.")
+              help="Fused GroupQueryAttention, when the 4-bit cache alone fails the gate: rebuild with the "
+                   "first SINKS and newest RECENT positions of every layer also in float16 (a fixed number of "
+                   "bytes; attention reads them exactly). 0 0: never.")
 @click.option("--fold-scales", is_flag=True,
               help="Fold per-channel scales into the attention so the cache takes one per-tensor scale.")
 @click.option("--clip", default="wmse", show_default=True,
