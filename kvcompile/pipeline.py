@@ -631,39 +631,41 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         quantize_graph(model, kv, plan)
         lap("rewrite_s")
 
-        def emit_and_verify(model: ir.Model, plan: QuantPlan, stage: Path):
-            progress(f"writing artifacts ({', '.join(stages.targets)})", 0)
+        def emit_and_verify(model: ir.Model, plan: QuantPlan, stage: Path, targets: tuple[str, ...]):
+            progress(f"writing artifacts ({', '.join(targets)})", 0)
             lowering = LoweringInput(model=model, kv=kv, plan=plan, float_path=decomposed_path,
                                      float_kv=decomposed_kv, stats=stats, stage=stage, source_dir=model_path.parent,
                                      calib_ids=texts.calib_windows.reshape(-1), options=stages.target)
-            artifacts, changes = lower_targets(stages.targets, lowering)
-            manifest = write_manifest(artifacts, stage, model_path, tokenizer)
+            artifacts, changes = lower_targets(targets, lowering)
             lap("emit_s")
             verifying = VerifyInput(float_decoder=float_decoder, eval_windows=texts.eval_windows,
                                     eval_text=texts.eval_name, prefill=stages.texts.prefill,
                                     quality_gate_pct=stages.quality_gate_pct, folder=stage, progress=progress)
             qualities = {name: TARGETS[name].verify(artifact, verifying) for name, artifact in artifacts.items()}
             lap("verify_s")
-            return artifacts, changes, manifest, qualities
+            return artifacts, changes, qualities
 
         with staged_output_dir(out_dir) as stage:
-            artifacts, changes, manifest, qualities = emit_and_verify(model, plan, stage)
+            artifacts, changes, qualities = emit_and_verify(model, plan, stage, stages.targets)
             slots_decision = None
             if slot_layers and not plan_options.fold_scales:
                 slots_decision = float_slots_decision(qualities["ort-cpu"], plan_options.float_slots, len(slot_layers))
                 if not qualities["ort-cpu"].passed:
                     # The gate decides: float slots cost bytes and onnxruntime-genai compatibility, so
-                    # they are added only to a compile that fails without them.
+                    # they are added only to a compile that fails without them. Only the ort-cpu
+                    # artifact is rebuilt: no other target holds them (legalize drops them).
                     progress(slots_decision, 0)
-                    for child in stage.iterdir():
-                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+                    shutil.rmtree((stage / artifacts["ort-cpu"].io.model).parent)
                     plan = with_float_slots(plan, kv, slot_layers, *plan_options.float_slots)
                     del model
                     model = load_model(float_path)
                     quantize_graph(model, kv, plan)
                     timings["first_emit_s"], timings["first_verify_s"] = timings["emit_s"], timings["verify_s"]
                     lap("rewrite_s")
-                    artifacts, changes, manifest, qualities = emit_and_verify(model, plan, stage)
+                    rebuilt = emit_and_verify(model, plan, stage, ("ort-cpu",))
+                    for merged, new in zip((artifacts, changes, qualities), rebuilt):
+                        merged.update(new)
+            manifest = write_manifest(artifacts, stage, model_path, tokenizer)
             memory = memory_figures(kv, plan)
             report = Report(
                 kvcompile_version=__version__,

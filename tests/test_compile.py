@@ -406,8 +406,9 @@ def test_float_slots_are_added_when_the_gate_fails_without_them(tmp_path, model)
     report says why they are there, the manifest describes them, the memory figures count them, and
     the artifact decodes."""
     out = tmp_path / "slots"
+    targets = ("ort-cpu", "nnapi") if model == DYNAMO else ("ort-cpu",)  # nnapi holds no slots: built once
     options = CompileOptions(model=model, out_dir=out, calib_tokens=2048, eval_tokens=4096, max_context=256,
-                             quality_gate_pct=0.01)
+                             quality_gate_pct=0.01, targets=targets)
     try:
         report = compile_model(options).report.to_dict()
     except QualityGateError as failed:  # the gate is below what even float slots reach on this text
@@ -418,8 +419,13 @@ def test_float_slots_are_added_when_the_gate_fails_without_them(tmp_path, model)
     alone = float(decision.split("lost ")[1].split("%")[0])
     assert report["quality"]["ppl_delta_pct"] < alone / 2
     assert "first_verify_s" in report["timings"]
-    io = read_manifest(out).targets["ort-cpu"]
+    manifest = read_manifest(out)
+    assert sorted(manifest.targets) == sorted(targets)
+    io = manifest.targets["ort-cpu"]
     assert io.options.float_slots == [4, 128]
+    if "nnapi" in targets:  # kept from the first build, not re-emitted
+        assert manifest.targets["nnapi"].options.float_slots is None
+        assert (out / "nnapi" / "model.onnx").stat().st_mtime < (out / "ort-cpu" / "model.onnx").stat().st_mtime
     slots = {(kv.kind, p.kind, p.stored_dtype, tuple(p.stored_shape)) for kv in io.kv for p in kv.params}
     assert slots == {("key", "sink", "float16", ("batch", 4, "sink_seq", 64)),  # keys and values of 2 kv heads
                      ("key", "recent", "float16", ("batch", 4, "recent_seq", 64))}
