@@ -631,7 +631,12 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         quantize_graph(model, kv, plan)
         lap("rewrite_s")
 
-        def emit_and_verify(model: ir.Model, plan: QuantPlan, stage: Path, targets: tuple[str, ...]):
+        # The ort-cpu artifact is rebuilt with float slots if it fails the gate without them: its
+        # first verification then only has to tell whether it fails, and stops once it must.
+        may_add_slots = bool(slot_layers) and not plan_options.fold_scales
+
+        def emit_and_verify(model: ir.Model, plan: QuantPlan, stage: Path, targets: tuple[str, ...],
+                            rebuilt_if_failed: tuple[str, ...] = ()):
             progress(f"writing artifacts ({', '.join(targets)})", 0)
             lowering = LoweringInput(model=model, kv=kv, plan=plan, float_path=decomposed_path,
                                      float_kv=decomposed_kv, stats=stats, stage=stage, source_dir=model_path.parent,
@@ -641,14 +646,16 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
             verifying = VerifyInput(float_decoder=float_decoder, eval_windows=texts.eval_windows,
                                     eval_text=texts.eval_name, prefill=stages.texts.prefill,
                                     quality_gate_pct=stages.quality_gate_pct, folder=stage, progress=progress)
-            qualities = {name: TARGETS[name].verify(artifact, verifying) for name, artifact in artifacts.items()}
+            qualities = {name: TARGETS[name].verify(artifact, dataclasses.replace(
+                verifying, stop_once_failed=name in rebuilt_if_failed)) for name, artifact in artifacts.items()}
             lap("verify_s")
             return artifacts, changes, qualities
 
         with staged_output_dir(out_dir) as stage:
-            artifacts, changes, qualities = emit_and_verify(model, plan, stage, stages.targets)
+            artifacts, changes, qualities = emit_and_verify(model, plan, stage, stages.targets,
+                                                            ("ort-cpu",) if may_add_slots else ())
             slots_decision = None
-            if slot_layers and not plan_options.fold_scales:
+            if may_add_slots:
                 slots_decision = float_slots_decision(qualities["ort-cpu"], plan_options.float_slots, len(slot_layers))
                 if not qualities["ort-cpu"].passed:
                     # The gate decides: float slots cost bytes and onnxruntime-genai compatibility, so
@@ -702,7 +709,9 @@ def float_slots_decision(first: TargetQuality, slots: tuple[int, int], layers: i
         return (f"float slots: none needed (the 4-bit cache alone passed the gate at {first.ppl_delta_pct:+.2f}%; "
                 f"the first {sinks} and newest {recent} positions in float would cost bytes and "
                 "onnxruntime-genai compatibility)")
-    return (f"float slots: the 4-bit cache alone lost {first.ppl_delta_pct:+.2f}% (gate {first.quality_gate_pct}%), "
+    seen = (f" over its first {first.eval_tokens:,} predictions (verification stopped there: it could no "
+            "longer pass)" if first.stopped_early else "")
+    return (f"float slots: the 4-bit cache alone lost {first.ppl_delta_pct:+.2f}%{seen} (gate {first.quality_gate_pct}%), "
             f"so the first {sinks} and newest {recent} positions of {layers} GroupQueryAttention layer(s) are also "
             "kept in float16 and read exactly (--float-slots 0 0: never)")
 

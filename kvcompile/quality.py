@@ -31,4 +31,5 @@ class TargetQuality:
     eval_text: str
     quality_gate_pct: float
     passed: bool
+    stopped_early: bool = False  # verification ended once the gate could no longer pass (figures of eval_tokens)
     agreement: Agreement | None = None

@@ -60,15 +60,19 @@ def decode_path_scores(
     batch: int = 16,
     progress: Callable[[int], None] | None = None,
     reference_chunk: int = 1,
+    stop: Callable[[list[DecodeScore], int], bool] | None = None,
 ) -> list[DecodeScore]:
     """Score every decoder on `windows` [N, W] of token ids; decoders[0] is the reference.
 
     `reference_chunk` > 1 feeds the reference that many tokens per step instead of one: for a
     float model this gives the same logits (its cache holds what it computed) at a fraction of
-    the calls; never for a model that stores its cache quantized."""
+    the calls; never for a model that stores its cache quantized.
+    `stop(scores so far, predictions still to come)` is asked after every step; when it says
+    yes, the scores so far are returned (their `tokens` say how many were counted)."""
     if windows.ndim != 2 or windows.shape[1] < prefill + 2:
         raise ValueError(f"windows must be [N, W] with W >= prefill + 2, got {windows.shape}")
     tallies = [_Tally() for _ in decoders]
+    planned = windows.shape[0] * (windows.shape[1] - prefill - 1)
     for start in range(0, windows.shape[0], batch):
         tokens = windows[start : start + batch]
         caches = [d.new_cache(tokens.shape[0]) for d in decoders]
@@ -98,4 +102,8 @@ def decode_path_scores(
                     tally.kl += float((np.exp(reference) * (reference - logp)).sum())
             if progress is not None:
                 progress(tokens.shape[0])
+            if stop is not None:
+                scores = [tally.score(i == 0) for i, tally in enumerate(tallies)]
+                if stop(scores, planned - tallies[0].count):
+                    return scores
     return [tally.score(i == 0) for i, tally in enumerate(tallies)]

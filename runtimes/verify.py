@@ -4,25 +4,30 @@ quality has the same meaning and the same fields (`TargetQuality`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 
 from kvcompile.quality import Agreement, TargetQuality
 from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.perplexity import decode_path_scores
+from kvcompile.runtimes.perplexity import DecodeScore, decode_path_scores
 
 FLOAT_CHUNK = 32  # tokens the float model is fed per call: its logits do not depend on it
 
 
 def decode_quality(float_decoder: Decoder, decoder: Decoder, windows: np.ndarray, *, prefill: int, batch: int,
                    gate_pct: float, text: str, ran_on: str,
-                   progress: Callable[[int], None] | None = None) -> TargetQuality:
+                   progress: Callable[[int], None] | None = None, stop_once_failed: bool = False) -> TargetQuality:
     """Teacher-forced through the decode path (a `prefill`-token prefill, then one token per
     step) on `windows`: perplexity of both, top-1 agreement and KL of the artifact's next-token
-    distribution against the float model's."""
+    distribution against the float model's.
+
+    `stop_once_failed`: stop as soon as the gate cannot be passed any more (`cannot_pass`), for a
+    verification whose failure only decides to rebuild; the figures are then of the tokens seen."""
+    stop = (lambda scores, remaining: cannot_pass(*scores, remaining, gate_pct)) if stop_once_failed else None
     float_score, score = decode_path_scores([float_decoder, decoder], windows, prefill, batch=batch,
-                                            progress=progress, reference_chunk=FLOAT_CHUNK)
+                                            progress=progress, reference_chunk=FLOAT_CHUNK, stop=stop)
     delta = 100.0 * (score.ppl / float_score.ppl - 1.0)
     return TargetQuality(
         ran_on=ran_on,
@@ -35,7 +40,17 @@ def decode_quality(float_decoder: Decoder, decoder: Decoder, windows: np.ndarray
         eval_text=text,
         quality_gate_pct=gate_pct,
         passed=delta <= gate_pct,
+        stopped_early=score.tokens < windows.shape[0] * (windows.shape[1] - prefill - 1),
     )
+
+
+def cannot_pass(float_score: DecodeScore, score: DecodeScore, remaining: int, gate_pct: float) -> bool:
+    """Whether the gate fails even if the `remaining` predictions are as good as the float
+    model's: the log-likelihood already lost, spread over every prediction, exceeds the gate's."""
+    if score.tokens == 0:
+        return False
+    lost = (score.nll - float_score.nll) * score.tokens
+    return lost / (score.tokens + remaining) > math.log1p(gate_pct / 100.0)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -98,6 +98,7 @@ class VerifyInput:
     quality_gate_pct: float
     folder: Path  # the output folder holding the artifacts
     progress: Callable[[str, int], Callable[[int], None]]
+    stop_once_failed: bool = False  # a failure only decides a rebuild: stop once the gate cannot pass
 
 
 class Target(Protocol):

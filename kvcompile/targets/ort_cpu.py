@@ -163,7 +163,8 @@ class OrtCpuTarget:
                                       f"{windows.shape[1]} tokens)", steps)
         return decode_quality(verifying.float_decoder, self.open(verifying.folder, artifact.io), windows,
                               prefill=verifying.prefill, batch=16, gate_pct=verifying.quality_gate_pct,
-                              text=verifying.eval_text, ran_on=self.runs_on, progress=progress)
+                              text=verifying.eval_text, ran_on=self.runs_on, progress=progress,
+                              stop_once_failed=verifying.stop_once_failed)
 
     def open(self, folder: Path, io: TargetIO, soc: str | None = None) -> Decoder:
         return Decoder(cpu_session(folder / io.model), io)

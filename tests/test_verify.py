@@ -1,0 +1,58 @@
+"""The verifier's early stop: a verification whose failure only decides a rebuild ends once the
+gate can no longer pass, and never when it still can."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import DYNAMO
+from kvcompile.model_io import load_model
+from kvcompile.manifest import float_model_io
+from kvcompile.passes.find_kv_cache import find_kv_cache
+from kvcompile.plan import make_plan
+from kvcompile.runtimes.calibrate import collect_kv_stats
+from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.perplexity import DecodeScore
+from kvcompile.runtimes.session import cpu_session
+from kvcompile.runtimes.simulate import StoredCacheDecoder
+from kvcompile.runtimes.verify import cannot_pass, decode_quality
+
+
+def score(nll: float, tokens: int) -> DecodeScore:
+    return DecodeScore(ppl=math.exp(nll), nll=nll, tokens=tokens)
+
+
+def test_cannot_pass_only_when_even_float_quality_on_the_rest_fails_the_gate():
+    gate = 2.0  # %: log(1.02) = 0.0198 nats per prediction
+    assert cannot_pass(score(2.0, 100), score(2.05, 100), 0, gate)  # all seen: +5%
+    assert not cannot_pass(score(2.0, 100), score(2.05, 100), 200, gate)  # 5 nats lost over 300 predictions
+    assert cannot_pass(score(2.0, 100), score(2.07, 100), 200, gate)  # 7 nats lost over 300
+    assert not cannot_pass(score(2.0, 100), score(1.9, 100), 0, gate)  # better than float
+    assert not cannot_pass(score(2.0, 0), score(2.0, 0), 100, gate)
+
+
+@pytest.fixture(scope="module")
+def fixture_decoders(heldout_ids):
+    model = load_model(DYNAMO)
+    kv = find_kv_cache(model)
+    decoder = Decoder(cpu_session(DYNAMO), float_model_io(kv, str(DYNAMO)))
+    windows = heldout_ids[: 8 * 128].reshape(8, 128)
+    plan = make_plan(kv, collect_kv_stats(decoder, windows[:2], chunk=32), 2, "per-tensor")
+    return decoder, StoredCacheDecoder(decoder.session, decoder.io, plan.codecs(kv, packed=False)), windows
+
+
+def test_a_failing_verification_stops_early_and_a_passing_one_runs_whole(fixture_decoders):
+    """2-bit per-tensor storage of the fixture's cache loses far more than a 1% gate allows."""
+    decoder, two_bit, windows = fixture_decoders
+    kwargs = dict(prefill=8, batch=8, gate_pct=1.0, text="heldout", ran_on="cpu")
+    whole = decode_quality(decoder, two_bit, windows, **kwargs)
+    stopped = decode_quality(decoder, two_bit, windows, stop_once_failed=True, **kwargs)
+    planned = 8 * (128 - 8 - 1)
+    assert not whole.passed and not whole.stopped_early and whole.eval_tokens == planned
+    assert not stopped.passed and stopped.stopped_early and stopped.eval_tokens < planned / 2
+    assert stopped.ppl_delta_pct > 1.0
+    same = decode_quality(decoder, decoder, windows, stop_once_failed=True, **kwargs)
+    assert same.passed and not same.stopped_early and same.eval_tokens == planned
