@@ -34,44 +34,45 @@ HF_DIR = REPO / "models" / "fixture" / "hf"
 GENAI_FLOAT = REPO / "models" / "fixture" / "onnx-genai" / "model.onnx"
 
 
-def build_genai_int4(work: Path, calib_text: Path) -> Path:
+def build_genai_int4(work: Path, calib_text: Path, hf_dir: Path = HF_DIR, genai_float: Path = GENAI_FLOAT) -> Path:
     """Calibrate with onnxruntime-genai's tool and rebuild with its int4 per-channel KV cache."""
     scales = work / "kv_scales.json"
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.quantization.kv_cache_calibration",
-                    "--model", str(GENAI_FLOAT.parent), "--tokenizer", str(HF_DIR), "--out", str(scales),
+                    "--model", str(genai_float.parent), "--tokenizer", str(hf_dir), "--out", str(scales),
                     "--quant-type", "int4_per_channel", "--corpus-file", str(calib_text)],
                    check=True, capture_output=True)
     out = work / "genai-int4"
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(HF_DIR), "-o", str(out),
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
                     "-p", "fp32", "-e", "cpu", "-c", str(work / "cache"), "--extra_options",
                     "kv_cache_quant_scheme=int4_per_channel", f"kv_cache_scale_file={scales}"],
                    check=True, capture_output=True)
     return out / "model.onnx"
 
 
-def genai_int4_scores(work: Path, calib_text: Path, windows: np.ndarray, prefill: int) -> tuple[DecodeScore, DecodeScore]:
+def genai_int4_scores(work: Path, calib_text: Path, windows: np.ndarray, prefill: int, hf_dir: Path = HF_DIR,
+                      genai_float: Path = GENAI_FLOAT) -> tuple[DecodeScore, DecodeScore]:
     """(float builder model, int4 builder model) decode-path scores."""
-    kv = find_kv_cache(load_model(GENAI_FLOAT))
-    float_io = float_model_io(kv, str(GENAI_FLOAT))
-    int4_path = build_genai_int4(work, calib_text)
+    kv = find_kv_cache(load_model(genai_float))
+    float_io = float_model_io(kv, str(genai_float))
+    int4_path = build_genai_int4(work, calib_text, hf_dir, genai_float)
     # The builder's int4 cache: uint8 [batch, kv_heads, seq, head_dim / 2], two codes per byte.
     int4_io = dataclasses.replace(float_io, model=str(int4_path), kv=[
         dataclasses.replace(k, stored_dtype="uint8", stored_shape=["batch", k.logical_shape[1], "seq", k.logical_shape[3] // 2],
                             bits=4, packing=Packing(axis=3, codes_per_byte=2))
         for k in float_io.kv])
-    decoders = [Decoder(cpu_session(GENAI_FLOAT), float_io), Decoder(cpu_session(int4_path), int4_io)]
+    decoders = [Decoder(cpu_session(genai_float), float_io), Decoder(cpu_session(int4_path), int4_io)]
     float_score, int4_score = decode_path_scores(decoders, windows, prefill)
     return float_score, int4_score
 
 
 def hf_quantized_cache_scores(windows: np.ndarray, prefill: int, residual_length: int,
-                              batch: int = 16) -> tuple[DecodeScore, DecodeScore]:
+                              batch: int = 16, hf_dir: Path = HF_DIR) -> tuple[DecodeScore, DecodeScore]:
     """(float DynamicCache, QuantizedCache int4) scores, teacher-forced through each cache."""
     from transformers import DynamicCache, QuantizedCache
 
     from models.export import load_fixture
 
-    model = load_fixture()
+    model = load_fixture(hf_dir)
     totals = {"float": [0.0, 0], "quant": [0.0, 0]}
     agree, kl = 0, 0.0
     with torch.no_grad():

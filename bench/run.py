@@ -27,7 +27,7 @@ from bench.measure import measure, run_measured
 from bench.peers import genai_int4_scores, hf_quantized_cache_scores
 from bench.scale import scale_rows, scale_table
 from kvcompile.errors import QualityGateError
-from kvcompile.pipeline import CompileOptions, compile_model
+from kvcompile.pipeline import DEFAULT_CONTEXT, CompileOptions, compile_model
 from kvcompile.tokens import bundled_text, load_token_ids, make_windows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,9 +109,9 @@ def compile_case(fixture: str, flags: list[str], work: Path, index: int) -> dict
     }
 
 
-def peer_row(method: str, bits: str, float_score, score) -> dict:
+def peer_row(method: str, bits: str, float_score, score, model: str = "fixture") -> dict:
     return {
-        "model": "fixture", "method": method, "command": "bench/peers.py", "bits_per_element": bits,
+        "model": model, "method": method, "command": "bench/peers.py", "bits_per_element": bits,
         "ratio_vs_fp16": None, "float_ppl": round(float_score.ppl, 4), "ppl": round(score.ppl, 4),
         "ppl_delta_pct": round(100 * (score.ppl / float_score.ppl - 1), 4),
         "top1_agreement": round(score.top1_agreement, 5), "mean_kl": round(score.mean_kl, 6),
@@ -158,7 +158,44 @@ def smollm2_figures(work: Path) -> dict:
         "quality": {key: quality.get(key) for key in
                     ("float_ppl", "quantized_ppl", "ppl_delta_pct", "top1_agreement", "mean_kl", "passed", "advice")},
         "latency": latency_rows(model, work / "smollm2-latency", SMOLLM2_CONTEXTS),
+        "peers": smollm2_peers(report, work / "smollm2-peers"),
     }
+
+
+def smollm2_peers(report: dict, work: Path) -> list[dict]:
+    """kvcompile's default on SmolLM2 next to the peers, on the windows its compile verified on
+    (the bundled held-out text, 12 x 1,024 tokens, 32-token prefill): its row is its report's,
+    the peers are scored on the same token windows by the same decode-path evaluator (HF's in
+    PyTorch, teacher-forced the same way)."""
+    from models.real import build_form, model_dir
+
+    hf_dir = model_dir() / "hf"
+    work.mkdir(parents=True, exist_ok=True)
+    defaults = CompileOptions(model=Path("unused"))
+    windows = make_windows(load_token_ids(bundled_text("heldout.txt"), hf_dir / "tokenizer.json"), DEFAULT_CONTEXT,
+                           defaults.eval_tokens // DEFAULT_CONTEXT, "held-out")
+    quality, memory = report["quality"], report["memory"]
+    rows = [{
+        "model": "SmolLM2", "method": "kvcompile (default: --kv-bits 4)", "command": "kvcompile MODEL --kv-bits 4",
+        "bits_per_element": memory["avg_bits_per_element"], "ratio_vs_fp16": memory["ratio_vs_fp16"],
+        "float_ppl": quality["float_ppl"], "ppl": quality["quantized_ppl"], "ppl_delta_pct": quality["ppl_delta_pct"],
+        "top1_agreement": quality["top1_agreement"], "mean_kl": quality["mean_kl"],
+        "gate": "pass" if quality["passed"] else "FAIL", "stored_as": sorted(set(report["plan"]["choices"].values())),
+        "form": "fused GroupQueryAttention" + (" + float slots" if "also kept in float16" in
+                                               (report["fusion"]["float_slots"] or "") else ""),
+        "compile_seconds": None,
+    }]
+    print("SmolLM2 peer: onnxruntime-genai int4_per_channel", file=sys.stderr, flush=True)
+    rows.append(peer_row("onnxruntime-genai builder int4_per_channel (its calibration)", "4.000",
+                         *genai_int4_scores(work, bundled_text("calib.txt"), windows, defaults.prefill, hf_dir,
+                                            build_form("genai")), model="SmolLM2"))
+    for residual in (128, 1):
+        print(f"SmolLM2 peer: HF QuantizedCache quanto int4 residual {residual}", file=sys.stderr, flush=True)
+        rows.append(peer_row(f"HF QuantizedCache quanto int4, residual_length={residual}",
+                             f"4.5 + {residual} float tokens",
+                             *hf_quantized_cache_scores(windows, defaults.prefill, residual, hf_dir=hf_dir),
+                             model="SmolLM2"))
+    return rows
 
 
 def smollm2_tables(figures: dict) -> str:
@@ -171,7 +208,8 @@ def smollm2_tables(figures: dict) -> str:
             f"{figures['bits_per_element']:.3f} bits/element, {figures['ratio_vs_fp16']:.2f}x smaller than fp16; "
             f"PPL {quality['float_ppl']:.3f} -> {quality['quantized_ppl']:.3f} ({quality['ppl_delta_pct']:+.2f}%), "
             f"top-1 {100 * quality['top1_agreement']:.1f}%, KL {quality['mean_kl']:.4f}: {gate}\n\n"
-            + latency_table(figures["latency"]))
+            + latency_table(figures["latency"])
+            + ("\n\n" + quality_table({"quality": figures["peers"]}) if "peers" in figures else ""))
 
 
 def quality_table(results: dict) -> str:

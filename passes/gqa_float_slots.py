@@ -23,10 +23,13 @@ What it rewrites
   which is exactly attention over the cache with the positions in F in float16 (p_i are the
   kernel's probabilities, normalised by its own sum; multiplying out both sums by it gives the
   float-slot attention). The cost is O(|F|) per query, not O(T): the kernel still streams the
-  4-bit cache and nothing else is dequantized but the |F| positions. What a decode step pays is
-  moving the slots and onnxruntime's per-node overhead, so keys and values share every op and the
-  slot positions are computed once for all layers (from T: every batch row holds T positions, as
-  kvcompile's runners feed them).
+  4-bit cache. The slots' codes are gathered from the present cache but never decoded into a
+  float tensor: q . k^_i and sum p_i v^_i are taken over the raw codes (split into the low and
+  high nibbles the kernel packs, query channels split to match) and scaled after, and the slots
+  stay float16 until the one Cast the correction reads. What a decode step pays is moving the
+  slots (about five passes over them) and onnxruntime's per-node overhead, so keys and values
+  share every op that moves them and the slot positions are computed once for all layers (from
+  T: every batch row holds T positions, as kvcompile's runners feed them).
 
 Why
   On SmolLM2 (`python -m bench.storage_sweep --window 1024 --windows 4 --sinks 4 --recent R`)
@@ -48,7 +51,7 @@ from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import KVGraph, KVTensor
 from kvcompile.manifest import slot_name
 from kvcompile.passes.find_kv_cache import key_centering_error
-from kvcompile.passes.kv_codec import Encoded, FragmentBuilder, emit_decode
+from kvcompile.passes.kv_codec import FragmentBuilder
 from kvcompile.passes.names import NameAllocator
 from kvcompile.passes.quantize_gqa import PRESENT_SLOTS, cache_attention_nodes
 from kvcompile.quant import Codec
@@ -57,6 +60,8 @@ QUERY_INPUT, KEY_INPUT, VALUE_INPUT = 0, 1, 2
 PROBABILITIES = 2  # qk_output: the softmax of the scores, [batch, heads, q_len, total]
 INT64_MAX = np.iinfo(np.int64).max
 SLOT_DTYPE = ir.DataType.FLOAT16  # what the slots are stored as, whatever the model's float type
+CODE_BITS, ZERO_POINT = 4, 8  # GroupQueryAttention's 4-bit cache: symmetric codes, (c - 8) * scale
+LOW_NIBBLE = (1 << CODE_BITS) - 1
 
 
 def float_slots_error(node: ir.Node) -> str | None:
@@ -80,12 +85,11 @@ def float_slot_layers(model: ir.Model, kv: KVGraph) -> set[int]:
 @dataclass
 class _Positions:
     """Where the slots are with T positions cached after this step (the same for every layer:
-    computed once, at the first node, from its present cache)."""
+    computed once, at the first node)."""
 
-    sinks: ir.Value  # [1]: min(sinks, T)
-    recent: ir.Value  # [1]: m = min(recent, max(0, T - sinks))
-    tail: ir.Value  # [1]: T - m, the first recent position
-    joined_end: ir.Value | None = None  # [1]: length of past slots + new entries (set at the first node)
+    in_cache: ir.Value  # [|F|] int64: the slot positions 0..min(sinks, T)-1 and T-m..T-1 of the cache
+    recent: ir.Value  # [1]: m = min(recent, max(0, T - sinks)), the recent slots kept
+    recent_start: ir.Value | None = None  # [1]: where the kept recent slots start among past slots + new entries
 
 
 class GQAFloatSlotsPass(ir.passes.InPlacePass):
@@ -111,10 +115,14 @@ class GQAFloatSlotsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=positions is not None)
 
     def _positions(self, b: FragmentBuilder, present: ir.Value) -> _Positions:
-        total = b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", [present]), b.const(np.int64(2), "axis")]),
-                                   b.ints(0)])
-        recent = b.op("Min", [b.ints(self.recent), b.op("Max", [b.ints(0), b.op("Sub", [total, b.ints(self.sinks)])])])
-        return _Positions(b.op("Min", [b.ints(self.sinks), total]), recent, b.op("Sub", [total, recent]))
+        total = b.op("Gather", [b.op("Shape", [present]), b.const(np.int64(2), "axis")])  # T, a scalar
+        zero, one = b.const(np.int64(0), "zero"), b.const(np.int64(1), "one")
+        sinks = b.op("Min", [b.const(np.int64(self.sinks), "sinks"), total])
+        recent = b.op("Min", [b.const(np.int64(self.recent), "recent"),
+                              b.op("Max", [zero, b.op("Sub", [total, b.const(np.int64(self.sinks), "sinks")])])])
+        in_cache = b.op("Concat", [b.op("Range", [zero, sinks, one]),
+                                   b.op("Range", [b.op("Sub", [total, recent]), total, one])], axis=0)
+        return _Positions(in_cache, b.op("Unsqueeze", [recent, b.ints(0)]))
 
     def _rewrite(self, graph: ir.Graph, names: NameAllocator, node: ir.Node, tensors: dict[str, KVTensor],
                  positions: _Positions | None) -> _Positions:
@@ -124,6 +132,7 @@ class GQAFloatSlotsPass(ir.passes.InPlacePass):
         scale_attr = node.attributes.get("scale")
         scale = scale_attr.as_float() if scale_attr is not None and scale_attr.as_float() != 0 else head_dim ** -0.5
         float_dtype = ir.DataType.FLOAT16 if key.dtype == "float16" else ir.DataType.FLOAT
+        numpy_float = _numpy(float_dtype)
         b = FragmentBuilder(graph, names, f"kvcompile/L{key.layer}/float_slots")
 
         node.attributes["qk_output"] = ir.AttrInt64("qk_output", PROBABILITIES)
@@ -137,55 +146,70 @@ class GQAFloatSlotsPass(ir.passes.InPlacePass):
         if positions is None:
             positions = self._positions(b, node.outputs[PRESENT_SLOTS["key"]])
 
-        def at_slots(x: ir.Value, axis: int) -> ir.Value:
-            """x's entries at positions F along `axis` (x holds every position 0..T-1 there)."""
-            axes = b.ints(axis)
-            first = b.op("Slice", [x, b.ints(0), positions.sinks, axes])
-            last = b.op("Slice", [x, positions.tail, b.ints(INT64_MAX), axes])
-            return b.op("Concat", [first, last], axis=axis)
-
-        # Keys and values go together, stacked along the heads axis (keys first): one slot tensor of
-        # each kind per layer, [B, 2 * kv_heads, n, D], and every op below runs once for both.
+        # The slots, float16 as stored: keys and values stacked along the heads axis (keys first),
+        # [B, 2 * kv_heads, n, D], so every op that moves them runs once for both.
         both = 2 * kv_heads
         new = b.op("Concat", [node.inputs[KEY_INPUT], node.inputs[VALUE_INPUT]], axis=2)
         new = b.op("Transpose", [b.op("Reshape", [new, b.ints(0, 0, both, head_dim)])], perm=[0, 2, 1, 3])
         pasts = [_graph_input(graph, slot_name(key.past_input, part), both, head_dim) for part in ("sink", "recent")]
-        joined = b.op("Concat", [*(_cast(b, past, SLOT_DTYPE, float_dtype) for past in pasts), new], axis=2)
-        if positions.joined_end is None:  # past slots + new entries: the same length in every layer
-            positions.joined_end = b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", [joined]),
-                                                                      b.const(np.int64(2), "axis")]), b.ints(0)])
-        parts = {"sink": b.op("Slice", [joined, b.ints(0), b.ints(self.sinks), b.ints(2)]),
-                 "recent": b.op("Slice", [joined, b.op("Sub", [positions.joined_end, positions.recent]),
-                                          b.ints(INT64_MAX), b.ints(2)])}
-        stored_slots = []
-        for part, entries in parts.items():
-            stored = _cast(b, entries, float_dtype, SLOT_DTYPE)
+        joined = b.op("Concat", [*pasts, _cast(b, new, float_dtype, SLOT_DTYPE)], axis=2)
+        if positions.recent_start is None:  # past slots + new entries: the same length in every layer
+            joined_end = b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", [joined]), b.const(np.int64(2), "axis")]),
+                                            b.ints(0)])
+            positions.recent_start = b.op("Sub", [joined_end, positions.recent])
+        presents = {"sink": b.op("Slice", [joined, b.ints(0), b.ints(self.sinks), b.ints(2)]),
+                    "recent": b.op("Slice", [joined, positions.recent_start, b.ints(INT64_MAX), b.ints(2)])}
+        for part, stored in presents.items():
             stored.name = names.name(slot_name(key.present_output, part))
             stored.type, stored.shape = ir.TensorType(SLOT_DTYPE), ir.Shape(["batch", both, f"{part}_seq", head_dim])
             graph.outputs.append(stored)
-            stored_slots.append(stored)
-        floats = _cast(b, b.op("Concat", stored_slots, axis=2), SLOT_DTYPE, float_dtype)  # [B, 2 kv_heads, |F|, D]
-        codes = b.op("Concat", [at_slots(node.outputs[PRESENT_SLOTS[kind]], axis=2) for kind in ("key", "value")],
-                     axis=1)
-        codec = _stacked_codec(self.codecs[key.past_input], self.codecs[value.past_input], kv_heads, head_dim)
-        read = emit_decode(b, Encoded(codes), codec, ["batch", both, "slots", head_dim], float_dtype)
+        floats = _cast(b, b.op("Concat", list(presents.values()), axis=2), SLOT_DTYPE, float_dtype)  # [B, 2h, |F|, D]
+        float_keys = b.op("Slice", [floats, b.ints(0), b.ints(kv_heads), b.ints(1)])
+        float_values = b.op("Slice", [floats, b.ints(kv_heads), b.ints(both), b.ints(1)])
 
-        def keys(x: ir.Value) -> ir.Value:
-            return b.op("Slice", [x, b.ints(0), b.ints(kv_heads), b.ints(1)])
+        # What the kernel read at the slot positions, as its 4-bit codes: byte j of a row holds
+        # channel 2j in its low and 2j+1 in its high four bits, and an entry reads (code - 8) * s.
+        # The sums below are taken over the codes and scaled after, so the slots' codes are never
+        # decoded into a [B, h, |F|, D] tensor.
+        def code_halves(cache: ir.Value) -> tuple[ir.Value, ir.Value]:
+            codes = b.op("Gather", [cache, positions.in_cache], axis=2)  # [B, h, |F|, D/2] bytes
+            low = b.op("BitwiseAnd", [codes, b.const(np.uint8(LOW_NIBBLE), "low_nibble")])
+            high = b.op("BitShift", [codes, b.const(np.uint8(CODE_BITS), "code_bits")], direction="RIGHT")
+            return b.op("Cast", [low], to=float_dtype), b.op("Cast", [high], to=float_dtype)
 
-        def values(x: ir.Value) -> ir.Value:
-            return b.op("Slice", [x, b.ints(kv_heads), b.ints(both), b.ints(1)])
+        def folded(matrix: np.ndarray, what: str) -> ir.Value:
+            return b.const(matrix.astype(numpy_float), what)
 
-        # Query heads grouped by the kv head they read ([B, kv_heads, group * Sq, ...]: head h reads
-        # kv head h // group), so the slots are used as stored, without repeating them per head.
-        p = b.op("Reshape", [at_slots(probabilities, axis=3), b.ints(0, kv_heads, -1, 0)])
-        query = _grouped(b, node.inputs[QUERY_INPUT], heads, kv_heads, head_dim)
-        error = b.op("Transpose", [keys(b.op("Sub", [floats, read]))], perm=[0, 1, 3, 2])
-        logit_shift = b.op("Mul", [b.op("MatMul", [query, error]), b.const(np.array(scale, _numpy(float_dtype)), "scale")])
+        key_scale = _per_channel_scale(self.codecs[key.past_input], kv_heads, head_dim)
+        value_scale = _per_channel_scale(self.codecs[value.past_input], kv_heads, head_dim)
+        even, odd = _channel_selectors(head_dim)
+        query = _grouped(b, node.inputs[QUERY_INPUT], heads, kv_heads, head_dim)  # [B, h, group * Sq, D]
+
+        # Logit shift at slot i: scale * q . (k_i - k^_i), where q . k^_i = sum_d q_d s_d (c_id - 8):
+        # q's channels, times scale * s, are split into the even and odd halves the codes come in.
+        low_keys, high_keys = code_halves(node.outputs[PRESENT_SLOTS["key"]])
+        scaled = scale * key_scale.transpose(0, 1, 3, 2)  # [1, h, D, 1]
+        read_logits = b.op("Sub", [
+            b.op("Add", [_matmul_transposed(b, b.op("MatMul", [query, folded(scaled * even, "even_key_scale")]), low_keys),
+                         _matmul_transposed(b, b.op("MatMul", [query, folded(scaled * odd, "odd_key_scale")]), high_keys)]),
+            b.op("MatMul", [query, folded(ZERO_POINT * scaled, "zero_point_key_scale")])])
+        logit_shift = b.op("Sub", [_matmul_transposed(b, query, float_keys, alpha=scale), read_logits])
+
+        # The kernel's probabilities at the slots, query heads grouped by the kv head they read
+        # ([B, kv_heads, group * Sq, |F|]: head h reads kv head h // group).
+        p = b.op("Reshape", [b.op("Gather", [probabilities, positions.in_cache], axis=3), b.ints(0, kv_heads, -1, 0)])
         weights = b.op("Mul", [p, b.op("Exp", [logit_shift])])
-        numerator = b.op("Sub", [b.op("MatMul", [weights, values(floats)]), b.op("MatMul", [p, values(read)])])
-        denominator = b.op("Add", [b.const(np.array(1, _numpy(float_dtype)), "one"),
-                                   b.op("ReduceSum", [b.op("Sub", [weights, p]), b.ints(-1)], keepdims=1)])
+        p_sum = b.op("ReduceSum", [p, b.ints(-1)], keepdims=1)
+
+        # sum_i p_i v^_i = s * (sum_i p_i c_i - 8 sum_i p_i), per channel, interleaved back from halves.
+        low_values, high_values = code_halves(node.outputs[PRESENT_SLOTS["value"]])
+        halves = [b.op("Unsqueeze", [b.op("MatMul", [p, codes]), b.ints(-1)]) for codes in (low_values, high_values)]
+        code_sums = b.op("Reshape", [b.op("Concat", halves, axis=-1), b.ints(0, 0, 0, head_dim)])
+        read_sum = b.op("Mul", [b.op("Sub", [code_sums, b.op("Mul", [p_sum, folded(np.array(ZERO_POINT), "zero_point")])]),
+                                folded(value_scale, "value_scale")])
+        numerator = b.op("Sub", [b.op("MatMul", [weights, float_values]), read_sum])
+        denominator = b.op("Add", [b.op("Sub", [b.op("ReduceSum", [weights, b.ints(-1)], keepdims=1), p_sum]),
+                                   folded(np.array(1), "one")])
         corrected = b.op("Div", [b.op("Add", [_grouped(b, output, heads, kv_heads, head_dim), numerator]), denominator])
         per_head = b.op("Reshape", [corrected, b.ints(0, heads, -1, head_dim)])
         result = b.op("Reshape", [b.op("Transpose", [per_head], perm=[0, 2, 1, 3]), b.ints(0, 0, heads * head_dim)])
@@ -198,11 +222,25 @@ class GQAFloatSlotsPass(ir.passes.InPlacePass):
         return positions
 
 
-def _stacked_codec(key: Codec, value: Codec, kv_heads: int, head_dim: int) -> Codec:
-    """One codec for keys and values stacked along the heads axis ([1, 2 kv_heads, 1, D] scales);
-    the key center stays out: the slots and the codes both hold keys as the node takes them."""
-    scales = [np.broadcast_to(c.scale, (1, kv_heads, 1, head_dim)) for c in (key, value)]
-    return Codec(key.bits, np.concatenate(scales, axis=1), key.zero_point.reshape(-1)[0], pack_axis=3)
+def _per_channel_scale(codec: Codec, kv_heads: int, head_dim: int) -> np.ndarray:
+    """The codec's scale as [1, kv_heads, 1, head_dim] (a per-tensor scale repeated)."""
+    if codec.bits != CODE_BITS or not np.all(codec.zero_point == ZERO_POINT):
+        raise ValueError("float slots read GroupQueryAttention's symmetric 4-bit cache")
+    return np.broadcast_to(codec.scale, (1, kv_heads, 1, head_dim)).astype(np.float32)
+
+
+def _channel_selectors(head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """[D, D/2] 0/1 matrices: q @ even holds q's channels 0, 2, 4, ...; q @ odd its channels 1, 3, ..."""
+    even = np.zeros((head_dim, head_dim // 2), np.float32)
+    odd = np.zeros_like(even)
+    even[0::2, :] = np.eye(head_dim // 2)
+    odd[1::2, :] = np.eye(head_dim // 2)
+    return even, odd
+
+
+def _matmul_transposed(b: FragmentBuilder, a: ir.Value, x: ir.Value, alpha: float = 1.0) -> ir.Value:
+    """alpha * a @ x^T over the last two axes (onnxruntime's FusedMatMul: no transposed copy of x)."""
+    return b.op("FusedMatMul", [a, x], domain="com.microsoft", transB=1, alpha=alpha)
 
 
 def _grouped(b: FragmentBuilder, x: ir.Value, heads: int, kv_heads: int, head_dim: int) -> ir.Value:

@@ -60,9 +60,9 @@ class FragmentBuilder:
     def ints(self, *values: int) -> ir.Value:
         return self.const(np.array(values, np.int64), "ints")
 
-    def op(self, op_type: str, inputs: list[ir.Value | None], **attributes) -> ir.Value:
+    def op(self, op_type: str, inputs: list[ir.Value | None], domain: str = "", **attributes) -> ir.Value:
         name = self._name(op_type)
-        node = ir.Node("", op_type, inputs, attributes=ir.convenience.convert_attributes(attributes),
+        node = ir.Node(domain, op_type, inputs, attributes=ir.convenience.convert_attributes(attributes),
                        name=name, num_outputs=1)
         node.outputs[0].name = self.names.name(name + "_out")
         self.nodes.append(node)
