@@ -23,10 +23,11 @@ What it rewrites
   which is exactly attention over the cache with the positions in F in float16 (p_i are the
   kernel's probabilities, normalised by its own sum; multiplying out both sums by it gives the
   float-slot attention). The cost is O(|F|) per query, not O(T): the kernel still streams the
-  4-bit cache. The slots' codes are gathered from the present cache but never decoded into a
-  float tensor: q . k^_i and sum p_i v^_i are taken over the raw codes (split into the low and
-  high nibbles the kernel packs, query channels split to match) and scaled after, and the slots
-  stay float16 until the one Cast the correction reads. What a decode step pays is moving the
+  4-bit cache. The slots' codes are gathered from the present cache and unpacked but never
+  scaled into keys and values: q . k^_i and sum p_i v^_i are taken over the codes (unpacked in
+  [even | odd] channel order), with the scales, permuted to match, moved into [D, D] matrices on
+  the query and on the weighted sum; the slots stay float16 until the one Cast the correction
+  reads. What a decode step pays is moving the
   slots (about five passes over them) and onnxruntime's per-node overhead, so keys and values
   share every op that moves them and the slot positions are computed once for all layers (from
   T: every batch row holds T positions, as kvcompile's runners feed them).
@@ -167,49 +168,39 @@ class GQAFloatSlotsPass(ir.passes.InPlacePass):
         float_keys = b.op("Slice", [floats, b.ints(0), b.ints(kv_heads), b.ints(1)])
         float_values = b.op("Slice", [floats, b.ints(kv_heads), b.ints(both), b.ints(1)])
 
-        # What the kernel read at the slot positions, as its 4-bit codes: byte j of a row holds
-        # channel 2j in its low and 2j+1 in its high four bits, and an entry reads (code - 8) * s.
-        # The sums below are taken over the codes and scaled after, so the slots' codes are never
-        # decoded into a [B, h, |F|, D] tensor.
-        def code_halves(cache: ir.Value) -> tuple[ir.Value, ir.Value]:
+        # What the kernel read at the slot positions is (c - 8) * s per channel, c its 4-bit codes:
+        # byte j of a row holds channel 2j in its low and 2j + 1 in its high four bits. The codes
+        # are unpacked into [even channels | odd channels] order and never scaled into keys or
+        # values; the scales go, permuted the same way, onto the query (keys) and onto the
+        # probability-weighted sum (values): [D, D] matrices, a few KB per layer.
+        def centered_codes(cache: ir.Value) -> ir.Value:
             codes = b.op("Gather", [cache, positions.in_cache], axis=2)  # [B, h, |F|, D/2] bytes
-            low = b.op("BitwiseAnd", [codes, b.const(np.uint8(LOW_NIBBLE), "low_nibble")])
-            high = b.op("BitShift", [codes, b.const(np.uint8(CODE_BITS), "code_bits")], direction="RIGHT")
-            return b.op("Cast", [low], to=float_dtype), b.op("Cast", [high], to=float_dtype)
+            halves = b.op("Concat", [b.op("BitwiseAnd", [codes, b.const(np.uint8(LOW_NIBBLE), "low_nibble")]),
+                                     b.op("BitShift", [codes, b.const(np.uint8(CODE_BITS), "code_bits")],
+                                          direction="RIGHT")], axis=-1)
+            return b.op("Sub", [b.op("Cast", [halves], to=float_dtype), b.const(np.array(ZERO_POINT, numpy_float), "zero_point")])
 
-        def folded(matrix: np.ndarray, what: str) -> ir.Value:
-            return b.const(matrix.astype(numpy_float), what)
-
-        key_scale = _per_channel_scale(self.codecs[key.past_input], kv_heads, head_dim)
-        value_scale = _per_channel_scale(self.codecs[value.past_input], kv_heads, head_dim)
-        even, odd = _channel_selectors(head_dim)
+        key_scale = _scale_to_unpacked(self.codecs[key.past_input], kv_heads, head_dim)
+        value_scale = _scale_to_unpacked(self.codecs[value.past_input], kv_heads, head_dim)
         query = _grouped(b, node.inputs[QUERY_INPUT], heads, kv_heads, head_dim)  # [B, h, group * Sq, D]
 
-        # Logit shift at slot i: scale * q . (k_i - k^_i), where q . k^_i = sum_d q_d s_d (c_id - 8):
-        # q's channels, times scale * s, are split into the even and odd halves the codes come in.
-        low_keys, high_keys = code_halves(node.outputs[PRESENT_SLOTS["key"]])
-        scaled = scale * key_scale.transpose(0, 1, 3, 2)  # [1, h, D, 1]
-        read_logits = b.op("Sub", [
-            b.op("Add", [_matmul_transposed(b, b.op("MatMul", [query, folded(scaled * even, "even_key_scale")]), low_keys),
-                         _matmul_transposed(b, b.op("MatMul", [query, folded(scaled * odd, "odd_key_scale")]), high_keys)]),
-            b.op("MatMul", [query, folded(ZERO_POINT * scaled, "zero_point_key_scale")])])
+        # Logit shift at slot i: scale * q . (k_i - k^_i).
+        read_query = b.op("MatMul", [query, b.const((scale * key_scale).astype(numpy_float), "key_scale")])
+        read_logits = _matmul_transposed(b, read_query, centered_codes(node.outputs[PRESENT_SLOTS["key"]]))
         logit_shift = b.op("Sub", [_matmul_transposed(b, query, float_keys, alpha=scale), read_logits])
 
         # The kernel's probabilities at the slots, query heads grouped by the kv head they read
         # ([B, kv_heads, group * Sq, |F|]: head h reads kv head h // group).
         p = b.op("Reshape", [b.op("Gather", [probabilities, positions.in_cache], axis=3), b.ints(0, kv_heads, -1, 0)])
         weights = b.op("Mul", [p, b.op("Exp", [logit_shift])])
-        p_sum = b.op("ReduceSum", [p, b.ints(-1)], keepdims=1)
 
-        # sum_i p_i v^_i = s * (sum_i p_i c_i - 8 sum_i p_i), per channel, interleaved back from halves.
-        low_values, high_values = code_halves(node.outputs[PRESENT_SLOTS["value"]])
-        halves = [b.op("Unsqueeze", [b.op("MatMul", [p, codes]), b.ints(-1)]) for codes in (low_values, high_values)]
-        code_sums = b.op("Reshape", [b.op("Concat", halves, axis=-1), b.ints(0, 0, 0, head_dim)])
-        read_sum = b.op("Mul", [b.op("Sub", [code_sums, b.op("Mul", [p_sum, folded(np.array(ZERO_POINT), "zero_point")])]),
-                                folded(value_scale, "value_scale")])
+        # sum_i p_i v^_i, back in channel order and scaled.
+        code_sums = b.op("MatMul", [p, centered_codes(node.outputs[PRESENT_SLOTS["value"]])])
+        read_sum = b.op("MatMul", [code_sums, b.const(value_scale.transpose(0, 1, 3, 2).astype(numpy_float),
+                                                      "value_scale")])
         numerator = b.op("Sub", [b.op("MatMul", [weights, float_values]), read_sum])
-        denominator = b.op("Add", [b.op("Sub", [b.op("ReduceSum", [weights, b.ints(-1)], keepdims=1), p_sum]),
-                                   folded(np.array(1), "one")])
+        denominator = b.op("Add", [b.op("ReduceSum", [b.op("Sub", [weights, p]), b.ints(-1)], keepdims=1),
+                                   b.const(np.array(1, numpy_float), "one")])
         corrected = b.op("Div", [b.op("Add", [_grouped(b, output, heads, kv_heads, head_dim), numerator]), denominator])
         per_head = b.op("Reshape", [corrected, b.ints(0, heads, -1, head_dim)])
         result = b.op("Reshape", [b.op("Transpose", [per_head], perm=[0, 2, 1, 3]), b.ints(0, 0, heads * head_dim)])
@@ -222,20 +213,16 @@ class GQAFloatSlotsPass(ir.passes.InPlacePass):
         return positions
 
 
-def _per_channel_scale(codec: Codec, kv_heads: int, head_dim: int) -> np.ndarray:
-    """The codec's scale as [1, kv_heads, 1, head_dim] (a per-tensor scale repeated)."""
+def _scale_to_unpacked(codec: Codec, kv_heads: int, head_dim: int) -> np.ndarray:
+    """[1, kv_heads, D, D]: x @ it takes x's channels (scaled) into the order the codes unpack in,
+    [0, 2, 4, ..., 1, 3, 5, ...]; its transpose takes them back (scaled)."""
     if codec.bits != CODE_BITS or not np.all(codec.zero_point == ZERO_POINT):
         raise ValueError("float slots read GroupQueryAttention's symmetric 4-bit cache")
-    return np.broadcast_to(codec.scale, (1, kv_heads, 1, head_dim)).astype(np.float32)
-
-
-def _channel_selectors(head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """[D, D/2] 0/1 matrices: q @ even holds q's channels 0, 2, 4, ...; q @ odd its channels 1, 3, ..."""
-    even = np.zeros((head_dim, head_dim // 2), np.float32)
-    odd = np.zeros_like(even)
-    even[0::2, :] = np.eye(head_dim // 2)
-    odd[1::2, :] = np.eye(head_dim // 2)
-    return even, odd
+    scale = np.broadcast_to(codec.scale, (1, kv_heads, 1, head_dim)).reshape(kv_heads, head_dim)
+    unpacked = np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+    matrix = np.zeros((1, kv_heads, head_dim, head_dim), np.float32)
+    matrix[0, :, unpacked, np.arange(head_dim)] = scale[:, unpacked].T
+    return matrix
 
 
 def _matmul_transposed(b: FragmentBuilder, a: ir.Value, x: ir.Value, alpha: float = 1.0) -> ir.Value:
