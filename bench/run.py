@@ -27,6 +27,7 @@ from bench.measure import measure, run_measured
 from bench.peers import genai_int4_scores, hf_quantized_cache_scores
 from bench.scale import scale_rows, scale_table
 from kvcompile.errors import QualityGateError
+from kvcompile.manifest import read_manifest
 from kvcompile.pipeline import DEFAULT_CONTEXT, CompileOptions, compile_model
 from kvcompile.tokens import bundled_text, load_token_ids, make_windows
 
@@ -158,11 +159,12 @@ def smollm2_figures(work: Path) -> dict:
         "quality": {key: quality.get(key) for key in
                     ("float_ppl", "quantized_ppl", "ppl_delta_pct", "top1_agreement", "mean_kl", "passed", "advice")},
         "latency": latency_rows(model, work / "smollm2-latency", SMOLLM2_CONTEXTS),
-        "peers": smollm2_peers(report, work / "smollm2-peers"),
+        "peers": smollm2_peers(report, bool(read_manifest(out).targets["ort-cpu"].options.float_slots),
+                               work / "smollm2-peers"),
     }
 
 
-def smollm2_peers(report: dict, work: Path) -> list[dict]:
+def smollm2_peers(report: dict, float_slots: bool, work: Path) -> list[dict]:
     """kvcompile's default on SmolLM2 next to the peers, on the windows its compile verified on
     (the bundled held-out text, 12 x 1,024 tokens, 32-token prefill): its row is its report's,
     the peers are scored on the same token windows by the same decode-path evaluator (HF's in
@@ -181,8 +183,7 @@ def smollm2_peers(report: dict, work: Path) -> list[dict]:
         "float_ppl": quality["float_ppl"], "ppl": quality["quantized_ppl"], "ppl_delta_pct": quality["ppl_delta_pct"],
         "top1_agreement": quality["top1_agreement"], "mean_kl": quality["mean_kl"],
         "gate": "pass" if quality["passed"] else "FAIL", "stored_as": sorted(set(report["plan"]["choices"].values())),
-        "form": "fused GroupQueryAttention" + (" + float slots" if "also kept in float16" in
-                                               (report["fusion"]["float_slots"] or "") else ""),
+        "form": "fused GroupQueryAttention" + (" + float slots" if float_slots else ""),
         "compile_seconds": None,
     }]
     print("SmolLM2 peer: onnxruntime-genai int4_per_channel", file=sys.stderr, flush=True)

@@ -27,10 +27,10 @@ What it rewrites
   scaled into keys and values: q . k^_i and sum p_i v^_i are taken over the codes (unpacked in
   [even | odd] channel order), with the scales, permuted to match, moved into [D, D] matrices on
   the query and on the weighted sum; the slots stay float16 until the one Cast the correction
-  reads. What a decode step pays is moving the
-  slots (about five passes over them) and onnxruntime's per-node overhead, so keys and values
-  share every op that moves them and the slot positions are computed once for all layers (from
-  T: every batch row holds T positions, as kvcompile's runners feed them).
+  reads. What a decode step pays is moving the slots (about five passes over them) and
+  onnxruntime's per-node overhead, so keys and values share every op that moves them and the
+  slot positions are computed once for all layers (from T: every batch row holds T positions,
+  as kvcompile's runners feed them).
 
 Why
   On SmolLM2 (`python -m bench.storage_sweep --window 1024 --windows 4 --sinks 4 --recent R`)

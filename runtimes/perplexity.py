@@ -53,6 +53,11 @@ class _Tally:
         )
 
 
+def scored_predictions(windows: np.ndarray, prefill: int) -> int:
+    """How many predictions `decode_path_scores` counts on `windows` [N, W]: those after each decode step."""
+    return windows.shape[0] * (windows.shape[1] - prefill - 1)
+
+
 def decode_path_scores(
     decoders: Sequence[Decoder],
     windows: np.ndarray,
@@ -72,7 +77,7 @@ def decode_path_scores(
     if windows.ndim != 2 or windows.shape[1] < prefill + 2:
         raise ValueError(f"windows must be [N, W] with W >= prefill + 2, got {windows.shape}")
     tallies = [_Tally() for _ in decoders]
-    planned = windows.shape[0] * (windows.shape[1] - prefill - 1)
+    planned = scored_predictions(windows, prefill)
     for start in range(0, windows.shape[0], batch):
         tokens = windows[start : start + batch]
         caches = [d.new_cache(tokens.shape[0]) for d in decoders]

@@ -11,7 +11,7 @@ import numpy as np
 
 from kvcompile.quality import Agreement, TargetQuality
 from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.perplexity import DecodeScore, decode_path_scores
+from kvcompile.runtimes.perplexity import DecodeScore, decode_path_scores, scored_predictions
 
 FLOAT_CHUNK = 32  # tokens the float model is fed per call: its logits do not depend on it
 
@@ -40,7 +40,7 @@ def decode_quality(float_decoder: Decoder, decoder: Decoder, windows: np.ndarray
         eval_text=text,
         quality_gate_pct=gate_pct,
         passed=delta <= gate_pct,
-        stopped_early=score.tokens < windows.shape[0] * (windows.shape[1] - prefill - 1),
+        stopped_early=score.tokens < scored_predictions(windows, prefill),
     )
 
 

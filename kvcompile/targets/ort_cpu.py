@@ -28,6 +28,7 @@ from kvcompile.quality import TargetQuality
 from kvcompile.quant import SUPPORTED_BITS
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.session import cpu_session
+from kvcompile.runtimes.perplexity import scored_predictions
 from kvcompile.runtimes.verify import decode_quality
 from kvcompile.targets.base import Artifact, Capabilities, LoweringInput, TargetOptions, VerifyInput
 
@@ -158,7 +159,7 @@ class OrtCpuTarget:
     def verify(self, artifact: Artifact, verifying: VerifyInput) -> TargetQuality:
         """The whole held-out text, the compile's window and prefill: the figures the gate reads."""
         windows = verifying.eval_windows
-        steps = windows.shape[0] * (windows.shape[1] - verifying.prefill - 1)
+        steps = scored_predictions(windows, verifying.prefill)
         progress = verifying.progress(f"verifying through the decode path ({windows.shape[0]} windows of "
                                       f"{windows.shape[1]} tokens)", steps)
         return decode_quality(verifying.float_decoder, self.open(verifying.folder, artifact.io), windows,
