@@ -198,6 +198,17 @@ def slot_name(key_cache_name: str, part: str) -> str:
     return f"{key_cache_name}_kv_{part}"
 
 
+def float_slots_name(cache_name: str) -> str:
+    """Graph input of a static graph's float positions next to one cache tensor (the runner's
+    sink and recent float16 copies)."""
+    return f"{cache_name}_float_slots"
+
+
+def new_float_name(present_name: str) -> str:
+    """Graph output of a static graph: the new token's entries of one cache tensor in float16."""
+    return f"{present_name}_float"
+
+
 def slot_lengths(seq: int, sinks: int, recent: int) -> dict[str, int]:
     """The float slots' lengths with `seq` tokens cached (RunOptions.float_slots)."""
     return {"sink_seq": min(sinks, seq), "recent_seq": min(recent, max(0, seq - sinks))}

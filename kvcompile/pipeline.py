@@ -586,6 +586,12 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         timings[name] = round(now - clock, 3)
         clock = now
 
+    def lap_sum(name: str) -> None:
+        """`lap`, adding to what the stage already took (emit and verify run per group of targets)."""
+        before = timings.get(name, 0.0)
+        lap(name)
+        timings[name] = round(timings[name] + before, 3)
+
     model = load_model(model_path)  # not announced: a refused input gets its one line and nothing else
     check_operators(model)
     normalized = normalize_export(model)
@@ -631,8 +637,9 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         quantize_graph(model, kv, plan)
         lap("rewrite_s")
 
-        # The ort-cpu artifact is rebuilt with float slots if it fails the gate without them: its
-        # first verification then only has to tell whether it fails, and stops once it must.
+        # The ort-cpu artifact is built first and rebuilt with float slots if it fails the gate
+        # without them: its first verification then only has to tell whether it fails, and stops
+        # once it must. The other targets are built once, from the plan that decision leaves.
         may_add_slots = bool(slot_layers) and not plan_options.fold_scales
 
         def emit_and_verify(model: ir.Model, plan: QuantPlan, stage: Path, targets: tuple[str, ...],
@@ -642,25 +649,25 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                                      float_kv=decomposed_kv, stats=stats, stage=stage, source_dir=model_path.parent,
                                      calib_ids=texts.calib_windows.reshape(-1), options=stages.target)
             artifacts, changes = lower_targets(targets, lowering)
-            lap("emit_s")
+            lap_sum("emit_s")
             verifying = VerifyInput(float_decoder=float_decoder, eval_windows=texts.eval_windows,
                                     eval_text=texts.eval_name, prefill=stages.texts.prefill,
                                     quality_gate_pct=stages.quality_gate_pct, folder=stage, progress=progress)
             qualities = {name: TARGETS[name].verify(artifact, dataclasses.replace(
                 verifying, stop_once_failed=name in rebuilt_if_failed)) for name, artifact in artifacts.items()}
-            lap("verify_s")
+            lap_sum("verify_s")
             return artifacts, changes, qualities
 
         with staged_output_dir(out_dir) as stage:
-            artifacts, changes, qualities = emit_and_verify(model, plan, stage, stages.targets,
+            artifacts, changes, qualities = emit_and_verify(model, plan, stage, ("ort-cpu",),
                                                             ("ort-cpu",) if may_add_slots else ())
             slots_decision = None
             if may_add_slots:
-                slots_decision = float_slots_decision(qualities["ort-cpu"], plan_options.float_slots, len(slot_layers))
+                slots_decision = float_slots_decision(qualities["ort-cpu"], plan_options.float_slots, len(slot_layers),
+                                                      tuple(t for t in stages.targets if t != "ort-cpu"))
                 if not qualities["ort-cpu"].passed:
                     # The gate decides: float slots cost bytes and onnxruntime-genai compatibility, so
-                    # they are added only to a compile that fails without them. Only the ort-cpu
-                    # artifact is rebuilt: no other target holds them (legalize drops them).
+                    # they are added only to a compile that fails without them.
                     progress(slots_decision, 0)
                     shutil.rmtree((stage / artifacts["ort-cpu"].io.model).parent)
                     plan = with_float_slots(plan, kv, slot_layers, *plan_options.float_slots)
@@ -668,10 +675,14 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                     model = load_model(float_path)
                     quantize_graph(model, kv, plan)
                     timings["first_emit_s"], timings["first_verify_s"] = timings["emit_s"], timings["verify_s"]
+                    timings["emit_s"] = timings["verify_s"] = 0.0
                     lap("rewrite_s")
-                    rebuilt = emit_and_verify(model, plan, stage, ("ort-cpu",))
-                    for merged, new in zip((artifacts, changes, qualities), rebuilt):
-                        merged.update(new)
+                    artifacts, changes, qualities = emit_and_verify(model, plan, stage, ("ort-cpu",))
+            others = tuple(t for t in stages.targets if t != "ort-cpu")
+            if others:
+                built = emit_and_verify(model, plan, stage, others)
+                for merged, new in zip((artifacts, changes, qualities), built):
+                    merged.update(new)
             manifest = write_manifest(artifacts, stage, model_path, tokenizer)
             memory = memory_figures(kv, plan)
             report = Report(
@@ -702,18 +713,20 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
     return result
 
 
-def float_slots_decision(first: TargetQuality, slots: tuple[int, int], layers: int) -> str:
-    """Why the artifact has float slots or not (the report's decisions)."""
+def float_slots_decision(first: TargetQuality, slots: tuple[int, int], layers: int,
+                         static_targets: tuple[str, ...] = ()) -> str:
+    """Why the artifacts have float slots or not (the report's decisions)."""
     sinks, recent = slots
     if first.passed:
         return (f"float slots: none needed (the 4-bit cache alone passed the gate at {first.ppl_delta_pct:+.2f}%; "
                 f"the first {sinks} and newest {recent} positions in float would cost bytes and "
                 "onnxruntime-genai compatibility)")
+    static = f" (and of every cache of the {', '.join(static_targets)} graph)" if static_targets else ""
     seen = (f" over its first {first.eval_tokens:,} predictions (verification stopped there: it could no "
             "longer pass)" if first.stopped_early else "")
     return (f"float slots: the 4-bit cache alone lost {first.ppl_delta_pct:+.2f}%{seen} (gate {first.quality_gate_pct}%), "
-            f"so the first {sinks} and newest {recent} positions of {layers} GroupQueryAttention layer(s) are also "
-            "kept in float16 and read exactly (--float-slots 0 0: never)")
+            f"so the first {sinks} and newest {recent} positions of {layers} GroupQueryAttention layer(s)"
+            f"{static} are also kept in float16 and read exactly (--float-slots 0 0: never)")
 
 
 def gate_message(quality: Verdict, gate_pct: float, out_dir: Path) -> str:

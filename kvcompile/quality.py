@@ -33,3 +33,6 @@ class TargetQuality:
     passed: bool
     stopped_early: bool = False  # verification ended once the gate could no longer pass (figures of eval_tokens)
     agreement: Agreement | None = None
+    # qnn-htp: the gate's figures come from the CPU EP run of the same QDQ graph over full-context
+    # windows; this is a short text decoded on the (simulated) device itself, which must pass too
+    on_device: TargetQuality | None = None

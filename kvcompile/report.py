@@ -181,11 +181,27 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{row['stored_bits_per_element']:.3f} | {_fmt(row['sqnr_db'], 1)} | {row['reason']} |"
         )
     lines += memory_wall_markdown(report["memory_wall"])
-    lines += ["", "## Targets", "", "| target | artifact | ran | stores the cache as |", "| --- | --- | --- | --- |"]
+    lines += ["", "## Targets", "", "| target | artifact | ran | quality (perplexity change, where it ran) | stores the cache as |",
+              "| --- | --- | --- | --- | --- |"]
     for name, target in report["targets"].items():
-        lines.append(f"| {name} | {target['artifact']} | {target['ran']} | {target['kv_storage']} |")
+        lines.append(f"| {name} | {target['artifact']} | {target['ran']} | {target_quality_cell(target.get('quality'))} | "
+                     f"{target['kv_storage']} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def target_quality_cell(quality: dict[str, Any] | None) -> str:
+    if not quality:
+        return "-"
+
+    def one(q: dict[str, Any]) -> str:
+        return (f"{q['ppl_delta_pct']:+.3f}% over {q['eval_tokens']:,} tokens, {'pass' if q['passed'] else 'FAIL'} "
+                f"({q['ran_on']})")
+
+    cell = one(quality)
+    if quality.get("on_device"):
+        cell += f"; short text: {one(quality['on_device'])}"
+    return cell
 
 
 def decisions_markdown(report: dict[str, Any]) -> list[str]:

@@ -21,6 +21,13 @@ What it rewrites it to
   asymmetric, `<past>_zero_point` (uint8) inputs, carried along the same chain into
   `<present>_scale` / `<present>_zero_point` outputs.
 
+  Static graphs with `float_positions` P > 0 (slot mode): the last P of the past's positions are
+  not codes but a float16 input `<past>_float_slots` (the runner's copies of the sink and newest
+  tokens), so the codes input holds P positions fewer and every reader of the past reads
+      past = Concat(decode(past_q), Cast(float_slots), axis=seq)
+  (the same length as before: the exporter's shape arithmetic is untouched). An output
+  `<present>_float`, the new entries in float16, is what the runner writes into those positions.
+
 Why
   Concatenating in the code domain means every token is quantized exactly once, when it enters
   the cache, and old entries are never re-quantized (which matters once scales are dynamic).
@@ -38,7 +45,7 @@ import onnx_ir as ir
 
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import KVGraph, KVTensor
-from kvcompile.manifest import packed_dims, param_shape, scale_name, zero_point_name
+from kvcompile.manifest import float_slots_name, new_float_name, packed_dims, param_shape, scale_name, zero_point_name
 from kvcompile.passes.kv_codec import ONNX, Encoded, FragmentBuilder, emit_decode, emit_encode
 from kvcompile.passes.conditions import ensure_stored_as, require_cache_inputs
 from kvcompile.passes.constants import constant_ints
@@ -52,15 +59,20 @@ CHAIN_OPS = COPIES | {"Slice"}
 
 
 class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
-    def __init__(self, kv: KVGraph, codecs: dict[str, Codec], slot_outputs: bool = False, style: str = ONNX):
+    def __init__(self, kv: KVGraph, codecs: dict[str, Codec], slot_outputs: bool = False, style: str = ONNX,
+                 float_positions: int = 0):
         """`slot_outputs`: the present outputs carry only the new tokens' entries (static NPU
         graphs, where the runner writes them into its fixed buffer) instead of the whole cache.
-        `style`: the ops the codec is spelled with (passes.kv_codec)."""
+        `style`: the ops the codec is spelled with (passes.kv_codec). `float_positions`: slot
+        mode only, past positions read from float16 copies instead of codes (module docstring)."""
         super().__init__()
+        if float_positions and not slot_outputs:
+            raise ValueError("float positions in the past are for static graphs (slot outputs)")
         self.kv = kv
         self.codecs = codecs
         self.slot_outputs = slot_outputs
         self.style = style
+        self.float_positions = float_positions
 
     def _planned(self) -> list[KVTensor]:
         return [t for t in self.kv.tensors if self.codecs.get(t.past_input) is not None]
@@ -98,7 +110,7 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
     def _rewrite(self, graph: ir.Graph, names: NameAllocator, tensor: KVTensor, concat: ir.Node, codec: Codec) -> None:
         past = next(v for v in graph.inputs if v.name == tensor.past_input)
         present = next(v for v in graph.outputs if v.name == tensor.present_output)
-        pre, cache_index = _chain_to_concat(past, concat, tensor)
+        pre, cache_index = chain_to_concat(past, concat, tensor)
         post = _chain_to_present(concat.outputs[0], present, tensor)
         others = [i for i, v in enumerate(concat.inputs) if i != cache_index and v is not None]
         if len(others) != 1:
@@ -110,8 +122,14 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
         logical = list(tensor.past_shape)
         seq = tensor.axes.seq
 
+        coded_dims = list(past.shape.dims)
+        if self.float_positions:
+            if not isinstance(coded_dims[seq], int) or coded_dims[seq] <= self.float_positions:
+                raise UnsupportedModelError(f"{tensor.label}: the static buffer ({coded_dims[seq]} positions) must be "
+                                            f"longer than the {self.float_positions} float slots; raise --max-context")
+            coded_dims[seq] -= self.float_positions
         past_stored = Encoded(_graph_value(names.name(f"{past.name}__packed"), ir.DataType.UINT8,
-                                           packed_dims(past.shape.dims, tensor.axes.head_dim, codec.per_byte)))
+                                           packed_dims(coded_dims, tensor.axes.head_dim, codec.per_byte)))
         if codec.dynamic:
             param_dims = param_shape(past.shape.dims, tensor.axes.head_dim, codec.group)
             past_stored.scale = _graph_value(_io_name(names, scale_name(past.name)), ir.DataType.FLOAT16, param_dims)
@@ -122,6 +140,8 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
         # The new entries are encoded, appended in the code domain and carried to the output.
         builder = FragmentBuilder(graph, names, f"kvcompile/{tensor.label}")
         new = emit_encode(builder, new_entries, codec, new_dtype, logical, self.style)
+        if self.float_positions:
+            self._float_output(graph, names, tensor, concat, new_entries, present)
         if self.slot_outputs:
             present_stored = new
         else:
@@ -161,6 +181,28 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
             graph.inputs.append(past_param)
             graph.outputs.append(present_param)
 
+    def _float_output(self, graph: ir.Graph, names: NameAllocator, tensor: KVTensor, concat: ir.Node,
+                      new_entries: ir.Value, present: ir.Value) -> None:
+        """`<present>_float`: the new entries in float16, for the runner to write into the float
+        positions the static graph reads (module docstring)."""
+        builder = FragmentBuilder(graph, names, f"kvcompile/{tensor.label}/float_slots")
+        new_float = builder.op("Cast", [new_entries], to=ir.DataType.FLOAT16)
+        new_float.name = _io_name(names, new_float_name(present.name))
+        dims = [1 if d == "batch" else d for d in tensor.past_shape]
+        dims[tensor.axes.seq] = new_entries.shape.dims[tensor.axes.seq] if new_entries.shape is not None else 1
+        new_float.type, new_float.shape = ir.TensorType(ir.DataType.FLOAT16), ir.Shape(dims)
+        graph.insert_before(concat, builder.nodes)
+        graph.outputs.append(new_float)
+
+    def _with_float_positions(self, graph: ir.Graph, builder: FragmentBuilder, names: NameAllocator,
+                              tensor: KVTensor, past: ir.Value, decoded: ir.Value) -> ir.Value:
+        """The decoded codes followed by the `<past>_float_slots` input: the whole past."""
+        dims = list(past.shape.dims)
+        dims[tensor.axes.seq] = self.float_positions
+        slots = _graph_value(_io_name(names, float_slots_name(past.name)), ir.DataType.FLOAT16, dims)
+        graph.inputs.append(slots)
+        return builder.op("Concat", [decoded, builder.op("Cast", [slots], to=past.dtype)], axis=tensor.axes.seq)
+
     def _redirect_readers(self, graph: ir.Graph, names: NameAllocator, past: ir.Value, past_stored: Encoded,
                           tensor: KVTensor, codec: Codec) -> None:
         """Readers of the float `past`: a Shape gets the logical shape computed from the packed one
@@ -171,7 +213,7 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
         builder = FragmentBuilder(graph, names, f"kvcompile/{tensor.label}/past")
         decoded = None
         for use in uses:
-            if use.node.op_type == "Shape":
+            if use.node.op_type == "Shape" and not self.float_positions:
                 start = use.node.attributes["start"].as_int() if "start" in use.node.attributes else 0
                 end = use.node.attributes["end"].as_int() if "end" in use.node.attributes else None
                 stored_shape = builder.op("Shape", [past_stored.codes], **{
@@ -183,6 +225,8 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
             else:
                 if decoded is None:
                     decoded = emit_decode(builder, past_stored, codec, list(tensor.past_shape), past.dtype, self.style)
+                    if self.float_positions:
+                        decoded = self._with_float_positions(graph, builder, names, tensor, past, decoded)
                 use.node.replace_input_with(use.idx, decoded)
         graph.insert_before(first, builder.nodes)
         for use in uses:
@@ -190,7 +234,7 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
                 graph.remove(use.node, safe=True)
 
 
-def _chain_to_concat(past: ir.Value, concat: ir.Node, tensor: KVTensor) -> tuple[list[ir.Node], int]:
+def chain_to_concat(past: ir.Value, concat: ir.Node, tensor: KVTensor) -> tuple[list[ir.Node], int]:
     """The nodes from the past input to the Concat operand it becomes, and that operand's index."""
     for index, operand in enumerate(concat.inputs):
         chain, value = [], operand

@@ -22,6 +22,10 @@ Two transforms are used:
     scales s would: per-channel quality on targets that only take per-tensor Q/DQ (QNN HTP).
     Keys are transformed after RoPE, so s need not respect RoPE's channel pairs.
   Diagonal transforms are applied with Mul, others with MatMul.
+
+Keys may also be shifted first: new' = (new - c) M, with c a per-channel center (static graphs:
+`targets.static`). No reader-side change is needed: every score of one query moves by the same
+q'.(c M), and softmax ignores a per-query constant. Values are never shifted.
 """
 
 from __future__ import annotations
@@ -52,10 +56,16 @@ def hadamard(size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class KVTransform:
-    """Per KV head: a full matrix [H, d, d] or a diagonal [H, d] (new' = new * diagonal)."""
+    """Per KV head: a full matrix [H, d, d] or a diagonal [H, d] (new' = new * diagonal), either
+    after an optional shift [H, d] (keys only: new' = (new - shift) M)."""
 
     matrix: np.ndarray | None = None
     diagonal: np.ndarray | None = None
+    shift: np.ndarray | None = None
+
+    @property
+    def shift_only(self) -> bool:
+        return self.matrix is None and self.diagonal is None
 
     @staticmethod
     def rotation(tensor: KVTensor) -> "KVTransform":
@@ -71,7 +81,8 @@ class KVTransform:
         return KVTransform(diagonal=(1.0 / scale).astype(np.float32))
 
     def reader_side(self, kind: str) -> "KVTransform":
-        """What the query (keys: M^-T) or the attention output (values: M^-1) is multiplied by."""
+        """What the query (keys: M^-T) or the attention output (values: M^-1) is multiplied by
+        (a shift needs nothing: see the module docstring)."""
         if self.diagonal is not None:
             return KVTransform(diagonal=(1.0 / self.diagonal).astype(np.float32))
         inverse = np.linalg.inv(self.matrix.astype(np.float64))
@@ -112,10 +123,19 @@ class TransformKVPass(ir.passes.InPlacePass):
         numpy_dtype = np.float16 if dtype == ir.DataType.FLOAT16 else np.float32
         new_index = next(i for i, v in enumerate(concat.inputs) if v is not None and v.name != tensor.past_input)
         builder = FragmentBuilder(graph, names, f"kvcompile/{tensor.label}/transform")
-        transformed = _apply(builder, concat.inputs[new_index], transform, tensor.num_heads, tensor.rank,
-                             tensor.axes.heads, tensor.axes.head_dim, numpy_dtype)
+        new_entries = concat.inputs[new_index]
+        if transform.shift is not None:
+            if tensor.kind != "key":
+                raise ValueError(f"{tensor.label}: only keys can be shifted (softmax ignores a per-query constant)")
+            new_entries = _subtract(builder, new_entries, transform.shift, tensor.num_heads, tensor.rank,
+                                    tensor.axes.heads, tensor.axes.head_dim, numpy_dtype)
+        if not transform.shift_only:
+            new_entries = _apply(builder, new_entries, transform, tensor.num_heads, tensor.rank,
+                                 tensor.axes.heads, tensor.axes.head_dim, numpy_dtype)
         graph.insert_before(concat, builder.nodes)
-        concat.replace_input_with(new_index, transformed)
+        concat.replace_input_with(new_index, new_entries)
+        if transform.shift_only:
+            return
 
         other = reader.inputs[1 - operand] if tensor.kind == "key" else reader.outputs[0]
         heads = _query_heads(other, tensor)
@@ -160,6 +180,17 @@ def _expand_to_query_heads(transform: KVTransform, kv_heads: int, query_heads: i
     if transform.diagonal is not None:
         return KVTransform(diagonal=np.repeat(transform.diagonal, repeat, axis=0))
     return KVTransform(matrix=np.repeat(transform.matrix, repeat, axis=0))
+
+
+def _subtract(builder: FragmentBuilder, x: ir.Value, shift: np.ndarray, heads: int, rank: int,
+              heads_axis: int | None, head_dim_axis: int, dtype) -> ir.Value:
+    """x - shift_h along head_dim, head by head."""
+    shape = [1] * rank
+    shape[head_dim_axis] = shift.shape[-1]
+    if heads_axis is not None:
+        shape[heads_axis] = heads
+    values = shift.reshape(heads if heads_axis is not None else 1, -1)
+    return builder.op("Sub", [x, builder.const(values.reshape(shape).astype(dtype), "center")])
 
 
 def _apply(builder: FragmentBuilder, x: ir.Value, transform: KVTransform, heads: int, rank: int,

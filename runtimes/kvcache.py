@@ -99,6 +99,13 @@ class StaticCache:
     overwritten in turn, except the first `sinks` tokens, which stay: attention sinks
     (StreamingLLM) keep long generations stable. Keys carry their RoPE rotation from when they
     were computed, and attention ignores slot order, so no entry ever moves.
+
+    Float slots (`RunOptions.float_slots` = [S, R]): the last S + R of the slots are float16
+    copies instead of codes (each cache tensor's `float_slots` input). The first S tokens stay
+    there for good (they are the sinks; the coded slots then keep none); every later token
+    enters a ring of the R newest in float, and its codes, returned when it was fed, are written
+    into the coded slots when it leaves the ring. Each token is read once, in float while it is
+    a sink or among the newest R, from its codes after.
     """
 
     def __init__(self, io: TargetIO, batch: int = 1, sinks: int = 4):
@@ -106,43 +113,93 @@ class StaticCache:
             raise ValueError("static-shape targets run batch 1")
         self.io = io
         self.batch = 1
-        self.slots = io.max_context - 1
-        self.sinks = min(sinks, self.slots - 1)
+        self.float_sinks, self.float_recent = io.options.float_slots or (0, 0)
+        self.slots = io.max_context - 1 - self.float_sinks - self.float_recent  # coded slots
+        self.sinks = 0 if io.options.float_slots else min(sinks, self.slots - 1)
         self.length = 0  # tokens fed so far: the next token's position
+        self.coded = 0  # tokens written into the coded slots so far
         self.filled = np.zeros(self.slots, dtype=bool)
         self.tensors: dict[str, np.ndarray] = {}
+        self._pending: dict[str, np.ndarray] = {}  # codes of the tokens in the float ring
         self._slot_axis: dict[str, int] = {}
+        self._float_slots: list[tuple[str, str, int]] = []  # (input, output, seq axis)
         for kv in io.kv:
             per_byte = kv.packing.codes_per_byte if kv.packing else 1
             empty = _empty_value(kv.stored_dtype, kv.zero_point, kv.bits, per_byte)
             self.tensors[kv.input] = np.full(concrete_shape(kv.stored_shape, 1, self.slots), empty,
                                              stored_numpy_dtype(kv.stored_dtype))
             self._slot_axis[kv.input] = kv.seq_axis
+            for param in kv.params:
+                if param.kind == "float_slots":
+                    self.tensors[param.input] = np.zeros(concrete_shape(param.stored_shape, 1, 0),
+                                                         stored_numpy_dtype(param.stored_dtype))
+                    self._float_slots.append((param.input, param.output, kv.seq_axis))
+                    self._pending[kv.input] = np.zeros(concrete_shape(kv.stored_shape, 1, self.float_recent),
+                                                       stored_numpy_dtype(kv.stored_dtype))
 
     def next_slot(self) -> int:
-        if self.length < self.slots:
-            return self.length
+        """The coded slot the next token written there goes to."""
+        if self.coded < self.slots:
+            return self.coded
         window = self.slots - self.sinks
-        return self.sinks + (self.length - self.slots) % window
+        return self.sinks + (self.coded - self.slots) % window
 
     def feeds(self) -> dict[str, np.ndarray]:
         return dict(self.tensors)
 
     def bias(self, dtype=np.float32) -> np.ndarray:
-        """The attention_bias input: 0 for filled slots and the new token (last), masked otherwise."""
-        bias = np.where(np.append(self.filled, True), 0.0, MASKED_BIAS).astype(dtype)
+        """The attention_bias input: 0 for filled slots (coded, then float) and the new token
+        (last), masked otherwise."""
+        read = self.filled
+        if self._float_slots:
+            in_float = np.zeros(self.float_sinks + self.float_recent, dtype=bool)
+            in_float[: min(self.length, self.float_sinks)] = True
+            in_float[self.float_sinks : self.float_sinks + min(self.float_recent,
+                                                                max(0, self.length - self.float_sinks))] = True
+            read = np.concatenate([read, in_float])
+        bias = np.where(np.append(read, True), 0.0, MASKED_BIAS).astype(dtype)
         return bias.reshape(1, 1, 1, -1)
 
     def update(self, presents: dict[str, np.ndarray], new_tokens: int) -> None:
         if new_tokens != 1:
             raise ValueError("static-shape targets take one token per step")
-        slot = self.next_slot()
-        for kv in self.io.kv:
-            index = [slice(None)] * self.tensors[kv.input].ndim
-            index[self._slot_axis[kv.input]] = slot
-            self.tensors[kv.input][tuple(index)] = np.take(presents[kv.output], 0, axis=self._slot_axis[kv.input])
-        self.filled[slot] = True
+        if not self._float_slots:
+            self._write_coded({kv.input: presents[kv.output] for kv in self.io.kv})
+        elif self.length < self.float_sinks:
+            self._write_float(presents, self.length)
+        else:
+            ring = (self.length - self.float_sinks) % self.float_recent
+            if self.length - self.float_sinks >= self.float_recent:  # the oldest in the ring leaves it
+                self._write_coded({name: self._take(name, pending, ring) for name, pending in self._pending.items()})
+            for kv in self.io.kv:
+                self._put(self._pending[kv.input], self._slot_axis[kv.input], ring,
+                          np.take(presents[kv.output], 0, axis=self._slot_axis[kv.input]))
+            self._write_float(presents, self.float_sinks + ring)
         self.length += 1
 
+    def _take(self, name: str, buffer: np.ndarray, index: int) -> np.ndarray:
+        return np.take(buffer, [index], axis=self._slot_axis[name])
+
+    @staticmethod
+    def _put(buffer: np.ndarray, axis: int, index: int, entry: np.ndarray) -> None:
+        where = [slice(None)] * buffer.ndim
+        where[axis] = index
+        buffer[tuple(where)] = entry
+
+    def _write_coded(self, entries: dict[str, np.ndarray]) -> None:
+        """One token's codes (one position along each tensor's seq axis) into the next coded slot."""
+        slot = self.next_slot()
+        for name, entry in entries.items():
+            axis = self._slot_axis[name]
+            self._put(self.tensors[name], axis, slot, np.take(entry, 0, axis=axis))
+        self.filled[slot] = True
+        self.coded += 1
+
+    def _write_float(self, presents: dict[str, np.ndarray], index: int) -> None:
+        for name, output, axis in self._float_slots:
+            self._put(self.tensors[name], axis, index, np.take(presents[output], 0, axis=axis))
+
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        """Bytes the runner holds for the cache: the buffers the graph reads and the codes of the
+        tokens in the float ring, waiting to enter the coded slots."""
+        return sum(t.nbytes for t in self.tensors.values()) + sum(t.nbytes for t in self._pending.values())

@@ -47,6 +47,8 @@ def decode_quality(float_decoder: Decoder, decoder: Decoder, windows: np.ndarray
 def cannot_pass(float_score: DecodeScore, score: DecodeScore, remaining: int, gate_pct: float) -> bool:
     """Whether the gate fails even if the `remaining` predictions are as good as the float
     model's: the log-likelihood already lost, spread over every prediction, exceeds the gate's."""
+    if gate_pct <= -100.0:  # no perplexity is that low: nothing passes
+        return True
     if score.tokens == 0:
         return False
     lost = (score.nll - float_score.nll) * score.tokens

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import DYNAMO, OUTLIERS, REPO
+from kvcompile.errors import QualityGateError
 from kvcompile.pipeline import CompileOptions, compile_model
 
 pytestmark = pytest.mark.slow
@@ -123,3 +124,40 @@ def test_python_api_example_compiles_and_generates(tmp_path):
     assert 3.9 < ratio < 4.0, "4-bit codes plus a few KB of static scales and key centers"
     assert f"{ratio:.2f}x smaller than float16" in summary and text.startswith("The GNU General Public License")
     assert len(text) > 60
+
+
+@pytest.fixture(scope="module")
+def slotted(tmp_path_factory):
+    """Every target with float slots: a gate no 4-bit cache passes makes the compile add them
+    (2 sinks + 8 recent on a 48-token buffer, so the ring turns over and tokens leave it)."""
+    out = tmp_path_factory.mktemp("runners") / "slotted"
+    with pytest.raises(QualityGateError):
+        compile_model(CompileOptions(model=DYNAMO, out_dir=out, targets=("all",), max_context=CONTEXT,
+                                     calib_tokens=2048, eval_tokens=2048, float_slots=(2, 8),
+                                     quality_gate_pct=-100.0))
+    return out
+
+
+def test_static_targets_take_the_float_slots(slotted):
+    manifest = json.loads((slotted / "kvcompile.json").read_text())
+    for target in ("qnn-htp", "nnapi", "tflite"):
+        io = manifest["targets"][target]
+        assert io["options"]["float_slots"] == [2, 8]
+        assert all([p["kind"] for p in kv["params"]] == ["float_slots"] for kv in io["kv"])
+
+
+def test_copyable_runner_keeps_the_float_slots_as_kvcompile_run_does(slotted):
+    ours = run("-m", "kvcompile.cli", "run", str(slotted), "--prompt", PROMPT, "--max-new-tokens", "60",
+               "--target", "nnapi")
+    theirs = run("examples/ort_runner.py", str(slotted), "--prompt", PROMPT, "--max-new-tokens", "60",
+                 "--target", "nnapi")
+    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr
+    assert ours.stdout == theirs.stdout and len(ours.stdout) > len(PROMPT) + 60
+
+
+@pytest.mark.parametrize("target", ["qnn-htp", "tflite"])
+def test_run_static_targets_with_float_slots_past_max_context(slotted, target):
+    result = run("-m", "kvcompile.cli", "run", str(slotted), "--prompt", PROMPT, "--max-new-tokens", "60",
+                 "--target", target)
+    assert result.returncode == 0, result.stderr
+    assert "60 tokens in" in result.stderr and len(result.stdout.strip()) > len(PROMPT) + 60

@@ -99,8 +99,8 @@ def test_static_cache_fills_in_order_then_slides_keeping_sinks(compiled):
 
 def test_the_plan_is_legalised_per_target_from_its_capabilities():
     """One function turns the compile's plan into what a target holds: the static graphs take
-    4-bit static symmetric scales (per-token tensors re-planned per-channel, each change noted);
-    ort-cpu holds the plan as it is."""
+    4-bit static symmetric scales (per-token tensors re-planned per-channel, keys centered, each
+    change noted) and centers on keys only; ort-cpu holds the plan as it is."""
     from kvcompile.targets import TARGETS
     from kvcompile.targets.base import legalize
 
@@ -113,11 +113,66 @@ def test_the_plan_is_legalised_per_target_from_its_capabilities():
     assert all(a is b for a, b in zip(same.tensors, plan.tensors)) and notes == ()
     for name in ("qnn-htp", "nnapi", "tflite"):
         static, notes = legalize(kv, stats, plan, TARGETS[name].capabilities)
-        assert {t.name for t in static.tensors} == {"4-bit per-channel"}
+        names = {t.label[-1]: t.name for t in static.tensors}
+        assert names == {"K": "4-bit per-channel centered", "V": "4-bit per-channel"}
         assert len(notes) == len(kv.tensors) and "static-shape targets take static scales" in notes[0]
 
     centered = dataclasses.replace(plan, tensors=tuple(centered_channel_plan(t, stats, 4, "wmse") for t in kv.tensors))
     same, notes = legalize(kv, stats, centered, TARGETS["ort-cpu"].capabilities)
     assert all(t.center is not None for t in same.tensors) and notes == ()
     static, notes = legalize(kv, stats, centered, TARGETS["nnapi"].capabilities)
-    assert all(t.center is None for t in static.tensors) and "only through GroupQueryAttention" in notes[0]
+    assert all((t.center is not None) == (t.label.endswith("K")) for t in static.tensors)
+    assert len(notes) == len(kv.tensors) // 2 and all("only through softmax: keys" in n for n in notes)
+
+
+@pytest.fixture(scope="module")
+def slotted(tmp_path_factory):
+    """The fixture's static graph (NNAPI spelling) with centered keys and 2 + 8 float slots, the
+    same without slots, and the float model."""
+    from kvcompile.plan import with_float_slots
+
+    work = tmp_path_factory.mktemp("slotted")
+    kv = find_kv_cache(load_model(DYNAMO))
+    float_decoder = Decoder(cpu_session(DYNAMO), float_model_io(kv, str(DYNAMO)))
+    ids = load_token_ids(bundled_text("calib.txt"), TOKENIZER)
+    stats = collect_kv_stats(float_decoder, ids[: 8 * 128].reshape(8, 128))
+    plan = make_plan(kv, stats, 4, "per-channel")
+    plan = dataclasses.replace(plan, tensors=tuple(
+        centered_channel_plan(t, stats, 4, "wmse") if t.kind == "key" else plan.for_input(t.past_input)
+        for t in kv.tensors))
+    decoders = {}
+    for name, chosen in (("slots", with_float_slots(plan, kv, {t.layer for t in kv.tensors}, 2, 8)), ("none", plan)):
+        model, used = static_graph(DYNAMO, kv, chosen, CONTEXT, style="arithmetic", packed=True,
+                                   fold_per_channel=False, fuse_rmsnorm=False, opset=18)
+        ir.save(model, work / f"{name}.onnx")
+        decoders[name] = Decoder(cpu_session(work / f"{name}.onnx"),
+                                 static_target_io(kv, used, model, f"{name}.onnx", CONTEXT, packed=True))
+    return decoders, float_decoder
+
+
+def test_float_slots_read_their_tokens_exactly(slotted):
+    """While every token fits in the 2 sinks + 8 recent float slots, the static graph computes the
+    float model's logits (float16 copies); without slots the same tokens are read from 4 bits."""
+    decoders, float_decoder = slotted
+    tokens = load_token_ids(bundled_text("heldout.txt"), TOKENIZER)[:10][None]
+    reference, _ = float_decoder.step(float_decoder.new_cache(1), tokens)
+    with_slots, _ = decoders["slots"].step(decoders["slots"].new_cache(1), tokens)
+    without, _ = decoders["none"].step(decoders["none"].new_cache(1), tokens)
+    assert np.abs(with_slots - reference).max() < 0.02
+    assert np.abs(without - reference).max() > 5 * np.abs(with_slots - reference).max()
+
+
+def test_float_slot_cache_holds_every_token_once(slotted):
+    """Sinks stay in float, the ring holds the newest 8, tokens leaving it are read from their
+    codes: the bias always reads every token fed (up to the buffer) exactly once, plus the new one."""
+    decoders, _ = slotted
+    decoder = decoders["slots"]
+    cache = decoder.new_cache(1)
+    assert cache.slots == CONTEXT - 1 - 10 and cache.sinks == 0
+    tokens = load_token_ids(bundled_text("heldout.txt"), TOKENIZER)[: 2 * CONTEXT]
+    for t, token in enumerate(tokens):
+        bias = cache.bias()[0, 0, 0]
+        assert bias.shape == (CONTEXT,) and (bias == 0).sum() == min(t, CONTEXT - 1) + 1, t
+        logits, _ = decoder.step(cache, np.array([[token]]))
+        assert np.isfinite(logits).all()
+    assert cache.coded == 2 * CONTEXT - 10 and cache.filled.all()

@@ -40,6 +40,13 @@ def transforms(kv, kind: str, seed: int = 0) -> dict[str, KVTransform]:
             out[t.past_input] = KVTransform.rotation(t)
         elif kind == "scaling":
             out[t.past_input] = KVTransform.scaling(rng.uniform(0.05, 4.0, size=(t.num_heads, t.head_dim)).astype(np.float32))
+        elif kind == "centered":  # keys shifted by a per-channel center, then scaled; values scaled only
+            scaling = KVTransform.scaling(rng.uniform(0.05, 4.0, size=(t.num_heads, t.head_dim)).astype(np.float32))
+            shift = rng.normal(0.0, 3.0, size=(t.num_heads, t.head_dim)).astype(np.float32) if t.kind == "key" else None
+            out[t.past_input] = KVTransform(diagonal=scaling.diagonal, shift=shift)
+        elif kind == "center only":
+            if t.kind == "key":
+                out[t.past_input] = KVTransform(shift=rng.normal(0.0, 3.0, size=(t.num_heads, t.head_dim)).astype(np.float32))
         else:  # a random well-conditioned invertible matrix per head (orthogonal x diagonal)
             orthogonal = np.linalg.qr(rng.normal(size=(t.num_heads, t.head_dim, t.head_dim)))[0]
             stretch = rng.uniform(0.5, 2.0, size=(t.num_heads, 1, t.head_dim))
@@ -54,8 +61,9 @@ def test_hadamard_is_orthonormal_and_symmetric():
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
-@pytest.mark.parametrize("kind", ["rotation", "scaling", "general"])
+@pytest.mark.parametrize("kind", ["rotation", "scaling", "general", "centered", "center only"])
 def test_transform_leaves_float_logits_unchanged(form, kind):
+    """Keys shifted by a center too: softmax ignores the per-query constant q.c, nothing else changes."""
     proto = build_decoder(layers=2, **FORMS[form])
     model = ir.serde.deserialize_model(proto)
     kv = find_kv_cache(model)

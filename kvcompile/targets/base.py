@@ -29,10 +29,10 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from kvcompile.kvgraph import KVGraph
+from kvcompile.kvgraph import KVGraph, KVTensor
 from kvcompile.kvstats import KVStats
 from kvcompile.manifest import TargetIO
-from kvcompile.plan import QuantPlan, tensor_plan
+from kvcompile.plan import QuantPlan, TensorPlan, centered_channel_plan, tensor_plan
 from kvcompile.quality import TargetQuality
 from kvcompile.runtimes.decoder import Decoder
 
@@ -49,6 +49,8 @@ class Capabilities:
     needs_calibration: bool  # static scales and float checks: refused with --no-calibration
     centered: bool = False  # a per-channel center taken out before quantizing (GroupQueryAttention)
     float_slots: bool = False  # sink and recent positions also kept in float (GroupQueryAttention)
+    # static graphs: every per-channel key is stored centered (taken out in the graph, any attention)
+    centers_every_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,9 @@ def legalize(kv: KVGraph, stats: KVStats | None, plan: QuantPlan,
 
     A tensor whose bit width, dynamic scales, zero point or center the target cannot hold is re-planned
     with static symmetric per-channel scales at the target's widest bit width (calibrated:
-    targets that cannot hold dynamic scales need calibration)."""
+    targets that cannot hold dynamic scales need calibration). Targets that center every key
+    (static graphs) get centered per-channel keys; float slots are kept where the target holds
+    them (a static graph: on every tensor or none)."""
     if stats is None:
         return plan, ()
     notes, tensors = [], []
@@ -132,18 +136,39 @@ def legalize(kv: KVGraph, stats: KVStats | None, plan: QuantPlan,
         if chosen.bits is None and capabilities.float_tensors:
             tensors.append(chosen)
             continue
-        uncentered = chosen.center is not None and not capabilities.centered
+        holds_center = capabilities.centered or (capabilities.centers_every_key and tensor.kind == "key")
+        uncentered = chosen.center is not None and not holds_center
         if (chosen.bits not in capabilities.bits or (chosen.dynamic and not capabilities.dynamic_scales)
                 or (not chosen.symmetric and not capabilities.asymmetric) or uncentered):
             if uncentered:
-                why = "a center comes back exactly only through GroupQueryAttention"
+                why = ("a center comes back exactly only through softmax: keys" if capabilities.centers_every_key
+                       else "a center comes back exactly only through GroupQueryAttention")
             else:
                 why = ("static-shape targets take static scales" if not capabilities.dynamic_shapes
                        else "the most this target's cache holds")
-            notes.append(f"{tensor.label}: {chosen.name} -> {bits}-bit per-channel ({why})")
-            chosen = tensor_plan(tensor, stats, bits, "per-channel", plan.clip)
-        elif chosen.float_slots is not None and not capabilities.float_slots:
+            replanned = _per_channel(tensor, stats, bits, plan.clip, capabilities)
+            notes.append(f"{tensor.label}: {chosen.name} -> {replanned.name} ({why})")
+            chosen = dataclasses.replace(replanned, float_slots=chosen.float_slots,
+                                         float_slot_bytes=chosen.float_slot_bytes)
+        elif (capabilities.centers_every_key and tensor.kind == "key" and chosen.center is None
+              and chosen.granularity == "per-channel"):
+            replanned = _per_channel(tensor, stats, bits, plan.clip, capabilities)
+            notes.append(f"{tensor.label}: {chosen.name} -> {replanned.name} (the static graph takes the center out)")
+            chosen = dataclasses.replace(replanned, float_slots=chosen.float_slots,
+                                         float_slot_bytes=chosen.float_slot_bytes)
+        if chosen.float_slots is not None and not capabilities.float_slots:
             notes.append(f"{tensor.label}: without the float sink and recent slots (they take GroupQueryAttention)")
             chosen = dataclasses.replace(chosen, float_slots=None, float_slot_bytes=0)
         tensors.append(chosen)
+    if not capabilities.dynamic_shapes and len({t.float_slots for t in tensors}) > 1:
+        notes.append("without the float sink and recent slots (a static graph takes them on every cache tensor "
+                     "or none, and the plan has them on some)")
+        tensors = [dataclasses.replace(t, float_slots=None, float_slot_bytes=0) for t in tensors]
     return dataclasses.replace(plan, tensors=tuple(tensors)), tuple(notes)
+
+
+def _per_channel(tensor: KVTensor, stats: KVStats, bits: int, clip: str, capabilities: Capabilities) -> TensorPlan:
+    """Static symmetric per-channel scales; keys centered where the target centers every key."""
+    if capabilities.centers_every_key and tensor.kind == "key":
+        return centered_channel_plan(tensor, stats, bits, clip)
+    return tensor_plan(tensor, stats, bits, "per-channel", clip)

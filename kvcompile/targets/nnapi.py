@@ -42,12 +42,11 @@ from kvcompile.targets.static import (
     static_cache_bytes,
     static_graph,
     static_target_io,
-    verification_windows,
+    long_verification_windows,
 )
 
 FOLDER = "nnapi"
 OPSET = 18
-VERIFY_WINDOWS, VERIFY_WINDOW = 4, 128
 
 
 def nnapi_graph(float_path: Path, kv: KVGraph, plan: QuantPlan, context: int) -> tuple[ir.Model, QuantPlan]:
@@ -107,7 +106,7 @@ class NnapiTarget:
         return Artifact(self.name, io, KV_STORAGE, facts)
 
     def verify(self, artifact: Artifact, verifying: VerifyInput) -> TargetQuality:
-        windows = verification_windows(verifying.eval_windows, VERIFY_WINDOWS, VERIFY_WINDOW, artifact.io.max_context)
+        windows = long_verification_windows(verifying.eval_windows, artifact.io.max_context)
         return decode_quality(verifying.float_decoder, self.open(verifying.folder, artifact.io), windows,
                               prefill=VERIFY_PREFILL, batch=1, gate_pct=verifying.quality_gate_pct,
                               text=verifying.eval_text, ran_on=self.runs_on)

@@ -1,11 +1,16 @@
 """What every static-shape (NPU) target shares: what its cache holds, the decode graph, its I/O.
 
 - `STATIC_CAPABILITIES`: 4-bit static symmetric scales for every cache tensor (tensors the main
-  plan stores otherwise are re-planned per-channel by `targets.base.legalize`; the notes say which).
+  plan stores otherwise are re-planned per-channel by `targets.base.legalize`; the notes say
+  which), keys centered, and the plan's float sink and recent slots.
 - `static_graph`: the float decode graph for a fixed context (StaticDecodePass) with the 4-bit
   cache boundary in slot mode, spelled for the target: Q/DQ ops with one code per byte and
   per-channel scales folded into the attention (QNN), or float arithmetic with two codes per
-  byte (NNAPI, TFLite).
+  byte (NNAPI, TFLite). Key centers are taken out of the new keys before the cache (a shift in
+  TransformKVPass: exact, softmax ignores the per-query constant q.c), so the cache boundary
+  sees keys already centered. With float slots in the plan, `sinks + recent` of the buffer's
+  positions are the runner's float16 copies of the first and newest tokens instead of codes
+  (QuantizeKVBoundaryPass, `float_positions`).
 - `static_target_io`: its manifest entry (inputs incl. `attention_bias`, fixed max_context).
 """
 
@@ -21,7 +26,8 @@ from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normaliza
 
 from kvcompile.errors import UnsupportedModelError
 from kvcompile.kvgraph import DECOMPOSED, KVGraph
-from kvcompile.manifest import ModelInputIO, RunOptions, TargetIO, float_model_io
+from kvcompile.manifest import (KVIO, ModelInputIO, RunOptions, StoredParam, TargetIO, float_model_io, float_slots_name,
+                                new_float_name)
 from kvcompile.model_io import load_model
 from kvcompile.passes.quantize_kv_boundary import QuantizeKVBoundaryPass
 from kvcompile.passes.manager import cleaned_up, run_passes
@@ -33,9 +39,12 @@ from kvcompile.targets.base import Capabilities
 
 # What every static graph's cache holds: 4-bit codes with static symmetric scales, one buffer.
 STATIC_CAPABILITIES = Capabilities(bits=(4,), float_tensors=False, dynamic_scales=False, asymmetric=False,
-                                   dynamic_shapes=False, needs_calibration=True)
+                                   dynamic_shapes=False, needs_calibration=True, float_slots=True,
+                                   centers_every_key=True)
 STATIC_SINKS = 4  # slots the runner keeps at the front when the fixed buffer slides
 VERIFY_PREFILL = 8  # the static graphs take one token per call: a short prefill keeps verification quick
+VERIFY_WINDOWS = 2  # held-out windows of the full context (one token per call, batch 1: slow) ...
+VERIFY_MIN_TOKENS = 512  # ... and at least this many tokens where the context is short
 
 
 def check_static(target: str, kv: KVGraph) -> None:
@@ -52,25 +61,39 @@ def check_static(target: str, kv: KVGraph) -> None:
 def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, style: str, packed: bool,
                  fold_per_channel: bool, fuse_rmsnorm: bool, opset: int) -> tuple[ir.Model, QuantPlan]:
     """The float static decode graph with the 4-bit cache boundary; returns it and the plan it
-    stores (per-channel scales turned into per-tensor ones when folded)."""
+    stores (centers taken out in the graph, per-channel scales turned into per-tensor ones when
+    folded)."""
     model = load_model(float_path)
-    if fold_per_channel:
-        transforms, tensors = {}, []
-        for tensor_plan_ in plan.tensors:
-            if tensor_plan_.granularity == "per-channel":
-                transforms[tensor_plan_.past_input] = KVTransform.scaling(tensor_plan_.scale)
-                tensor_plan_ = dataclasses.replace(tensor_plan_, granularity="per-tensor",
-                                                   scale=np.ones((1, 1), np.float32))
-            tensors.append(tensor_plan_)
-        plan = dataclasses.replace(plan, tensors=tuple(tensors))
+    transforms, tensors = {}, []
+    for tensor_plan_ in plan.tensors:
+        shift, diagonal = tensor_plan_.center, None
+        if fold_per_channel and tensor_plan_.granularity == "per-channel":
+            diagonal = KVTransform.scaling(tensor_plan_.scale).diagonal
+            tensor_plan_ = dataclasses.replace(tensor_plan_, granularity="per-tensor", scale=np.ones((1, 1), np.float32))
+        if shift is not None or diagonal is not None:
+            transforms[tensor_plan_.past_input] = KVTransform(diagonal=diagonal, shift=shift)
+        tensors.append(dataclasses.replace(tensor_plan_, center=None))
+    stored = dataclasses.replace(plan, tensors=tuple(tensors))
+    if transforms:
         run_passes(model, *transform_passes(kv, transforms))
     run_passes(model, *static_decode_passes(kv, context),
-               QuantizeKVBoundaryPass(kv, plan.codecs(kv, packed=packed), slot_outputs=True, style=style),
+               QuantizeKVBoundaryPass(kv, stored.codecs(kv, packed=packed), slot_outputs=True, style=style,
+                                      float_positions=float_positions(plan)),
                *cleaned_up())
     onnxscript.version_converter.convert_version(model, opset)
     if fuse_rmsnorm:
         fuse_rms_normalization(model)
-    return model, plan
+    return model, stored
+
+
+def float_positions(plan: QuantPlan) -> int:
+    """Float positions the static graph reads next to each cache: the plan's sinks + recent
+    (every tensor carries the same slots, or none: `targets.base.legalize`)."""
+    slots = {t.float_slots for t in plan.tensors}
+    if len(slots) != 1:
+        raise ValueError("a static graph takes float slots on every cache tensor or on none")
+    only = slots.pop()
+    return 0 if only is None else sum(only)
 
 
 def static_target_io(kv: KVGraph, plan: QuantPlan, model: ir.Model, model_path: str, context: int,
@@ -79,13 +102,40 @@ def static_target_io(kv: KVGraph, plan: QuantPlan, model: ir.Model, model_path: 
     inputs = {v.name: v for v in model.graph.inputs}
     roles = [dataclasses.replace(i, dtype=inputs[i.name].dtype.name.lower()) for i in float_io.inputs if i.name in inputs]
     roles.append(ModelInputIO(BIAS_INPUT, "attention_bias", "float32"))
-    return dataclasses.replace(float_io, inputs=roles, kv=[stored_kvio(k, plan, packed=packed) for k in float_io.kv],
-                               max_context=context, options=RunOptions(attention_sinks=STATIC_SINKS))
+    slots = next(iter({t.float_slots for t in plan.tensors}))
+    codes_only = dataclasses.replace(plan, tensors=tuple(dataclasses.replace(t, float_slots=None)
+                                                         for t in plan.tensors))
+    kv_io = [stored_kvio(k, codes_only, packed=packed) for k in float_io.kv]
+    if slots is not None:
+        kv_io = [dataclasses.replace(k, params=[*k.params, _float_slots_param(k, sum(slots))]) for k in kv_io]
+    return dataclasses.replace(float_io, inputs=roles, kv=kv_io, max_context=context,
+                               options=RunOptions(attention_sinks=STATIC_SINKS,
+                                                  float_slots=None if slots is None else list(slots)))
+
+
+def _float_slots_param(kv_io: KVIO, positions: int) -> StoredParam:
+    """A static cache tensor's float positions: the runner's float16 copies of its sink and newest
+    tokens (input), and the new token's entries in float16 it writes there (output)."""
+    shape = [1 if d == "batch" else d for d in kv_io.logical_shape]
+    shape[kv_io.seq_axis] = positions
+    return StoredParam("float_slots", float_slots_name(kv_io.input), new_float_name(kv_io.output), "float16", shape)
 
 
 def static_cache_bytes(io: TargetIO) -> int:
-    """Bytes of the fixed cache buffers a runner allocates for one sequence (codes as stored)."""
-    return sum(t.nbytes for t in StaticCache(io, 1, sinks=STATIC_SINKS).tensors.values())
+    """Bytes of the fixed cache buffers a runner allocates for one sequence (codes as stored, float
+    slots, the codes waiting in the float ring)."""
+    return StaticCache(io, 1, sinks=STATIC_SINKS).nbytes()
+
+
+def long_verification_windows(eval_windows: np.ndarray, context: int) -> np.ndarray:
+    """Windows as long as the static buffer holds (at most the held-out windows' length), at least
+    `VERIFY_WINDOWS` of them and `VERIFY_MIN_TOKENS` tokens: the gate must see the 4-bit buffer
+    read at the context the model runs at, and past the float slots, which would otherwise hold
+    every token of a short window."""
+    width = min(eval_windows.shape[1], context)
+    count = max(VERIFY_WINDOWS, -(-VERIFY_MIN_TOKENS // width))
+    tokens = eval_windows.reshape(-1)
+    return tokens[: min(count, tokens.size // width) * width].reshape(-1, width)
 
 
 def verification_windows(eval_windows: np.ndarray, count: int, length: int, context: int) -> np.ndarray:

@@ -38,7 +38,7 @@ from kvcompile.targets.static import (
     VERIFY_PREFILL,
     check_static,
     static_target_io,
-    verification_windows,
+    long_verification_windows,
 )
 
 FOLDER = "tflite"
@@ -123,8 +123,7 @@ class TFLiteTarget:
         agreement_ = agreement(tflite, reference, verifying.eval_windows.reshape(-1), COMPARE_STEPS,
                                "onnxruntime CPU EP, the same ONNX graph", compare_codes=True)
         reference_path.unlink()
-        windows = verification_windows(verifying.eval_windows, nnapi.VERIFY_WINDOWS, nnapi.VERIFY_WINDOW,
-                                       artifact.io.max_context)
+        windows = long_verification_windows(verifying.eval_windows, artifact.io.max_context)
         quality = decode_quality(verifying.float_decoder, tflite, windows, prefill=VERIFY_PREFILL, batch=1,
                                  gate_pct=verifying.quality_gate_pct, text=verifying.eval_text, ran_on=self.runs_on)
         return dataclasses.replace(quality, agreement=agreement_)
