@@ -147,7 +147,8 @@ def _summary_table(report: Report) -> Table:
               show_default=True, metavar="SINKS RECENT",
               help="Fused GroupQueryAttention, when the 4-bit cache alone fails the gate: rebuild with the "
                    "first SINKS and newest RECENT positions of every layer also in float16 (a fixed number of "
-                   "bytes; attention reads them exactly). 0 0: never.")
+                   "bytes; attention reads them exactly); the static targets are then built with them too. "
+                   "0 0: never.")
 @click.option("--fold-scales", is_flag=True,
               help="Fold per-channel scales into the attention so the cache takes one per-tensor scale.")
 @click.option("--clip", default="wmse", show_default=True,

@@ -10,8 +10,10 @@ What it rewrites
     `position_ids` become [1, 1]: one token per call, at its true position (RoPE);
   - a new input `attention_bias` [1, 1, 1, context] replaces the exporter's mask on every
     layer's score path: 0 for the filled slots and the new token (the last position), a large
-    negative value for empty slots. The exporter's mask computation (from `attention_mask` and
-    sequence lengths) becomes dead and is removed, and so is `attention_mask`;
+    negative value for empty slots (exports with one cache per head have rank-3 scores
+    [batch, query, seq]: they read it squeezed to [1, 1, context]). The exporter's mask
+    computation (from `attention_mask` and sequence lengths) becomes dead and is removed, and
+    so is `attention_mask`;
   - with every shape fixed, the optimizer folds the shape arithmetic into constants, and any
     computation on weights alone (a transposed tied embedding) into new weights.
   The caches still grow by Concat here (past slots + the new token); the boundary rewrite in
@@ -25,6 +27,7 @@ Why
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 import onnxscript.optimizer
@@ -90,15 +93,28 @@ class StaticDecodePass(ir.passes.InPlacePass):
         float_dtype = next(v for v in graph.inputs if v.name == self.kv.tensors[0].past_input).dtype
         bias = ir.Value(name=BIAS_INPUT, type=ir.TensorType(float_dtype), shape=ir.Shape([1, 1, 1, self.context]))
         graph.inputs.append(bias)
+        squeezed = None  # the bias for rank-3 scores (one cache per head: [batch, seq, head_dim])
         for tensor in self.kv.tensors:
             if tensor.kind != "key":
                 continue
-            adds, softmax = _score_path_adds(_reader(graph, tensor))
+            reader = _reader(graph, tensor)
+            adds, softmax = _score_path_adds(reader)
+            tensor_bias = bias
+            if tensor.rank == 3:
+                if squeezed is None:
+                    squeeze = ir.Node("", "Squeeze", [bias, ir.Value(name=names.name("kvcompile/bias_axes"))],
+                                      num_outputs=1, name=names.name("kvcompile/attention_bias_rank3"))
+                    axes = squeeze.inputs[1]
+                    axes.const_value = ir.tensor(np.array([0], np.int64), name=axes.name)
+                    graph.register_initializer(axes)
+                    graph.insert_before(reader, squeeze)
+                    squeezed = squeeze.outputs[0]
+                tensor_bias = squeezed
             if adds:
                 for add, mask_index in adds:
-                    add.replace_input_with(mask_index, bias)
+                    add.replace_input_with(mask_index, tensor_bias)
             else:
-                added = ir.Node("", "Add", [softmax.inputs[0], bias], num_outputs=1,
+                added = ir.Node("", "Add", [softmax.inputs[0], tensor_bias], num_outputs=1,
                                 name=names.name(f"kvcompile/{tensor.label}/attention_bias"))
                 graph.insert_before(softmax, added)
                 softmax.replace_input_with(0, added.outputs[0])

@@ -176,3 +176,35 @@ def test_float_slot_cache_holds_every_token_once(slotted):
         logits, _ = decoder.step(cache, np.array([[token]]))
         assert np.isfinite(logits).all()
     assert cache.coded == 2 * CONTEXT - 10 and cache.filled.all()
+
+
+@pytest.mark.parametrize("form", ["llama", "gpt2", "per_head"])
+def test_float_slots_and_centers_in_every_cache_layout(tmp_path, form):
+    """Keys stored transposed (gpt2), one cache per head, grouped heads with RoPE: the static graph
+    with centered keys and 2 + 8 float slots reads every token exactly while they fit the slots."""
+    from synthetic import build_decoder
+    from kvcompile.plan import with_float_slots
+
+    proto = build_decoder(form=form, layers=2, head_dim=16)
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, path)
+    kv = find_kv_cache(load_model(path))
+    float_decoder = Decoder(cpu_session(path), float_model_io(kv, str(path)))
+    stats = collect_kv_stats(float_decoder, np.random.default_rng(0).integers(0, 32, (4, 24)))
+    plan = make_plan(kv, stats, 4, "per-channel")
+    plan = dataclasses.replace(plan, tensors=tuple(
+        centered_channel_plan(t, stats, 4, "wmse") if t.kind == "key" else plan.for_input(t.past_input)
+        for t in kv.tensors))
+    plan = with_float_slots(plan, kv, {t.layer for t in kv.tensors}, 2, 8)
+    model, used = static_graph(path, kv, plan, 24, style="arithmetic", packed=True, fold_per_channel=False,
+                               fuse_rmsnorm=False, opset=18)
+    ir.save(model, tmp_path / "static.onnx")
+    static = Decoder(cpu_session(tmp_path / "static.onnx"), static_target_io(kv, used, model, "static.onnx", 24, True))
+    tokens = np.random.default_rng(1).integers(0, 32, (1, 40))
+    cache = float_decoder.new_cache(1)  # one token per call: these attentions are not causal-masked
+    reference = np.concatenate([float_decoder.step(cache, tokens[:, t : t + 1])[0] for t in range(10)], axis=1)
+    exact, _ = static.step(static.new_cache(1), tokens[:, :10])
+    assert np.abs(exact - reference).max() < 1e-2
+    cache = static.new_cache(1)
+    logits, _ = static.step(cache, tokens)  # the ring turns and the buffer slides
+    assert np.isfinite(logits).all() and cache.coded == 40 - 10
