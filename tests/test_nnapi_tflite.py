@@ -147,3 +147,13 @@ def test_onnx_to_tf_translation_matches_onnxruntime(tmp_path):
     for name, want, got_tf, got_lite in zip(outputs, expected, [direct[n] for n in outputs], lite):
         np.testing.assert_allclose(np.asarray(got_tf), want, rtol=1e-5, atol=1e-5, err_msg=name)
         np.testing.assert_allclose(got_lite, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_a_failed_conversion_names_its_cause_not_tensorflows_last_warning():
+    from kvcompile.targets.tflite import _conversion_failure
+
+    warning = "WARNING:absl:`past_key_values.2.key` is not a valid tf.function parameter name."
+    killed = subprocess.CompletedProcess([], -9, "", warning)
+    assert "killed by signal 9 (out of memory" in _conversion_failure(killed)
+    failed = subprocess.CompletedProcess([], 1, "", f"ConverterError: op FOO is not supported\n{warning}\n")
+    assert _conversion_failure(failed) == "ConverterError: op FOO is not supported"

@@ -75,9 +75,20 @@ def convert_in_child(onnx_path: Path, tflite_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "kvcompile.targets.tflite", str(onnx_path), str(tflite_path)],
                             capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     if result.returncode != 0 or not tflite_path.is_file():
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        detail = lines[-1] if lines else f"exit code {result.returncode}"
-        raise TargetError(f"tflite: TFLiteConverter failed: {detail}")
+        raise TargetError(f"tflite: TFLiteConverter failed: {_conversion_failure(result)}")
+
+
+def _conversion_failure(result: subprocess.CompletedProcess) -> str:
+    """The converter's own error line, or how the process ended: TensorFlow logs warnings last
+    when the process is killed (out of memory on a large model), and those are not the cause."""
+    if result.returncode < 0:
+        signal = -result.returncode
+        return (f"the converter process was killed by signal {signal}"
+                + (" (out of memory: TensorFlow holds several copies of the weights while converting)"
+                   if signal == 9 else ""))
+    lines = [line for line in result.stderr.splitlines()
+             if line.strip() and not line.startswith(("WARNING", "INFO", "W0", "I0"))]
+    return lines[-1] if lines else f"exit code {result.returncode}"
 
 
 KV_STORAGE = ("uint8, two 4-bit codes per byte, unpacked and packed in-graph with TFLite builtins "
