@@ -24,6 +24,15 @@ from kvcompile.tokens import bundled_text, load_token_ids
 CONTEXT = 48
 
 
+def calibrated_fixture():
+    """The fixture's cache, its float decoder, calibration statistics and a 4-bit per-channel plan."""
+    kv = find_kv_cache(load_model(DYNAMO))
+    float_decoder = Decoder(cpu_session(DYNAMO), float_model_io(kv, str(DYNAMO)))
+    ids = load_token_ids(bundled_text("calib.txt"), TOKENIZER)
+    stats = collect_kv_stats(float_decoder, ids[: 8 * 128].reshape(8, 128))
+    return kv, float_decoder, stats, make_plan(kv, stats, 4, "per-channel")
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """The fixture as a static graph and as the growing Q/DQ graph, with the same 4-bit plan."""
@@ -31,11 +40,7 @@ def compiled(tmp_path_factory):
     from kvcompile.plan import stored_kvio
 
     work = tmp_path_factory.mktemp("static")
-    kv = find_kv_cache(load_model(DYNAMO))
-    float_decoder = Decoder(cpu_session(DYNAMO), float_model_io(kv, str(DYNAMO)))
-    ids = load_token_ids(bundled_text("calib.txt"), TOKENIZER)
-    stats = collect_kv_stats(float_decoder, ids[: 8 * 128].reshape(8, 128))
-    plan = make_plan(kv, stats, 4, "per-channel")
+    kv, float_decoder, stats, plan = calibrated_fixture()
     model, folded = static_graph(DYNAMO, kv, plan, CONTEXT, style="onnx", packed=False, fold_per_channel=True,
                                  fuse_rmsnorm=True, opset=21)
     ir.save(model, work / "static.onnx")
@@ -132,11 +137,7 @@ def slotted(tmp_path_factory):
     from kvcompile.plan import with_float_slots
 
     work = tmp_path_factory.mktemp("slotted")
-    kv = find_kv_cache(load_model(DYNAMO))
-    float_decoder = Decoder(cpu_session(DYNAMO), float_model_io(kv, str(DYNAMO)))
-    ids = load_token_ids(bundled_text("calib.txt"), TOKENIZER)
-    stats = collect_kv_stats(float_decoder, ids[: 8 * 128].reshape(8, 128))
-    plan = make_plan(kv, stats, 4, "per-channel")
+    kv, float_decoder, stats, plan = calibrated_fixture()
     plan = dataclasses.replace(plan, tensors=tuple(
         centered_channel_plan(t, stats, 4, "wmse") if t.kind == "key" else plan.for_input(t.past_input)
         for t in kv.tensors))
