@@ -110,7 +110,7 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
     def _rewrite(self, graph: ir.Graph, names: NameAllocator, tensor: KVTensor, concat: ir.Node, codec: Codec) -> None:
         past = next(v for v in graph.inputs if v.name == tensor.past_input)
         present = next(v for v in graph.outputs if v.name == tensor.present_output)
-        pre, cache_index = chain_to_concat(past, concat, tensor)
+        pre, cache_index = _chain_to_concat(past, concat, tensor)
         post = _chain_to_present(concat.outputs[0], present, tensor)
         others = [i for i, v in enumerate(concat.inputs) if i != cache_index and v is not None]
         if len(others) != 1:
@@ -234,7 +234,7 @@ class QuantizeKVBoundaryPass(ir.passes.InPlacePass):
                 graph.remove(use.node, safe=True)
 
 
-def chain_to_concat(past: ir.Value, concat: ir.Node, tensor: KVTensor) -> tuple[list[ir.Node], int]:
+def _chain_to_concat(past: ir.Value, concat: ir.Node, tensor: KVTensor) -> tuple[list[ir.Node], int]:
     """The nodes from the past input to the Concat operand it becomes, and that operand's index."""
     for index, operand in enumerate(concat.inputs):
         chain, value = [], operand

@@ -146,14 +146,14 @@ def legalize(kv: KVGraph, stats: KVStats | None, plan: QuantPlan,
             else:
                 why = ("static-shape targets take static scales" if not capabilities.dynamic_shapes
                        else "the most this target's cache holds")
-            replanned = _per_channel(tensor, stats, bits, plan.clip, capabilities)
-            notes.append(f"{tensor.label}: {chosen.name} -> {replanned.name} ({why})")
-            chosen = dataclasses.replace(replanned, float_slots=chosen.float_slots,
-                                         float_slot_bytes=chosen.float_slot_bytes)
         elif (capabilities.centers_every_key and tensor.kind == "key" and chosen.center is None
               and chosen.granularity == "per-channel"):
+            why = "the static graph takes the center out"
+        else:
+            why = None
+        if why is not None:
             replanned = _per_channel(tensor, stats, bits, plan.clip, capabilities)
-            notes.append(f"{tensor.label}: {chosen.name} -> {replanned.name} (the static graph takes the center out)")
+            notes.append(f"{tensor.label}: {chosen.name} -> {replanned.name} ({why})")
             chosen = dataclasses.replace(replanned, float_slots=chosen.float_slots,
                                          float_slot_bytes=chosen.float_slot_bytes)
         if chosen.float_slots is not None and not capabilities.float_slots:

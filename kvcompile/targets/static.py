@@ -86,14 +86,19 @@ def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, styl
     return model, stored
 
 
-def float_positions(plan: QuantPlan) -> int:
-    """Float positions the static graph reads next to each cache: the plan's sinks + recent
-    (every tensor carries the same slots, or none: `targets.base.legalize`)."""
+def static_float_slots(plan: QuantPlan) -> tuple[int, int] | None:
+    """The plan's (sinks, recent) float slots: a static graph has the same on every cache tensor,
+    or none (`targets.base.legalize`)."""
     slots = {t.float_slots for t in plan.tensors}
     if len(slots) != 1:
         raise ValueError("a static graph takes float slots on every cache tensor or on none")
-    only = slots.pop()
-    return 0 if only is None else sum(only)
+    return slots.pop()
+
+
+def float_positions(plan: QuantPlan) -> int:
+    """Positions of each static buffer held in float: the plan's sinks + recent."""
+    slots = static_float_slots(plan)
+    return 0 if slots is None else sum(slots)
 
 
 def static_target_io(kv: KVGraph, plan: QuantPlan, model: ir.Model, model_path: str, context: int,
@@ -102,7 +107,7 @@ def static_target_io(kv: KVGraph, plan: QuantPlan, model: ir.Model, model_path: 
     inputs = {v.name: v for v in model.graph.inputs}
     roles = [dataclasses.replace(i, dtype=inputs[i.name].dtype.name.lower()) for i in float_io.inputs if i.name in inputs]
     roles.append(ModelInputIO(BIAS_INPUT, "attention_bias", "float32"))
-    slots = next(iter({t.float_slots for t in plan.tensors}))
+    slots = static_float_slots(plan)
     codes_only = dataclasses.replace(plan, tensors=tuple(dataclasses.replace(t, float_slots=None)
                                                          for t in plan.tensors))
     kv_io = [stored_kvio(k, codes_only, packed=packed) for k in float_io.kv]
