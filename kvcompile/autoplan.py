@@ -3,7 +3,8 @@
 1. Candidates per tensor (per layer for GroupQueryAttention, which stores K and V alike):
    bits 2/4/8 (`--uniform`: only the budget's width) x per-tensor, per-channel (static,
    calibrated; symmetric or asymmetric), per-token and per-group (dynamic, symmetric or
-   asymmetric).
+   asymmetric). A GroupQueryAttention layer has one: the fused kernel's per-channel 4-bit cache
+   (`candidate_plans` says why); a unit with one candidate is taken without measuring it.
 2. Cost in quality: the next-token KL on calibration windows, fed as decoding feeds them, of
    the float model run by onnxruntime with only that tensor's cache entries replaced, as they
    enter the cache, by what that storage reads back (`runtimes.simulate`: exact for the Q/DQ
@@ -43,6 +44,7 @@ SENSITIVITY_WINDOWS = 8
 SENSITIVITY_WINDOW = 128
 SENSITIVITY_PREFILL = 32
 SENSITIVITY_CHUNK = 4
+NOT_MEASURED = 0.0  # the KL of a unit's only candidate: not measured, adds nothing to the sums
 REFERENCE_BUDGET = 1 << 24  # float32 reference log-probabilities kept: 64 MiB
 
 
@@ -81,15 +83,19 @@ def candidate_plans(unit: tuple[KVTensor, ...], stats: KVStats, widths: tuple[in
     per-token; 2-bit: the dynamic ones
     (static 2-bit scales are never competitive). A GroupQueryAttention layer can only be stored
     the ways the fused kernel stores it: 4 bits (its 8-bit cache is int8, which kvcompile does not
-    emit), static symmetric scales, K and V alike. Its per-channel keys are centered wherever the
-    kernel lets the center out exactly (`plan.tensor_plan`), not offered as a third candidate:
-    over whole contexts centering won clearly (SmolLM2 +12.88% -> +6.42%, simulated at 4 x 1024
+    emit), static symmetric scales, K and V alike, one scale per tensor or per channel. That
+    leaves one candidate, per-channel: at the same 4 bits it gives each channel a step no wider
+    than a shared per-tensor one would, and it was chosen for every one of SmolLM2's 30 layers
+    when both were measured (per-tensor fails by +7,744% on the outlier fixture, README).
+    A unit with one candidate has nothing to choose and is not measured (`auto_plan`): on a
+    30-layer model that was half of a compile's sensitivity runs for no decision. Its per-channel
+    keys are centered wherever the kernel lets the center out exactly (`plan.tensor_plan`): over
+    whole contexts centering won clearly (SmolLM2 +12.88% -> +6.42%, simulated at 4 x 1024
     tokens), while auto's single-layer measurements on 128-token windows chose it for only 19 of
     30 layers (+9.47% compiled; README)."""
     tensor = unit[0]
     if tensor.attention == GROUP_QUERY_ATTENTION:
-        return [tuple(tensor_plan(t, stats, 4, granularity, clip) for t in unit)
-                for granularity in ("per-tensor", "per-channel")]
+        return [tuple(tensor_plan(t, stats, 4, "per-channel", clip) for t in unit)]
     group = 32 if tensor.head_dim > 32 and tensor.head_dim % 32 == 0 else None
     plans = []
     for bits in widths:
@@ -183,6 +189,12 @@ def _reason(chosen: Option, alternatives: list[Option], budget: float) -> str:
             f"{chosen.bits_per_element:.3f} bits{together} (vs {beaten})")
 
 
+def _only_candidate_reason(chosen: Option) -> str:
+    return (f"auto: {chosen.name} (K and V together), the only storage auto considers for the fused "
+            "GroupQueryAttention kernel's 4-bit cache: per-tensor scales are never finer at the same bits; "
+            "nothing to choose, not measured")
+
+
 def _windows(windows: np.ndarray, vocab: int) -> np.ndarray:
     """At most 8 windows of 128 tokens, fewer for large vocabularies (reference kept in memory)."""
     length = min(SENSITIVITY_WINDOW, windows.shape[1])
@@ -202,23 +214,27 @@ def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, windows: np.ndarray
         widths = (2, 4, 8)
     unit_list = units(kv)
     candidates = [candidate_plans(unit, stats, widths, clip) for unit in unit_list]
-    reference_logits, _ = decoder.step(decoder.new_cache(1), windows[:1, :2])
-    windows = _windows(windows, reference_logits.shape[-1])
-    reference = reference_log_probs(decoder, windows, SENSITIVITY_PREFILL)
-    prefilled = float_prefill(decoder, windows, SENSITIVITY_PREFILL)
-    count = sum(len(c) for c in candidates)
-    advance = progress(f"measuring sensitivity ({count} candidate storages)", count)
+    measured = [len(c) > 1 for c in candidates]  # a single candidate is taken without measuring it
+    count = sum(len(c) for c, m in zip(candidates, measured) if m)
+    if count:
+        reference_logits, _ = decoder.step(decoder.new_cache(1), windows[:1, :2])
+        windows = _windows(windows, reference_logits.shape[-1])
+        reference = reference_log_probs(decoder, windows, SENSITIVITY_PREFILL)
+        prefilled = float_prefill(decoder, windows, SENSITIVITY_PREFILL)
+        advance = progress(f"measuring sensitivity ({count} candidate storages)", count)
     options = []
-    for unit, unit_candidates in zip(unit_list, candidates):
+    for unit, unit_candidates, measure in zip(unit_list, candidates, measured):
         elements = [t.elements_per_token for t in unit]
         unit_options = []
         for plans in unit_candidates:
-            stored = StoredCacheDecoder(decoder.session, decoder.io,
-                                        {t.past_input: p.codec(t, packed=False) for p, t in zip(plans, unit)})
-            kl = mean_kl(stored, windows, reference, SENSITIVITY_PREFILL, SENSITIVITY_CHUNK, prefilled)
+            kl = NOT_MEASURED
+            if measure:
+                stored = StoredCacheDecoder(decoder.session, decoder.io,
+                                            {t.past_input: p.codec(t, packed=False) for p, t in zip(plans, unit)})
+                kl = mean_kl(stored, windows, reference, SENSITIVITY_PREFILL, SENSITIVITY_CHUNK, prefilled)
+                advance(1)
             bits = np.dot(elements, [p.stored_bits_per_element(t) for p, t in zip(plans, unit)]) / sum(elements)
             unit_options.append(Option(plans, float(bits), kl))
-            advance(1)
         if not uniform:
             unit_options = [o for o in unit_options if o.plans[0].bits != 2 or o.kl <= HARMLESS_KL]
         options.append(unit_options)
@@ -226,10 +242,10 @@ def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, windows: np.ndarray
     chosen = choose(options, weights, float(budget))
     curve = budget_curve(options, weights, float(budget))
     tensors = []
-    for option, alternatives in zip(chosen, options):
-        reason = _reason(option, alternatives, budget)
+    for option, alternatives, measure in zip(chosen, options, measured):
+        reason = _reason(option, alternatives, budget) if measure else _only_candidate_reason(option)
         for index, plan in enumerate(option.plans):  # each tensor's evidence under its own storage's name
-            evidence = {o.plans[index].name: round(o.kl, 6) for o in alternatives}
+            evidence = {o.plans[index].name: round(o.kl, 6) for o in alternatives} if measure else {}
             tensors.append(replace(plan, reason=reason, evidence=evidence))
     order = {t.past_input: i for i, t in enumerate(kv.tensors)}
     tensors.sort(key=lambda p: order[p.past_input])

@@ -106,12 +106,39 @@ def test_gqa_candidates_center_what_the_kernel_lets_out_exactly():
     assert [t.centerable for t in unit] == [True, False]
     stats = _stats_for(kv, center=5.0)
     names = [", ".join(p.name for p in plans) for plans in candidate_plans(unit, stats, (2, 4, 8), "wmse")]
-    assert names == ["4-bit per-tensor, 4-bit per-tensor", "4-bit per-channel centered, 4-bit per-channel"]
+    assert names == ["4-bit per-channel centered, 4-bit per-channel"], "the kernel's finest storage, alone"
     unmovable = tuple(replace(t, centerable=False) for t in unit)
-    centered = candidate_plans(unit, stats, (4,), "wmse")[1][0]
-    plain = candidate_plans(unmovable, stats, (4,), "wmse")[1][0]
+    centered = candidate_plans(unit, stats, (4,), "wmse")[0][0]
+    plain = candidate_plans(unmovable, stats, (4,), "wmse")[0][0]
     assert plain.name == "4-bit per-channel" and plain.center is None
     assert np.allclose(centered.center, 5.0, atol=1.0)
     assert centered.scale.max() < plain.scale.min() / 1.5, "the grid spans the spread, not 0..max"
     assert centered.static_bytes() == plain.static_bytes() + centered.center.size * 4
 
+
+
+def test_gqa_layers_take_the_kernels_storage_without_measuring(tmp_path):
+    """A GroupQueryAttention model gives auto one candidate per layer: nothing is run (the
+    decoder would fail if it were), every tensor says why, and no KL is claimed."""
+    import onnx_ir as ir
+
+    from kvcompile.passes.find_kv_cache import find_kv_cache
+    from synthetic import build_decoder
+
+    kv = find_kv_cache(ir.serde.deserialize_model(build_decoder("gqa_op", layers=2)))
+    announced = []
+
+    def progress(description, _total):
+        announced.append(description)
+        return lambda _units: None
+
+    class NeverRun:
+        def __getattr__(self, name):
+            raise AssertionError(f"auto ran the model ({name}) with nothing to choose")
+
+    plan = auto_plan(kv, _stats_for(kv, center=1.0), NeverRun(), np.zeros((2, 64), np.int64), 4.0, "wmse",
+                     False, progress)
+    assert announced == []
+    assert [p.granularity for p in plan.tensors] == ["per-channel"] * len(kv.tensors)
+    for tensor_plan in plan.tensors:
+        assert "not measured" in tensor_plan.reason and tensor_plan.evidence == {}

@@ -74,7 +74,9 @@ def test_report_fields(fixture_compile):
     assert target["kv_storage"].startswith("uint8 codes packed along head_dim: 4-bit (2 per byte) x")
     for row in report["kv"]["tensors"]:
         assert row["sqnr_db"] > 10
-        assert row["reason"].startswith("auto:") and row["scheme"] in row["measured_kl"]
+        # fused: each layer's only candidate is the kernel's per-channel cache, taken unmeasured
+        assert row["reason"].startswith("auto:") and "not measured" in row["reason"] and row["measured_kl"] is None
+        assert row["granularity"] == "per-channel"
     assert target["ort_format"] == "ort-cpu/model.ort" and target["onnx_checker"] == "full"
 
 
