@@ -394,9 +394,10 @@ def test_progress_without_a_terminal_is_one_plain_line_per_stage(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     stages = ["checking attention fusion", "calibrating (1,024 tokens)",
-              "measuring sensitivity", "rewriting the graph", "writing artifacts", "verifying through"]
+              "rewriting the graph", "writing artifacts", "verifying through"]
     for stage in stages:
         assert sum(stage in line for line in lines) == 1, (stage, result.stderr)
+    assert "measuring sensitivity" not in result.stderr, "fused: auto has one candidate per layer, nothing to measure"
     assert all(line.startswith("kvcompile: [") and " s] " in line for line in lines), result.stderr
     assert "\x1b" not in result.stderr and "\r" not in result.stderr, "no terminal control codes in a log"
 
