@@ -189,10 +189,9 @@ def _reason(chosen: Option, alternatives: list[Option], budget: float) -> str:
             f"{chosen.bits_per_element:.3f} bits{together} (vs {beaten})")
 
 
-def _only_candidate_reason(chosen: Option) -> str:
-    return (f"auto: {chosen.name} (K and V together), the only storage auto considers for the fused "
-            "GroupQueryAttention kernel's 4-bit cache: per-tensor scales are never finer at the same bits; "
-            "nothing to choose, not measured")
+def _only_candidate_reason() -> str:
+    return ("auto: the fused GroupQueryAttention kernel's per-channel 4-bit cache (per-tensor scales are never "
+            "finer at the same bits): nothing to choose, not measured")
 
 
 def _windows(windows: np.ndarray, vocab: int) -> np.ndarray:
@@ -243,7 +242,7 @@ def auto_plan(kv: KVGraph, stats: KVStats, decoder: Decoder, windows: np.ndarray
     curve = budget_curve(options, weights, float(budget))
     tensors = []
     for option, alternatives, measure in zip(chosen, options, measured):
-        reason = _reason(option, alternatives, budget) if measure else _only_candidate_reason(option)
+        reason = _reason(option, alternatives, budget) if measure else _only_candidate_reason()
         for index, plan in enumerate(option.plans):  # each tensor's evidence under its own storage's name
             evidence = {o.plans[index].name: round(o.kl, 6) for o in alternatives} if measure else {}
             tensors.append(replace(plan, reason=reason, evidence=evidence))
