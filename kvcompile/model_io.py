@@ -237,6 +237,13 @@ def save_model(model: ir.Model, path: Path, external_data: bool | None = None) -
     return [path]
 
 
+def remove_model(path: Path) -> None:
+    """Delete a model `save_model` wrote, its external data file (`<name>.data`) included: an
+    intermediate model of a large input has one, and it must not stay in the output folder."""
+    for file in (path, path.parent / (path.name + ".data")):
+        file.unlink(missing_ok=True)
+
+
 # onnxruntime contrib ops that exporters (the onnxruntime-genai builder) put in the ONNX domain,
 # where onnx.checker has no schema for them.
 ORT_OPS_IN_ONNX_DOMAIN = frozenset({"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"})

@@ -296,7 +296,8 @@ def test_kivi_stores_per_token_scales_next_to_the_cache(tmp_path):
 
 
 def test_model_with_external_data_compiles_with_auto(tmp_path):
-    """Weights in a .data file next to the model: read in place (linked for auto's variants)."""
+    """Weights in a .data file next to the model: read in place (linked for auto's variants). The
+    static targets' intermediate models have external data too, and none of it stays behind."""
     from kvcompile.model_io import load_model, save_model
 
     model_dir = tmp_path / "ext"
@@ -305,9 +306,11 @@ def test_model_with_external_data_compiles_with_auto(tmp_path):
     assert (model_dir / "model.onnx.data").stat().st_size > 10_000_000
     before = (model_dir / "model.onnx.data").read_bytes()
     report = compile_model(CompileOptions(model=model_dir / "model.onnx", out_dir=tmp_path / "out",
-                                          tokenizer=TOKENIZER, **FAST)).report.to_dict()
+                                          tokenizer=TOKENIZER, targets=("ort-cpu", "tflite"), max_context=64,
+                                          quality_gate_pct=100.0, **FAST)).report.to_dict()
     assert report["quality"]["passed"]
     assert (tmp_path / "out" / "ort-cpu" / "model.onnx.data").is_file()
+    assert sorted(p.name for p in (tmp_path / "out" / "tflite").iterdir()) == ["model.tflite"]
     assert (model_dir / "model.onnx.data").read_bytes() == before
     assert sorted(p.name for p in model_dir.iterdir()) == ["model.onnx", "model.onnx.data"]
 
@@ -445,3 +448,14 @@ def test_no_float_slots_when_the_gate_passes_without_them(fixture_compile):
     out, report = fixture_compile
     assert report["fusion"]["float_slots"].startswith("float slots: none needed")
     assert all(not kv.params for kv in read_manifest(out).targets["ort-cpu"].kv)
+
+
+def test_remove_model_takes_its_external_data(tmp_path):
+    """Intermediate models (the qnn-htp static graph, tflite's ONNX graphs) are removed with their
+    `.data` file: a large model's would otherwise stay in the output folder (SmolLM2: 651 MB)."""
+    from kvcompile.model_io import load_model, remove_model, save_model
+
+    written = save_model(load_model(DYNAMO), tmp_path / "model.static.onnx", external_data=True)
+    assert [p.name for p in written] == ["model.static.onnx", "model.static.onnx.data"]
+    remove_model(tmp_path / "model.static.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -34,7 +34,7 @@ import onnxruntime as ort
 from kvcompile.errors import BadInputError, TargetError
 from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import QnnContext, TargetIO
-from kvcompile.model_io import check_external_data, save_model
+from kvcompile.model_io import check_external_data, remove_model, save_model
 from kvcompile.passes.kv_codec import ONNX
 from kvcompile.quality import TargetQuality
 from kvcompile.runtimes.decoder import Decoder
@@ -147,7 +147,7 @@ class QnnHtpTarget:
         float_static = Decoder(cpu_session(static_path), io)
         quantize_qdq(static_path, calibration_feeds(float_static, lowering.calib_ids, CALIBRATION_STEPS),
                      folder / "model.qdq.onnx")
-        static_path.unlink()  # an intermediate: the QDQ model and the compiled contexts are the artifacts
+        remove_model(static_path)  # an intermediate: the QDQ model and the compiled contexts are the artifacts
         qdq_seconds = time.perf_counter() - started
         qdq_path = folder / "model.qdq.onnx"
         qdq_graph = onnx.load(qdq_path, load_external_data=False)

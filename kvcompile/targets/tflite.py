@@ -24,7 +24,7 @@ import onnx
 from kvcompile.errors import TargetError
 from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import TargetIO
-from kvcompile.model_io import save_model
+from kvcompile.model_io import remove_model, save_model
 from kvcompile.quality import TargetQuality
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.session import cpu_session
@@ -114,7 +114,7 @@ class TFLiteTarget:
         save_model(model, onnx_path)
         tflite_path = folder / "model.tflite"
         convert_in_child(onnx_path, tflite_path)
-        onnx_path.unlink()
+        remove_model(onnx_path)
         io = static_target_io(lowering.float_kv, used, model, f"{FOLDER}/{tflite_path.name}", context, packed=True)
         session = TFLiteSession(tflite_path)
         ops = session.op_names()
@@ -133,7 +133,7 @@ class TFLiteTarget:
         reference = Decoder(cpu_session(reference_path), artifact.io)
         agreement_ = agreement(tflite, reference, verifying.eval_windows.reshape(-1), COMPARE_STEPS,
                                "onnxruntime CPU EP, the same ONNX graph", compare_codes=True)
-        reference_path.unlink()
+        remove_model(reference_path)
         windows = long_verification_windows(verifying.eval_windows, artifact.io.max_context)
         quality = decode_quality(verifying.float_decoder, tflite, windows, prefill=VERIFY_PREFILL, batch=1,
                                  gate_pct=verifying.quality_gate_pct, text=verifying.eval_text, ran_on=self.runs_on)
