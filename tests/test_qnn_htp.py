@@ -80,3 +80,16 @@ def test_unknown_soc_is_refused(tmp_path):
                              "-o", str(tmp_path / "x")], capture_output=True, text=True)
     assert result.returncode == 2 and "SM1234" in result.stderr and "SM8650" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_calibration_reaches_the_last_position_of_any_context():
+    """The QDQ ranges are calibrated on decode steps spread over the whole context, the last one
+    included: an activation that grows with the position (RoPE's angles) is clipped past the
+    largest position calibrated. Short contexts keep every other step, as before."""
+    from kvcompile.targets.qnn_htp import calibration_positions
+
+    assert calibration_positions(63, 96) == list(range(0, 63, 2))
+    long = calibration_positions(1023, 96)
+    assert long[0] == 0 and long[-1] == 1022 and len(long) <= 97
+    assert max(b - a for a, b in zip(long, long[1:])) <= 11
+    assert calibration_positions(2, 96) == [0, 1] and calibration_positions(0, 96) == []
