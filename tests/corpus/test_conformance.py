@@ -29,9 +29,9 @@ EXPORTER_REFUSES = {
     # configs keep elsewhere (rope_parameters).
     ("gemma3", "genai"): "KeyError: 'rope_type'",
     ("gemma3", "genai-int4"): "KeyError: 'rope_type'",
-    # torch.onnx cannot lower Falcon's attention at opset 23.
-    ("falcon", "dynamo-opset23"): "ConversionError",
 }
+# (torch.onnx could not lower Falcon's attention at opset 23 with transformers 5.24; with 5.25, the
+# pinned version, it exports and compiles like the other families.)
 # Models kvcompile refuses (exit 2), with the construct its one-line message must name.
 KVCOMPILE_REFUSES = {
     ("gemma2", "genai"): "sliding_window_cache=1",
