@@ -19,6 +19,15 @@ Style "arithmetic" (static scales only) spells the same math with float arithmet
 targets without bit operations or QuantizeLinear (NNAPI, TFLite builtins): codes are computed
 and kept as exact small integers in float (Div, Round, Add, Clip), packed as
 code0 + 2**bits * code1 + ... (Slice, Mul, Add, Cast) and unpacked with Floor(x / 2**bits).
+
+Style "fixed-point" (per-tensor static scales) is the same arithmetic for a graph that a QDQ
+quantizer turns into fixed point (QNN's HTP, which has no bit operations either): the bytes
+cross the boundary through DequantizeLinear / QuantizeLinear with scale 1 (the HTP carries them as
+8-bit fixed point; a Cast would not), and every value that must stay an exact small integer
+(or an exact multiple of 1 / 2**bits, the Floor's input) is marked with `EXACT_GRID` in its
+metadata: "low,high,unit", the values it takes. The quantizer must give such a value a grid
+holding all of them exactly (`targets.qnn_htp.exact_overrides`): a calibrated range would put
+b / 16 = 1.0 a hair under 1 and Floor it to 0.
 """
 
 from __future__ import annotations
@@ -99,7 +108,21 @@ def _to_codes(b: FragmentBuilder, x: ir.Value, scale: ir.Value, zero_point: ir.V
     return b.op("Cast", [clipped], to=ir.DataType.UINT8)
 
 
-ONNX, ARITHMETIC = "onnx", "arithmetic"
+ONNX, ARITHMETIC, FIXED_POINT = "onnx", "arithmetic", "fixed-point"
+EXACT_GRID = "kvcompile.exact_grid"  # value metadata: "low,high,unit", see the module docstring
+
+
+def _exact(value: ir.Value, low: float, high: float, unit: float = 1.0) -> ir.Value:
+    """Mark `value` as taking exactly the multiples of `unit` in [low, high] (style fixed-point)."""
+    value.metadata_props[EXACT_GRID] = f"{float(low)!r},{float(high)!r},{float(unit)!r}"
+    return value
+
+
+def _per_tensor_params(codec: Codec) -> tuple[np.float32, int]:
+    """The fixed-point style's scalar scale and zero point."""
+    if codec.dynamic or not codec.per_tensor:
+        raise ValueError("the fixed-point lowering takes one static scale per tensor")
+    return np.float32(codec.scale.reshape(())), int(codec.zero_point.reshape(()))
 
 
 def emit_encode(b: FragmentBuilder, x: ir.Value, codec: Codec, float_dtype: ir.DataType,
@@ -107,6 +130,8 @@ def emit_encode(b: FragmentBuilder, x: ir.Value, codec: Codec, float_dtype: ir.D
     """Float tensor -> packed uint8 codes (+ dynamic parameters), following Codec.encode."""
     if float_dtype != ir.DataType.FLOAT:
         x = b.op("Cast", [x], to=ir.DataType.FLOAT)
+    if style == FIXED_POINT:
+        return Encoded(_encode_fixed_point(b, x, codec, logical_shape))
     if style == ARITHMETIC:
         if codec.dynamic:
             raise ValueError("the arithmetic lowering takes static scales only")
@@ -159,38 +184,94 @@ def _emit_encode_dynamic(b: FragmentBuilder, x: ir.Value, codec: Codec, logical_
     return Encoded(emit_pack(b, merged, codec), b.op("Squeeze", [half, inner]), stored_zero_point)
 
 
-def _pack_arithmetic(b: FragmentBuilder, codes: ir.Value, codec: Codec, logical_shape: list[int | str]) -> ir.Value:
-    """Float codes -> uint8 bytes holding `per_byte` consecutive codes, first in the lowest bits."""
-    n, a = codec.per_byte, codec.pack_axis
+def _pack_arithmetic(b: FragmentBuilder, codes: ir.Value, codec: Codec, logical_shape: list[int | str],
+                     fixed_point: bool = False) -> ir.Value:
+    """Float codes -> uint8 bytes holding `per_byte` consecutive codes, first in the lowest bits
+    (`fixed_point`: every value marked exact, and the bytes leave through QuantizeLinear)."""
+    n, a, qmax = codec.per_byte, codec.pack_axis, code_max(codec.bits)
+    mark = _exact if fixed_point else (lambda value, *_: value)
     if n > 1:
-        pairs = b.op("Reshape", [codes, b.const(_shape_after_split(logical_shape, a, [logical_shape[a] // n, n]), "shape")])
+        pairs = mark(b.op("Reshape", [codes, b.const(_shape_after_split(logical_shape, a, [logical_shape[a] // n, n]),
+                                                     "shape")]), 0, qmax)
         inner = b.ints(a + 1)
-        packed = None
+        packed, high = None, 0
         for j in range(n):
-            part = b.op("Squeeze", [b.op("Slice", [pairs, b.ints(j), b.ints(j + 1), inner]), inner])
+            part = mark(b.op("Squeeze", [mark(b.op("Slice", [pairs, b.ints(j), b.ints(j + 1), inner]), 0, qmax), inner]),
+                        0, qmax)
+            weight = 1 << (j * codec.bits)
             if j:
-                part = b.op("Mul", [part, b.const(np.float32(1 << (j * codec.bits)), "weight")])
-            packed = part if packed is None else b.op("Add", [packed, part])
+                part = mark(b.op("Mul", [part, b.const(np.float32(weight), "weight")]), 0, qmax * weight, weight)
+            high += qmax * weight
+            packed = part if packed is None else mark(b.op("Add", [packed, part]), 0, high)
         codes = packed
+    if fixed_point:
+        return b.op("QuantizeLinear", [codes, b.const(np.float32(1), "byte_scale"), b.const(_uint8(0), "byte_zero")])
     return b.op("Cast", [codes], to=ir.DataType.UINT8)
 
 
-def _unpack_arithmetic(b: FragmentBuilder, packed: ir.Value, codec: Codec, logical_shape: list[int | str]) -> ir.Value:
-    """uint8 bytes -> float codes (exact small integers)."""
+def _unpack_arithmetic(b: FragmentBuilder, packed: ir.Value, codec: Codec, logical_shape: list[int | str],
+                       fixed_point: bool = False) -> ir.Value:
+    """uint8 bytes -> float codes (exact small integers). `fixed_point`: the bytes enter through
+    DequantizeLinear, x / 2**bits is a Mul by its inverse (exact), every value is marked exact."""
     n, a = codec.per_byte, codec.pack_axis
-    rest = b.op("Cast", [packed], to=ir.DataType.FLOAT)
+    mark = _exact if fixed_point else (lambda value, *_: value)
+    if fixed_point:
+        rest = b.op("DequantizeLinear", [packed, b.const(np.float32(1), "byte_scale"), b.const(_uint8(0), "byte_zero")])
+    else:
+        rest = b.op("Cast", [packed], to=ir.DataType.FLOAT)
+    top = 255
+    mark(rest, 0, top)
     if n == 1:
         return rest
-    radix = b.const(np.float32(1 << codec.bits), "radix")
+    radix_ = 1 << codec.bits
+    radix = b.const(np.float32(radix_), "radix")
     parts = []
     for _ in range(n - 1):
-        higher = b.op("Floor", [b.op("Div", [rest, radix])])
-        parts.append(b.op("Sub", [rest, b.op("Mul", [higher, radix])]))
-        rest = higher
+        if fixed_point:
+            shifted = mark(b.op("Mul", [rest, b.const(np.float32(1.0 / radix_), "inverse_radix")]), 0, top / radix_,
+                           1.0 / radix_)
+        else:
+            shifted = b.op("Div", [rest, radix])
+        higher = mark(b.op("Floor", [shifted]), 0, top // radix_)
+        parts.append(mark(b.op("Sub", [rest, mark(b.op("Mul", [higher, radix]), 0, top // radix_ * radix_, radix_)]),
+                          0, radix_ - 1))
+        rest, top = higher, top // radix_
     parts.append(rest)
     inner = b.ints(a + 1)
-    interleaved = b.op("Concat", [b.op("Unsqueeze", [p, inner]) for p in parts], axis=a + 1)
-    return b.op("Reshape", [interleaved, b.const(_shape_after_split(logical_shape, a, [logical_shape[a]]), "shape")])
+    qmax = code_max(codec.bits)
+    interleaved = mark(b.op("Concat", [mark(b.op("Unsqueeze", [p, inner]), 0, qmax) for p in parts], axis=a + 1), 0, qmax)
+    return mark(b.op("Reshape", [interleaved, b.const(_shape_after_split(logical_shape, a, [logical_shape[a]]), "shape")]),
+                0, qmax)
+
+
+def _encode_fixed_point(b: FragmentBuilder, x: ir.Value, codec: Codec, logical_shape: list[int | str]) -> ir.Value:
+    """clip(round(x / scale), -zp, qmax - zp) + zp, packed: Codec.encode, with the rounding done by
+    Round on the clipped value (the same for integer bounds), and no Div for a scale of 1 (a
+    folded per-channel scale)."""
+    scale, zero_point = _per_tensor_params(codec)
+    qmax = code_max(codec.bits)
+    if scale != 1:
+        x = b.op("Div", [x, b.const(scale, "scale")])
+    # the clipped value spans the whole code range at the finest uint16 step, whatever range the
+    # calibration saw, so every code can be written
+    clipped = _exact(b.op("Clip", [x, b.const(np.float32(-zero_point), "code_min"),
+                                   b.const(np.float32(qmax - zero_point), "code_max")]),
+                     -zero_point, qmax - zero_point, qmax / 65535)
+    rounded = _exact(b.op("Round", [clipped]), -zero_point, qmax - zero_point)
+    codes = _exact(b.op("Add", [rounded, b.const(np.float32(zero_point), "zero_point")]), 0, qmax)
+    return _pack_arithmetic(b, codes, codec, logical_shape, fixed_point=True)
+
+
+def _decode_fixed_point(b: FragmentBuilder, packed: ir.Value, codec: Codec, logical_shape: list[int | str]) -> ir.Value:
+    """(codes - zp) * scale after the fixed-point unpack; a scale of 1 needs no Mul."""
+    scale, zero_point = _per_tensor_params(codec)
+    qmax = code_max(codec.bits)
+    codes = _unpack_arithmetic(b, packed, codec, logical_shape, fixed_point=True)
+    centered = _exact(b.op("Sub", [codes, b.const(np.float32(zero_point), "zero_point")]), -zero_point, qmax - zero_point)
+    if scale == 1:
+        return centered
+    return _exact(b.op("Mul", [centered, b.const(scale, "scale")]), -zero_point * scale, (qmax - zero_point) * scale,
+                  scale)
 
 
 def emit_pack(b: FragmentBuilder, codes: ir.Value, codec: Codec) -> ir.Value:
@@ -230,6 +311,9 @@ def emit_unpack(b: FragmentBuilder, packed: ir.Value, codec: Codec, logical_shap
 def emit_decode(b: FragmentBuilder, stored: Encoded, codec: Codec, logical_shape: list[int | str],
                 float_dtype: ir.DataType, style: str = ONNX) -> ir.Value:
     """Packed uint8 codes (+ dynamic parameters) -> float tensor, following Codec.decode."""
+    if style == FIXED_POINT:
+        x = _decode_fixed_point(b, stored.codes, codec, logical_shape)
+        return x if float_dtype == ir.DataType.FLOAT else b.op("Cast", [x], to=float_dtype)
     if style == ARITHMETIC:
         if codec.dynamic:
             raise ValueError("the arithmetic lowering takes static scales only")

@@ -91,7 +91,8 @@ def decode_in_graph(codec: Codec, logical, dtype, packed, scale, zero_point, sty
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("scheme,style", [(s, "onnx") for s in SCHEMES] +
-                         [(s, "arithmetic") for s in ("per-tensor", "per-channel")])  # static targets
+                         [(s, "arithmetic") for s in ("per-tensor", "per-channel")] +  # static targets
+                         [("per-tensor", "fixed-point")])  # qnn-htp
 @pytest.mark.parametrize("float16", [False, True], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "one-code-per-byte"])
 def test_fragments_match_codec(layout, bits, scheme, style, float16, packed):

@@ -39,6 +39,8 @@ def test_acceptance_every_node_on_the_htp_for_two_socs(qnn_compile):
         context_model = onnx.load(out / compiled["context_model"], load_external_data=False)
         assert {n.op_type for n in context_model.graph.node} == {"EPContext"}, "the whole graph is one HTP context"
         assert list((out / "qnn-htp" / soc).glob("*.bin"))
+    assert facts["kv_read_vs_fp16"] == 4.0, "the HTP reads two 4-bit codes per byte: a quarter of float16's bytes"
+    assert facts["kv_bytes_read_per_step"] * 4 == facts["kv_fp16_bytes_per_step"]
 
 
 def test_acceptance_agrees_with_cpu_and_keeps_quality(qnn_compile):
@@ -59,7 +61,7 @@ def test_manifest_drives_the_compiled_context_on_the_htp(qnn_compile):
     assert io.max_context == CONTEXT and io.model == "qnn-htp/SM8650/model_ctx.onnx"
     assert [i.role for i in io.inputs] == ["input_ids", "position_ids", "attention_bias"]
     key = io.kv[0]
-    assert key.stored_dtype == "uint8" and key.bits == 4 and key.packing.codes_per_byte == 1
+    assert key.stored_dtype == "uint8" and key.bits == 4 and key.packing.codes_per_byte == 2
     assert key.granularity == "per-tensor" and io.options.qnn_contexts["SM8750"].provider_options["htp_arch"] == "79"
     htp = Decoder(qnn_session(out / io.model, "SM8650"), io)
     cpu = Decoder(cpu_session(out / io.options.qdq_model), io)
@@ -93,3 +95,59 @@ def test_calibration_reaches_the_last_position_of_any_context():
     assert long[0] == 0 and long[-1] == 1022 and len(long) <= 97
     assert max(b - a for a, b in zip(long, long[1:])) <= 11
     assert calibration_positions(2, 96) == [0, 1] and calibration_positions(0, 96) == []
+
+
+def test_htp_unpacks_and_packs_4bit_codes_bit_for_bit(tmp_path):
+    """The HTP has no bit operations: kv_codec's fixed-point style unpacks a byte b as
+    floor(b / 16), b - 16 * floor(b / 16) and packs lo + 16 * hi, in 16-bit fixed point on grids
+    that hold those values exactly. On the HTP backend, every byte value decodes to quant.py's
+    codes and new entries encode to quant.py's bytes."""
+    import onnx_ir as ir
+
+    from kvcompile.passes.kv_codec import FIXED_POINT, Encoded, FragmentBuilder, emit_decode, emit_encode
+    from kvcompile.passes.names import NameAllocator
+    from kvcompile.quant import Codec
+    from kvcompile.targets.qnn_htp import quantize_qdq
+
+    positions, logical = 64, [1, 2, "seq", 64]
+    codec = Codec(4, np.float32(1.0), 8, pack_axis=3)
+    graph = ir.Graph([], [], nodes=[], opset_imports={"": 21}, name="codec")
+    builder = FragmentBuilder(graph, NameAllocator(graph), "kv")
+    stored = ir.Value(name="stored", type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape([1, 2, positions, 32]))
+    new = ir.Value(name="new", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 2, 1, 64]))
+    decoded = emit_decode(builder, Encoded(stored), codec, logical, ir.DataType.FLOAT, FIXED_POINT)
+    encoded = emit_encode(builder, new, codec, ir.DataType.FLOAT, logical, FIXED_POINT).codes
+    decoded.name, encoded.name = "decoded", "encoded"
+    decoded.type, decoded.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([1, 2, positions, 64])
+    encoded.type, encoded.shape = ir.TensorType(ir.DataType.UINT8), ir.Shape([1, 2, 1, 32])
+    graph.inputs.extend([stored, new])
+    graph.extend(builder.nodes)
+    graph.outputs.extend([decoded, encoded])
+    ir.save(ir.Model(graph, ir_version=10), tmp_path / "codec.onnx")
+
+    rng = np.random.default_rng(0)
+    every_byte = np.resize(np.arange(256, dtype=np.uint8), (1, 2, positions, 32))
+    # calibrated on bytes that miss the extreme codes, as a real cache's may: the exact grids, not
+    # the calibrated ranges, must decide
+    feeds = [{"stored": rng.integers(17, 239, (1, 2, positions, 32), dtype=np.uint8),
+              "new": (rng.normal(size=(1, 2, 1, 64)) * 4).astype(np.float32)} for _ in range(4)]
+    quantize_qdq(tmp_path / "codec.onnx", feeds, tmp_path / "codec.qdq.onnx")
+    htp = qnn_session((tmp_path / "codec.qdq.onnx").read_bytes(), "SM8650")
+    for stored_bytes, new_entries in [(every_byte, f["new"]) for f in feeds]:
+        got_decoded, got_encoded = htp.run(None, {"stored": stored_bytes, "new": new_entries})
+        # the decoded values leave the HTP through a float32 dequantization (a 1e-7 rounding); a
+        # wrong code would be off by 1
+        np.testing.assert_array_equal(np.round(got_decoded), codec.decode(stored_bytes))
+        assert np.abs(got_decoded - codec.decode(stored_bytes)).max() < 1e-5
+        np.testing.assert_array_equal(got_encoded, codec.encode(new_entries)[0])
+
+
+def test_exact_grids_hold_every_value():
+    from kvcompile.targets.qnn_htp import exact_grid
+
+    for low, high, unit in ((0, 255, 1), (0, 255 / 16, 1 / 16), (-8, 7, 1), (0, 240, 16), (0, 63, 1), (0, 15, 1)):
+        scale, zero_point = exact_grid(low, high, unit)
+        values = np.arange(low, high + unit / 2, unit)
+        steps = values / np.float64(scale) + int(zero_point)  # where each value falls on the uint16 grid
+        assert np.abs(steps - np.round(steps)).max() < 0.01, "every value is a grid point (float32 scale aside)"
+        assert round(steps.min()) >= 0 and round(steps.max()) <= 65535

@@ -41,11 +41,11 @@ def compiled(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("static")
     kv, float_decoder, stats, plan = calibrated_fixture()
-    model, folded = static_graph(DYNAMO, kv, plan, CONTEXT, style="onnx", packed=False, fold_per_channel=True,
-                                 fuse_rmsnorm=True, opset=21)
+    model, folded = static_graph(DYNAMO, kv, plan, CONTEXT, style="fixed-point", packed=True, fold_per_channel=True,
+                                 fuse_rmsnorm=True, opset=21)  # qnn-htp's spelling
     ir.save(model, work / "static.onnx")
     static = Decoder(cpu_session(work / "static.onnx"),
-                     static_target_io(kv, folded, model, "static.onnx", CONTEXT, packed=False))
+                     static_target_io(kv, folded, model, "static.onnx", CONTEXT, packed=True))
     growing = load_model(DYNAMO)
     quantize_graph(growing, kv, plan)
     ir.save(growing, work / "growing.onnx")
@@ -63,17 +63,18 @@ def test_static_graph_io(compiled):
     inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert inputs["input_ids"] == [1, 1] and inputs["position_ids"] == [1, 1]
     assert inputs["attention_bias"] == [1, 1, 1, CONTEXT] and "attention_mask" not in inputs
-    assert inputs["past_key_values.0.key"] == [1, 2, CONTEXT - 1, 64], "one 4-bit code per byte"
+    assert inputs["past_key_values.0.key"] == [1, 2, CONTEXT - 1, 32], "two 4-bit codes per byte"
     outputs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
-    assert outputs["present.0.key"] == [1, 2, 1, 64], "only the new token's slot"
+    assert outputs["present.0.key"] == [1, 2, 1, 32], "only the new token's slot"
     ops = {n.op_type for n in proto.graph.node}
     assert {"Shape", "Range", "BitShift", "BitwiseAnd"}.isdisjoint(ops), "static shapes folded, no bit ops"
+    assert {"Floor", "Round", "DequantizeLinear", "QuantizeLinear"} <= ops, "codes unpacked and packed in fixed point"
     assert "SimplifiedLayerNormalization" in ops
 
 
 def test_static_graph_computes_what_the_growing_graph_does(compiled):
-    """Same plan, same tokens: the fixed-buffer graph (per-channel scales folded, codes one per
-    byte) gives the logits of the growing Q/DQ graph."""
+    """Same plan, same tokens: the fixed-buffer graph (per-channel scales folded, codes two per
+    byte unpacked in fixed-point arithmetic) gives the logits of the growing Q/DQ graph."""
     _, _, static, growing = compiled
     tokens = load_token_ids(bundled_text("heldout.txt"), TOKENIZER)[: CONTEXT - 1][None]
     a, _ = static.step(static.new_cache(1), tokens)
@@ -99,7 +100,7 @@ def test_static_cache_fills_in_order_then_slides_keeping_sinks(compiled):
     for _ in range(CONTEXT):  # long generation past max_context keeps working
         logits, _ = static.step(cache, tokens[:, :1])
     assert np.isfinite(logits).all() and cache.length == 2 * CONTEXT
-    assert cache.nbytes() == 8 * 2 * (CONTEXT - 1) * 64
+    assert cache.nbytes() == 8 * 2 * (CONTEXT - 1) * 32
 
 
 def test_the_plan_is_legalised_per_target_from_its_capabilities():

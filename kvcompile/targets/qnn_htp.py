@@ -7,12 +7,15 @@ Steps (each a function below):
    tensors the main plan stores with per-token scales are re-planned per-channel (the report
    says which).
 2. graph: the decode graph for a fixed `max_context` (StaticDecodePass): one new token, fixed
-   buffers of max_context - 1 slots, an attention bias; the new K/V entries are its outputs, as
-   4-bit codes one per byte (the HTP has no bit operations to unpack nibbles; the report gives
-   the bytes it reads). Opset 21, RMSNorm fused (the HTP computes the decomposed form's
-   Reciprocal wrongly in 16 bits).
+   buffers of max_context - 1 slots, an attention bias; the new K/V entries are its outputs.
+   The cache is two 4-bit codes per byte, as on the CPU: the HTP has no bit operations, so the
+   graph unpacks a byte b as hi = floor(b / 16), lo = b - 16 * hi and packs new entries as
+   lo + 16 * hi (kv_codec's fixed-point style), exact in 16-bit fixed point on grids chosen for
+   it (`exact_overrides`). The NPU reads a quarter of float16's cache bytes. Opset 21, RMSNorm
+   fused (the HTP computes the decomposed form's Reciprocal wrongly in 16 bits).
 3. QDQ: onnxruntime's QNN flow (get_qnn_qdq_config): uint16 activations, uint8 weights,
-   calibrated on real decode steps of the calibration text spread over the whole context.
+   calibrated on real decode steps of the calibration text spread over the whole context; the
+   values the packing marks exact get the grids that hold them exactly instead.
 4. AOT: an EPContext model and QNN context binary per SoC (`ep.context_enable`).
 5. verify: the decode-path perplexity of the QDQ graph on the CPU EP over windows of the full
    context is within the quality gate of the float model; each compiled model loads with CPU
@@ -35,7 +38,7 @@ from kvcompile.errors import BadInputError, TargetError
 from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import QnnContext, TargetIO
 from kvcompile.model_io import check_external_data, remove_model, save_model
-from kvcompile.passes.kv_codec import ONNX
+from kvcompile.passes.kv_codec import EXACT_GRID, FIXED_POINT
 from kvcompile.quality import TargetQuality
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.kvcache import StaticCache
@@ -95,6 +98,36 @@ def calibration_feeds(decoder: Decoder, token_ids: np.ndarray, steps: int) -> li
     return feeds
 
 
+UINT16_LEVELS = 65535
+UINT16_STEP_COUNTS = [d for d in range(1, UINT16_LEVELS + 1) if UINT16_LEVELS % d == 0]  # 3 * 5 * 17 * 257
+
+
+def exact_grid(low: float, high: float, unit: float) -> tuple[np.float32, np.uint16]:
+    """A uint16 scale and zero point whose grid holds every multiple of `unit` in [low, high]
+    exactly: the grid spans the fewest units that divide 65535 and cover the range, so each of
+    those values is a whole number of grid steps (e.g. [0, 255] -> 257 steps per unit)."""
+    units = round((high - low) / unit)
+    span = next((d for d in UINT16_STEP_COUNTS if d >= units), None)
+    if span is None:
+        raise ValueError(f"no uint16 grid holds {units + 1} values exactly")
+    steps_per_unit = UINT16_LEVELS // span
+    return np.float32(unit / steps_per_unit), np.uint16(round(-low / unit) * steps_per_unit)
+
+
+def exact_overrides(model_path: Path) -> dict[str, list[dict]]:
+    """The quantizer's tensor overrides for the values the cache's packing marks exact (kv_codec,
+    `EXACT_GRID`): each gets `exact_grid`'s scale and zero point instead of a calibrated range."""
+    graph = onnx.load(model_path, load_external_data=False).graph
+    overrides = {}
+    for value in graph.value_info:
+        marks = {p.key: p.value for p in value.metadata_props}
+        if EXACT_GRID in marks:
+            low, high, unit = (float(v) for v in marks[EXACT_GRID].split(","))
+            scale, zero_point = exact_grid(low, high, unit)
+            overrides[value.name] = [{"scale": np.array(scale), "zero_point": np.array(zero_point)}]
+    return overrides
+
+
 def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path: Path) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
@@ -115,23 +148,24 @@ def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path
     ort.set_default_logger_severity(3)
     try:
         config = get_qnn_qdq_config(str(static_path), Reader(), activation_type=QuantType.QUInt16,
-                                    weight_type=QuantType.QUInt8)
+                                    weight_type=QuantType.QUInt8, init_overrides=exact_overrides(static_path))
         quantize(str(static_path), str(out_path), config)
     finally:
         root.setLevel(level)
 
 
-def bytes_read(io: TargetIO) -> dict[str, int]:
-    """Cache bytes the graph reads each step (codes one per byte, float16 slots), and what the
-    codes would take packed two per byte at rest on the host."""
+def bytes_read(io: TargetIO, kv: KVGraph) -> dict[str, int | float]:
+    """Cache bytes the graph reads each step (packed codes and float16 slots), against a float16
+    cache of the same buffer."""
     cache = StaticCache(io, 1)
-    float_slots = {p.input for kv in io.kv for p in kv.params if p.kind == "float_slots"}
-    codes = sum(t.nbytes for name, t in cache.tensors.items() if name not in float_slots)
-    floats = sum(t.nbytes for name, t in cache.tensors.items() if name in float_slots)
-    return {"kv_bytes_read_per_step": codes + floats, "kv_bytes_at_rest_if_packed_on_host": codes // 2 + floats}
+    read = sum(cache.tensors[name].nbytes for name in cache.tensors)
+    fp16 = sum(2 * t.elements_per_token for t in kv.tensors) * (io.max_context - 1)
+    return {"kv_bytes_read_per_step": read, "kv_fp16_bytes_per_step": fp16,
+            "kv_read_vs_fp16": round(fp16 / read, 3)}
 
 
-KV_STORAGE = "uint8, one 4-bit code per byte (the HTP has no bit operations to unpack nibbles)"
+KV_STORAGE = ("uint8, two 4-bit codes per byte, unpacked and packed in-graph in 16-bit fixed point "
+              "(Floor/Mul/Sub/Add on exact grids: the HTP has no bit operations)")
 
 
 class QnnHtpTarget:
@@ -150,11 +184,12 @@ class QnnHtpTarget:
         check_socs(socs)
         folder = lowering.stage / FOLDER
         folder.mkdir()
-        model, folded = static_graph(lowering.float_path, lowering.float_kv, lowering.plan, context, style=ONNX,
-                                     packed=False, fold_per_channel=True, fuse_rmsnorm=True, opset=QDQ_OPSET)
+        model, folded = static_graph(lowering.float_path, lowering.float_kv, lowering.plan, context,
+                                     style=FIXED_POINT, packed=True, fold_per_channel=True, fuse_rmsnorm=True,
+                                     opset=QDQ_OPSET)
         static_path = folder / "model.static.onnx"
         save_model(model, static_path)
-        io = static_target_io(lowering.float_kv, folded, model, f"{FOLDER}/model.qdq.onnx", context, packed=False)
+        io = static_target_io(lowering.float_kv, folded, model, f"{FOLDER}/model.qdq.onnx", context, packed=True)
 
         started = time.perf_counter()
         float_static = Decoder(cpu_session(static_path), io)
@@ -200,8 +235,7 @@ class QnnHtpTarget:
             "quantization": "activations uint16, weights uint8 (onnxruntime QNN QDQ config); KV cache 4-bit, "
                             "per-tensor scales with per-channel scales folded into the attention",
             "kv_cache_bytes": cache_bytes,
-            "kv_fp16_bytes": sum(2 * t.elements_per_token for t in lowering.float_kv.tensors) * (context - 1),
-            **bytes_read(io),
+            **bytes_read(io, lowering.float_kv),
         }
         return Artifact(self.name, io, KV_STORAGE, facts)
 

@@ -4,9 +4,9 @@
   plan stores otherwise are re-planned per-channel by `targets.base.legalize`; the notes say
   which), keys centered, and the plan's float sink and recent slots.
 - `static_graph`: the float decode graph for a fixed context (StaticDecodePass) with the 4-bit
-  cache boundary in slot mode, spelled for the target: Q/DQ ops with one code per byte and
-  per-channel scales folded into the attention (QNN), or float arithmetic with two codes per
-  byte (NNAPI, TFLite). Key centers are taken out of the new keys before the cache (a shift in
+  cache boundary in slot mode, spelled for the target, always two 4-bit codes per byte: fixed-
+  point arithmetic on exact grids with per-channel scales folded into the attention (QNN's HTP),
+  or float arithmetic (NNAPI, TFLite). Key centers are taken out of the new keys before the cache (a shift in
   TransformKVPass: exact, softmax ignores the per-query constant q.c), so the cache boundary
   sees keys already centered. With float slots in the plan, `sinks + recent` of the buffer's
   positions are the runner's float16 copies of the first and newest tokens instead of codes
