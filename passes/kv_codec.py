@@ -223,19 +223,19 @@ def _unpack_arithmetic(b: FragmentBuilder, packed: ir.Value, codec: Codec, logic
     mark(rest, 0, top)
     if n == 1:
         return rest
-    radix_ = 1 << codec.bits
-    radix = b.const(np.float32(radix_), "radix")
+    base = 1 << codec.bits
+    radix = b.const(np.float32(base), "radix")
     parts = []
     for _ in range(n - 1):
         if fixed_point:
-            shifted = mark(b.op("Mul", [rest, b.const(np.float32(1.0 / radix_), "inverse_radix")]), 0, top / radix_,
-                           1.0 / radix_)
+            shifted = mark(b.op("Mul", [rest, b.const(np.float32(1.0 / base), "inverse_radix")]), 0, top / base,
+                           1.0 / base)
         else:
             shifted = b.op("Div", [rest, radix])
-        higher = mark(b.op("Floor", [shifted]), 0, top // radix_)
-        parts.append(mark(b.op("Sub", [rest, mark(b.op("Mul", [higher, radix]), 0, top // radix_ * radix_, radix_)]),
-                          0, radix_ - 1))
-        rest, top = higher, top // radix_
+        higher = mark(b.op("Floor", [shifted]), 0, top // base)
+        parts.append(mark(b.op("Sub", [rest, mark(b.op("Mul", [higher, radix]), 0, top // base * base, base)]),
+                          0, base - 1))
+        rest, top = higher, top // base
     parts.append(rest)
     inner = b.ints(a + 1)
     qmax = code_max(codec.bits)
