@@ -67,12 +67,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="static-storage-") as work:
         for name in chosen:
             started = time.perf_counter()
-            model, used = static_graph(model_path, kv, candidates[name], CONTEXT, style="arithmetic", packed=True,
+            model, used = static_graph(model_path, kv, candidates[name], CONTEXT, style="arithmetic",
                                        fold_per_channel=False, fuse_rmsnorm=False, opset=OPSET)
             run_passes(model, *legalize_nnapi_passes())
             path = Path(work) / f"{name}.onnx"
             save_model(model, path)
-            decoder = Decoder(cpu_session(path), static_target_io(kv, used, model, path.name, CONTEXT, packed=True))
+            decoder = Decoder(cpu_session(path), static_target_io(kv, used, model, path.name, CONTEXT))
             q = decode_quality(float_decoder, decoder, windows, prefill=VERIFY_PREFILL, batch=1, gate_pct=2.0,
                                text="bundled heldout.txt", ran_on="onnxruntime CPU EP")
             print(f"| {name} | {q.quantized_ppl:.3f} | {q.ppl_delta_pct:+.2f}% | {q.top1_agreement:.1%} | "

@@ -113,7 +113,8 @@ EXACT_GRID = "kvcompile.exact_grid"  # value metadata: "low,high,unit", see the 
 
 
 def _exact(value: ir.Value, low: float, high: float, unit: float = 1.0) -> ir.Value:
-    """Mark `value` as taking exactly the multiples of `unit` in [low, high] (style fixed-point)."""
+    """Mark `value` as taking exactly the multiples of `unit` in [low, high] (style fixed-point);
+    `unit` 0: any value in [low, high], a fixed range whatever the calibration sees."""
     value.metadata_props[EXACT_GRID] = f"{float(low)!r},{float(high)!r},{float(unit)!r}"
     return value
 
@@ -252,11 +253,11 @@ def _encode_fixed_point(b: FragmentBuilder, x: ir.Value, codec: Codec, logical_s
     qmax = code_max(codec.bits)
     if scale != 1:
         x = b.op("Div", [x, b.const(scale, "scale")])
-    # the clipped value spans the whole code range at the finest uint16 step, whatever range the
-    # calibration saw, so every code can be written
+    # the clipped value spans the whole code range whatever range the calibration saw, so every
+    # code can be written
     clipped = _exact(b.op("Clip", [x, b.const(np.float32(-zero_point), "code_min"),
                                    b.const(np.float32(qmax - zero_point), "code_max")]),
-                     -zero_point, qmax - zero_point, qmax / 65535)
+                     -zero_point, qmax - zero_point, unit=0.0)
     rounded = _exact(b.op("Round", [clipped]), -zero_point, qmax - zero_point)
     codes = _exact(b.op("Add", [rounded, b.const(np.float32(zero_point), "zero_point")]), 0, qmax)
     return _pack_arithmetic(b, codes, codec, logical_shape, fixed_point=True)

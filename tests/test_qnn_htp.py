@@ -151,3 +151,5 @@ def test_exact_grids_hold_every_value():
         steps = values / np.float64(scale) + int(zero_point)  # where each value falls on the uint16 grid
         assert np.abs(steps - np.round(steps)).max() < 0.01, "every value is a grid point (float32 scale aside)"
         assert round(steps.min()) >= 0 and round(steps.max()) <= 65535
+    scale, zero_point = exact_grid(-8, 7, 0.0)  # a fixed range, no grid: the ends are its ends
+    assert round(-8 / float(scale)) + int(zero_point) == 0 and round(7 / float(scale)) + int(zero_point) == 65535

@@ -41,11 +41,11 @@ def compiled(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("static")
     kv, float_decoder, stats, plan = calibrated_fixture()
-    model, folded = static_graph(DYNAMO, kv, plan, CONTEXT, style="fixed-point", packed=True, fold_per_channel=True,
+    model, folded = static_graph(DYNAMO, kv, plan, CONTEXT, style="fixed-point", fold_per_channel=True,
                                  fuse_rmsnorm=True, opset=21)  # qnn-htp's spelling
     ir.save(model, work / "static.onnx")
     static = Decoder(cpu_session(work / "static.onnx"),
-                     static_target_io(kv, folded, model, "static.onnx", CONTEXT, packed=True))
+                     static_target_io(kv, folded, model, "static.onnx", CONTEXT))
     growing = load_model(DYNAMO)
     quantize_graph(growing, kv, plan)
     ir.save(growing, work / "growing.onnx")
@@ -144,11 +144,11 @@ def slotted(tmp_path_factory):
         for t in kv.tensors))
     decoders = {}
     for name, chosen in (("slots", with_float_slots(plan, kv, {t.layer for t in kv.tensors}, 2, 8)), ("none", plan)):
-        model, used = static_graph(DYNAMO, kv, chosen, CONTEXT, style="arithmetic", packed=True,
+        model, used = static_graph(DYNAMO, kv, chosen, CONTEXT, style="arithmetic",
                                    fold_per_channel=False, fuse_rmsnorm=False, opset=18)
         ir.save(model, work / f"{name}.onnx")
         decoders[name] = Decoder(cpu_session(work / f"{name}.onnx"),
-                                 static_target_io(kv, used, model, f"{name}.onnx", CONTEXT, packed=True))
+                                 static_target_io(kv, used, model, f"{name}.onnx", CONTEXT))
     return decoders, float_decoder
 
 
@@ -198,10 +198,10 @@ def test_float_slots_and_centers_in_every_cache_layout(tmp_path, form):
         centered_channel_plan(t, stats, 4, "wmse") if t.kind == "key" else plan.for_input(t.past_input)
         for t in kv.tensors))
     plan = with_float_slots(plan, kv, {t.layer for t in kv.tensors}, 2, 8)
-    model, used = static_graph(path, kv, plan, 24, style="arithmetic", packed=True, fold_per_channel=False,
+    model, used = static_graph(path, kv, plan, 24, style="arithmetic", fold_per_channel=False,
                                fuse_rmsnorm=False, opset=18)
     ir.save(model, tmp_path / "static.onnx")
-    static = Decoder(cpu_session(tmp_path / "static.onnx"), static_target_io(kv, used, model, "static.onnx", 24, True))
+    static = Decoder(cpu_session(tmp_path / "static.onnx"), static_target_io(kv, used, model, "static.onnx", 24))
     tokens = np.random.default_rng(1).integers(0, 32, (1, 40))
     cache = float_decoder.new_cache(1)  # one token per call: these attentions are not causal-masked
     reference = np.concatenate([float_decoder.step(cache, tokens[:, t : t + 1])[0] for t in range(10)], axis=1)

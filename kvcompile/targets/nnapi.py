@@ -51,7 +51,7 @@ OPSET = 18
 
 def nnapi_graph(float_path: Path, kv: KVGraph, plan: QuantPlan, context: int) -> tuple[ir.Model, QuantPlan]:
     """The static decode graph, packed 4-bit cache in float arithmetic, legal for NNAPI."""
-    model, used = static_graph(float_path, kv, plan, context, style=ARITHMETIC, packed=True,
+    model, used = static_graph(float_path, kv, plan, context, style=ARITHMETIC,
                                fold_per_channel=False, fuse_rmsnorm=False, opset=OPSET)
     run_passes(model, *legalize_nnapi_passes())
     return model, used
@@ -100,7 +100,7 @@ class NnapiTarget:
         save_model(model, onnx_path)
         ort_path = write_ort_format(onnx_path)
         partitions = check_partitions(onnx_path)
-        io = static_target_io(lowering.float_kv, used, model, f"{FOLDER}/{ort_path.name}", context, packed=True)
+        io = static_target_io(lowering.float_kv, used, model, f"{FOLDER}/{ort_path.name}", context)
         facts = {"onnx_model": f"{FOLDER}/{onnx_path.name}", "max_context": context, **partitions,
                  "kv_cache_bytes": static_cache_bytes(io)}
         return Artifact(self.name, io, KV_STORAGE, facts)

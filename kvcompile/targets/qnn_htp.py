@@ -105,7 +105,11 @@ UINT16_STEP_COUNTS = [d for d in range(1, UINT16_LEVELS + 1) if UINT16_LEVELS % 
 def exact_grid(low: float, high: float, unit: float) -> tuple[np.float32, np.uint16]:
     """A uint16 scale and zero point whose grid holds every multiple of `unit` in [low, high]
     exactly: the grid spans the fewest units that divide 65535 and cover the range, so each of
-    those values is a whole number of grid steps (e.g. [0, 255] -> 257 steps per unit)."""
+    those values is a whole number of grid steps (e.g. [0, 255] -> 257 steps per unit). `unit`
+    0: the whole uint16 range over [low, high]."""
+    if unit == 0:
+        scale = np.float32((high - low) / UINT16_LEVELS)
+        return scale, np.uint16(round(-low / scale))
     units = round((high - low) / unit)
     span = next((d for d in UINT16_STEP_COUNTS if d >= units), None)
     if span is None:
@@ -158,7 +162,7 @@ def bytes_read(io: TargetIO, kv: KVGraph) -> dict[str, int | float]:
     """Cache bytes the graph reads each step (packed codes and float16 slots), against a float16
     cache of the same buffer."""
     cache = StaticCache(io, 1)
-    read = sum(cache.tensors[name].nbytes for name in cache.tensors)
+    read = sum(t.nbytes for t in cache.tensors.values())
     fp16 = sum(2 * t.elements_per_token for t in kv.tensors) * (io.max_context - 1)
     return {"kv_bytes_read_per_step": read, "kv_fp16_bytes_per_step": fp16,
             "kv_read_vs_fp16": round(fp16 / read, 3)}
@@ -185,11 +189,11 @@ class QnnHtpTarget:
         folder = lowering.stage / FOLDER
         folder.mkdir()
         model, folded = static_graph(lowering.float_path, lowering.float_kv, lowering.plan, context,
-                                     style=FIXED_POINT, packed=True, fold_per_channel=True, fuse_rmsnorm=True,
+                                     style=FIXED_POINT, fold_per_channel=True, fuse_rmsnorm=True,
                                      opset=QDQ_OPSET)
         static_path = folder / "model.static.onnx"
         save_model(model, static_path)
-        io = static_target_io(lowering.float_kv, folded, model, f"{FOLDER}/model.qdq.onnx", context, packed=True)
+        io = static_target_io(lowering.float_kv, folded, model, f"{FOLDER}/model.qdq.onnx", context)
 
         started = time.perf_counter()
         float_static = Decoder(cpu_session(static_path), io)

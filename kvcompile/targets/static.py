@@ -58,7 +58,7 @@ def check_static(target: str, kv: KVGraph) -> None:
             f"{target}, or drop --target {target}")
 
 
-def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, style: str, packed: bool,
+def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, style: str,
                  fold_per_channel: bool, fuse_rmsnorm: bool, opset: int) -> tuple[ir.Model, QuantPlan]:
     """The float static decode graph with the 4-bit cache boundary; returns it and the plan it
     stores (centers taken out in the graph, per-channel scales turned into per-tensor ones when
@@ -77,7 +77,7 @@ def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, styl
     if transforms:
         run_passes(model, *transform_passes(kv, transforms))
     run_passes(model, *static_decode_passes(kv, context),
-               QuantizeKVBoundaryPass(kv, stored.codecs(kv, packed=packed), slot_outputs=True, style=style,
+               QuantizeKVBoundaryPass(kv, stored.codecs(kv), slot_outputs=True, style=style,
                                       float_positions=float_positions(plan)),
                *cleaned_up())
     onnxscript.version_converter.convert_version(model, opset)
@@ -101,8 +101,7 @@ def float_positions(plan: QuantPlan) -> int:
     return 0 if slots is None else sum(slots)
 
 
-def static_target_io(kv: KVGraph, plan: QuantPlan, model: ir.Model, model_path: str, context: int,
-                     packed: bool) -> TargetIO:
+def static_target_io(kv: KVGraph, plan: QuantPlan, model: ir.Model, model_path: str, context: int) -> TargetIO:
     float_io = float_model_io(kv, model_path)
     inputs = {v.name: v for v in model.graph.inputs}
     roles = [dataclasses.replace(i, dtype=inputs[i.name].dtype.name.lower()) for i in float_io.inputs if i.name in inputs]
@@ -110,7 +109,7 @@ def static_target_io(kv: KVGraph, plan: QuantPlan, model: ir.Model, model_path: 
     slots = static_float_slots(plan)
     codes_only = dataclasses.replace(plan, tensors=tuple(dataclasses.replace(t, float_slots=None)
                                                          for t in plan.tensors))
-    kv_io = [stored_kvio(k, codes_only, packed=packed) for k in float_io.kv]
+    kv_io = [stored_kvio(k, codes_only) for k in float_io.kv]
     if slots is not None:
         kv_io = [dataclasses.replace(k, params=[*k.params, _float_slots_param(k, sum(slots))]) for k in kv_io]
     return dataclasses.replace(float_io, inputs=roles, kv=kv_io, max_context=context,

@@ -115,7 +115,7 @@ class TFLiteTarget:
         tflite_path = folder / "model.tflite"
         convert_in_child(onnx_path, tflite_path)
         remove_model(onnx_path)
-        io = static_target_io(lowering.float_kv, used, model, f"{FOLDER}/{tflite_path.name}", context, packed=True)
+        io = static_target_io(lowering.float_kv, used, model, f"{FOLDER}/{tflite_path.name}", context)
         session = TFLiteSession(tflite_path)
         ops = session.op_names()
         if any("Flex" in op or op == "CUSTOM" for op in ops):
