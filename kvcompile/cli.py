@@ -161,6 +161,10 @@ def _summary_table(report: Report) -> Table:
               help="The longest context the model will run at: calibration and verification use windows "
                    "this long (static key ranges are checked as far as they are used) and the static targets' "
                    "buffer holds it [default: 1024, or less if the model's context or attention window is shorter].")
+@click.option("--prefill-len", type=click.IntRange(min=0), default=None,
+              help="qnn-htp: tokens its prefill graph takes per call (a second graph sharing the decode graph's "
+                   "weights and cache buffer) [default: 128, or half the buffer if less; 0: no prefill graph, "
+                   "prompts go one token a call].")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration text, or token ids as .npy [default: bundled text].")
 @click.option("--calib-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
@@ -352,22 +356,33 @@ def run_command(folder, prompt, target, soc, max_new_tokens, temperature, top_k,
     if not prompt_ids:
         raise KvCompileError("--prompt is empty after tokenization")
     target = target or default_target(manifest)
+    loading = time.perf_counter()
     decoder = load_decoder(Path(folder), manifest, target, soc)
+    loaded = time.perf_counter() - loading
     special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
     started = time.perf_counter()
     generation = Generation(decoder, prompt_ids, Sampling(temperature, top_k, seed))
+    first_token = time.perf_counter() - started
     tokens, shown = [], ""
     click.echo(prompt, nl=False)
+    decoding = time.perf_counter()
     for token in generation.tokens(max_new_tokens, stop=lambda t: t in special):
         tokens.append(token)
         text = tokenizer.decode(tokens)
         click.echo(text[len(shown):], nl=False)
         shown = text
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - decoding
     click.echo()
-    err_console.print(f"{len(tokens)} tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s, prompt "
-                      f"included); KV cache {generation.cache.nbytes():,} bytes as stored; {target} on "
-                      f"{runs_on(target)}", markup=False, highlight=False)
+    steps = max(len(tokens) - 1, 0)  # the first token came from the prompt's logits
+    prefill_len = decoder.io.options.prefill_len if decoder.prefill is not None else None
+    fed = (f"prefill graph, {prefill_len} tokens a call" if prefill_len
+           else "one token a call" if decoder.io.max_context is not None else "one call")
+    err_console.print(
+        f"{len(tokens)} tokens generated; prompt of {len(prompt_ids)} tokens: time to first token {first_token:.2f} s "
+        f"({fed}); decode: {steps} steps in {seconds:.2f} s ({steps / seconds if seconds > 0 else 0.0:.1f} tokens/s); "
+        f"loaded in {loaded:.1f} s; KV cache {generation.cache.nbytes():,} bytes as stored; {target} on "
+        f"{runs_on(target)}",
+        markup=False, highlight=False)
 
 
 @cli.command("eval")

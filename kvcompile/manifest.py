@@ -101,6 +101,7 @@ class QnnContext:
 
     context_model: str  # relative path of the EPContext model
     provider_options: dict[str, str]  # onnxruntime-qnn provider options (backend, SoC model, HTP arch)
+    prefill_context_model: str | None = None  # the prefill graph's EPContext model (same context binary)
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,16 @@ class RunOptions:
     # [sinks, recent]: float slots next to a 4-bit GroupQueryAttention cache. With `seq` tokens
     # cached, a "sink_seq" dim is min(sinks, seq) and a "recent_seq" dim min(recent, max(0, seq - sinks)).
     float_slots: list[int] | None = None
+    # static targets with a prefill graph: the tokens it takes per call, and (qnn-htp) its QDQ model
+    prefill_len: int | None = None
+    prefill_qdq_model: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        if self.prefill_len is not None:
+            out["prefill_len"] = self.prefill_len
+        if self.prefill_qdq_model is not None:
+            out["prefill_qdq_model"] = self.prefill_qdq_model
         if self.float_slots is not None:
             out["float_slots"] = list(self.float_slots)
         if self.attention_sinks is not None:
@@ -127,7 +135,9 @@ class RunOptions:
         if self.qdq_model is not None:
             out["qdq_model"] = self.qdq_model
         if self.qnn_contexts:
-            out["socs"] = {soc: {"context_model": c.context_model, **c.provider_options}
+            out["socs"] = {soc: {"context_model": c.context_model, **c.provider_options,
+                                 **({"prefill_context_model": c.prefill_context_model}
+                                    if c.prefill_context_model else {})}
                            for soc, c in self.qnn_contexts.items()}
         return out
 
@@ -136,10 +146,13 @@ class RunOptions:
         contexts = {}
         for soc, entry in data.get("socs", {}).items():
             entry = dict(entry)
-            contexts[soc] = QnnContext(context_model=entry.pop("context_model"), provider_options=entry)
+            contexts[soc] = QnnContext(context_model=entry.pop("context_model"),
+                                       prefill_context_model=entry.pop("prefill_context_model", None),
+                                       provider_options=entry)
         return RunOptions(chunks_one_row_at_a_time=bool(data.get("chunks_one_row_at_a_time", False)),
                           attention_sinks=data.get("attention_sinks"), qnn_contexts=contexts,
-                          qdq_model=data.get("qdq_model"), float_slots=data.get("float_slots"))
+                          qdq_model=data.get("qdq_model"), float_slots=data.get("float_slots"),
+                          prefill_len=data.get("prefill_len"), prefill_qdq_model=data.get("prefill_qdq_model"))
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,7 @@ class CompileOptions:
     device: str | None = None  # memory-wall report: a devices.toml key or a .toml profile
     budget: str = DEFAULT_BUDGET  # memory-wall report: RAM for the KV cache
     prefill: int = 32
+    prefill_len: int | None = None  # qnn-htp's prefill graph: tokens per call (None: `default_prefill_len`; 0: none)
 
     def stages(self) -> StageOptions:
         return StageOptions(
@@ -132,7 +133,7 @@ class CompileOptions:
                              fold_scales=self.fold_scales, fuse_attention=self.fuse_attention,
                              calibrated=not self.no_calibration, float_slots=tuple(self.float_slots)),
             targets=resolve_targets(self.targets),
-            target=TargetOptions(max_context=self.max_context, socs=tuple(self.socs)),
+            target=TargetOptions(max_context=self.max_context, socs=tuple(self.socs), prefill_len=self.prefill_len),
             quality_gate_pct=self.quality_gate_pct,
             report=ReportOptions(device=self.device, budget=self.budget),
         )
@@ -267,7 +268,24 @@ def within_limits(stages: StageOptions, limits: ModelLimits) -> StageOptions:
                 f"({facts}); the static graph attends over its whole buffer: pass "
                 f"--max-context {limits.window} or less")
     texts = dataclasses.replace(stages.texts, window=context, prefill=decode_prefill(context, stages.texts.prefill))
-    return dataclasses.replace(stages, texts=texts, target=dataclasses.replace(stages.target, max_context=buffer))
+    target = dataclasses.replace(stages.target, max_context=buffer,
+                                 prefill_len=None if buffer is None else prefill_len(stages.target.prefill_len, buffer))
+    return dataclasses.replace(stages, texts=texts, target=target)
+
+
+DEFAULT_PREFILL_LEN = 128  # tokens per call of the static prefill graph (AR-N), as Qualcomm's LLM exports use
+
+
+def prefill_len(requested: int | None, buffer: int) -> int:
+    """The prefill graph's tokens per call for a static buffer of `buffer` tokens: as requested
+    (0: no prefill graph), by default 128 or half the buffer if that is less; a request the
+    buffer cannot hold is refused."""
+    if requested is None:
+        return min(DEFAULT_PREFILL_LEN, buffer // 2)
+    if requested >= buffer:
+        raise BadInputError(f"--prefill-len {requested} does not fit the static buffer of {buffer} tokens: pass "
+                            f"--prefill-len {buffer // 2} or less (or 0 for no prefill graph)")
+    return 0 if requested == 1 else requested
 
 
 def _input_ids_name(kv: KVGraph) -> str:

@@ -62,3 +62,17 @@ def _subgraphs(attribute) -> list[ir.Graph]:
     if attribute.type == ir.AttributeType.GRAPHS:
         return list(attribute.as_graphs())
     return []
+
+
+def prefix_intermediate_names(model: ir.Model, prefix: str) -> None:
+    """Put `prefix` before the name of every node and every value a node computes, except graph
+    outputs: two graphs built from one model then share only their input, output and weight
+    (initializer) names."""
+    graph = model.graph
+    keep = {v.name for v in graph.outputs} | set(graph.initializers)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.name:
+            node.name = prefix + node.name
+        for value in node.outputs:
+            if value.name and value.name not in keep:
+                value.name = prefix + value.name

@@ -1,4 +1,5 @@
-"""Rewrite: the NPU decode graph: one new token, a fixed-size cache buffer, an attention bias.
+"""Rewrite: the NPU graphs: N new tokens (1: decode, N > 1: prefill), a fixed-size cache buffer,
+an attention bias.
 
 What it matches
   A decoder with decomposed attention (as found by the analysis): per layer the Concat that
@@ -6,22 +7,25 @@ What it matches
   its attention mask.
 
 What it rewrites
-  - every cache input gets a fixed length of `context - 1` slots (batch 1); `input_ids` and
-    `position_ids` become [1, 1]: one token per call, at its true position (RoPE);
-  - a new input `attention_bias` [1, 1, 1, context] replaces the exporter's mask on every
-    layer's score path: 0 for the filled slots and the new token (the last position), a large
-    negative value for empty slots (exports with one cache per head have rank-3 scores
-    [batch, query, seq]: they read it squeezed to [1, 1, context]). The exporter's mask
+  - every cache input gets a fixed length of `context - 1` slots (batch 1), whatever N is, so
+    the decode graph (AR-1) and the prefill graph (AR-N) read the same buffer; `input_ids` and
+    `position_ids` become [1, N]: N tokens per call, at their true positions (RoPE);
+  - a new input `attention_bias` [1, 1, N, context - 1 + N] replaces the exporter's mask on
+    every layer's score path: for each new token, 0 for the filled slots, for itself and the new
+    tokens before it (causal), a large negative value elsewhere (exports with one cache per head
+    have rank-3 scores [batch, query, seq]: they read it squeezed to [1, N, context - 1 + N]).
+    The exporter's mask
     computation (from `attention_mask` and sequence lengths) becomes dead and is removed, and
     so is `attention_mask`;
   - with every shape fixed, the optimizer folds the shape arithmetic into constants, and any
     computation on weights alone (a transposed tied embedding) into new weights.
-  The caches still grow by Concat here (past slots + the new token); the boundary rewrite in
-  slot mode then outputs only the new token's entries, which the runner writes into its buffer.
+  The caches still grow by Concat here (past slots + the new tokens); the boundary rewrite in
+  slot mode then outputs only the new tokens' entries, which the runner writes into its buffer.
 
 Why
   NPUs compile a graph for fixed shapes ahead of time: the cache cannot grow. A fixed buffer
-  with a bias marking the used slots is the form Qualcomm's and Android's LLM runtimes use; the
+  with a bias marking the used slots is the form Qualcomm's and Android's LLM runtimes use (a
+  prompt goes through the AR-N graph N tokens a call, generation through AR-1); the
   runner decides where each new entry goes (in order, then a sliding window).
 """
 
@@ -67,12 +71,15 @@ def _reader(graph: ir.Graph, tensor: KVTensor) -> ir.Node:
 
 
 class StaticDecodePass(ir.passes.InPlacePass):
-    def __init__(self, kv: KVGraph, context: int):
+    def __init__(self, kv: KVGraph, context: int, new_tokens: int = 1):
         super().__init__()
         if context < 2:
             raise UnsupportedModelError("--max-context must be at least 2")
+        if not 1 <= new_tokens < context:
+            raise UnsupportedModelError(f"the prefill length ({new_tokens}) must be between 1 and --max-context - 1")
         self.kv = kv
         self.context = context
+        self.new_tokens = new_tokens
 
     def requires(self, model: ir.Model) -> None:
         if set(self.kv.attention_forms) != {DECOMPOSED}:
@@ -91,7 +98,8 @@ class StaticDecodePass(ir.passes.InPlacePass):
         graph = model.graph
         names = NameAllocator(graph)
         float_dtype = next(v for v in graph.inputs if v.name == self.kv.tensors[0].past_input).dtype
-        bias = ir.Value(name=BIAS_INPUT, type=ir.TensorType(float_dtype), shape=ir.Shape([1, 1, 1, self.context]))
+        bias = ir.Value(name=BIAS_INPUT, type=ir.TensorType(float_dtype),
+                        shape=ir.Shape([1, 1, self.new_tokens, self.context - 1 + self.new_tokens]))
         graph.inputs.append(bias)
         squeezed = None  # the bias for rank-3 scores (one cache per head: [batch, seq, head_dim])
         for tensor in self.kv.tensors:
@@ -129,7 +137,7 @@ class StaticDecodePass(ir.passes.InPlacePass):
                 dims = [1 if d == "batch" else self.context - 1 if d == "seq" else d for d in tensor.past_shape]
                 value.shape = ir.Shape(dims)
             elif value.name != BIAS_INPUT and value.shape is not None and value.shape.rank() == 2:
-                value.shape = ir.Shape([1, 1])
+                value.shape = ir.Shape([1, self.new_tokens])
         for value in graph.outputs:  # let inference recompute them from the fixed inputs
             if value.shape is not None:
                 value.shape = ir.Shape([d if isinstance(d, int) else None for d in value.shape.dims])
@@ -161,9 +169,9 @@ class FoldWeightPreprocessingPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
 
-def static_decode_passes(kv: KVGraph, context: int) -> list[ir.passes.PassBase]:
-    """The float static decode graph for `context` tokens: rewritten, unused parts removed,
-    shapes inferred from the fixed inputs, weights folded to constants."""
-    return [StaticDecodePass(kv, context), ir.passes.common.RemoveUnusedNodesPass(),
+def static_decode_passes(kv: KVGraph, context: int, new_tokens: int = 1) -> list[ir.passes.PassBase]:
+    """The float static graph for `context` tokens taking `new_tokens` per call: rewritten,
+    unused parts removed, shapes inferred from the fixed inputs, weights folded to constants."""
+    return [StaticDecodePass(kv, context, new_tokens), ir.passes.common.RemoveUnusedNodesPass(),
             RemoveUnusedInputsPass(keep=(BIAS_INPUT,)), ir.passes.common.ShapeInferencePass(),
             FoldWeightPreprocessingPass()]

@@ -41,9 +41,9 @@ class Generation:
         self.logits, _ = decoder.step(self.cache, np.asarray(prompt, dtype=np.int64)[None])
 
     def tokens(self, max_new_tokens: int, stop: Callable[[int], bool] = lambda token: False) -> Iterator[int]:
-        for _ in range(max_new_tokens):
+        for index in range(max_new_tokens):
             token = next_token(self.logits[0, -1], self.sampling, self.rng)
             yield token
-            if stop(token):
+            if stop(token) or index == max_new_tokens - 1:  # no step for logits nobody reads
                 return
             self.logits, _ = self.decoder.step(self.cache, np.array([[token]], dtype=np.int64))

@@ -94,8 +94,9 @@ class StaticCache:
     """Fixed-size buffers for static-shape targets (NPUs): `max_context - 1` slots per cache
     tensor, an attention bias marking the filled ones, and a write position.
 
-    The graph takes one new token per call and returns only its entries (the "slot"); `update`
-    writes them into the next free slot. When every slot is full, the oldest entries are
+    The graph takes new tokens (one per call when decoding, N when a prefill graph reads the
+    prompt) and returns only their entries (the "slots"); `update` writes them, token by token,
+    into the next free slots. When every slot is full, the oldest entries are
     overwritten in turn, except the first `sinks` tokens, which stay: attention sinks
     (StreamingLLM) keep long generations stable. Keys carry their RoPE rotation from when they
     were computed, and attention ignores slot order, so no entry ever moves.
@@ -134,6 +135,7 @@ class StaticCache:
                     self.tensors[param.input] = np.zeros(concrete_shape(param.stored_shape, 1, 0),
                                                          stored_numpy_dtype(param.stored_dtype))
                     self._float_slots.append((param.input, param.output, kv.seq_axis))
+                    self._slot_axis[param.input] = kv.seq_axis
                     self._pending[kv.input] = np.zeros(concrete_shape(kv.stored_shape, 1, self.float_recent),
                                                        stored_numpy_dtype(kv.stored_dtype))
 
@@ -147,9 +149,10 @@ class StaticCache:
     def feeds(self) -> dict[str, np.ndarray]:
         return dict(self.tensors)
 
-    def bias(self, dtype=np.float32) -> np.ndarray:
-        """The attention_bias input: 0 for filled slots (coded, then float) and the new token
-        (last), masked otherwise."""
+    def bias(self, dtype=np.float32, new_tokens: int = 1) -> np.ndarray:
+        """The attention_bias input [1, 1, new_tokens, slots + new_tokens]: for each new token, 0
+        for the filled slots (coded, then float), for itself and the new tokens before it, masked
+        otherwise."""
         read = self.filled
         if self._float_slots:
             in_float = np.zeros(self.float_sinks + self.float_recent, dtype=bool)
@@ -157,24 +160,36 @@ class StaticCache:
             in_float[self.float_sinks : self.float_sinks + min(self.float_recent,
                                                                 max(0, self.length - self.float_sinks))] = True
             read = np.concatenate([read, in_float])
-        bias = np.where(np.append(read, True), 0.0, MASKED_BIAS).astype(dtype)
-        return bias.reshape(1, 1, 1, -1)
+        causal = np.tril(np.ones((new_tokens, new_tokens), dtype=bool))
+        visible = np.concatenate([np.broadcast_to(read, (new_tokens, read.size)), causal], axis=1)
+        return np.where(visible, 0.0, MASKED_BIAS).astype(dtype)[None, None]
 
     def update(self, presents: dict[str, np.ndarray], new_tokens: int) -> None:
-        if new_tokens != 1:
-            raise ValueError("static-shape targets take one token per step")
+        """Write the first `new_tokens` entries of the presents (a prefill call's last chunk may
+        be padded), one token at a time, in order."""
+        for index in range(new_tokens):
+            self._update_one({name: self._take(name, entries, index) for name, entries in self._entries(presents)})
+
+    def _entries(self, presents: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        """(cache input, the call's new entries) for codes and float slots: the name a present is
+        written under is its input's, whose seq axis it shares."""
+        entries = [(kv.input, presents[kv.output]) for kv in self.io.kv]
+        return entries + [(name, presents[output]) for name, output, _ in self._float_slots]
+
+    def _update_one(self, entries: dict[str, np.ndarray]) -> None:
+        """One token's entries (one position along each seq axis), keyed by cache input."""
         if not self._float_slots:
-            self._write_coded({kv.input: presents[kv.output] for kv in self.io.kv})
+            self._write_coded({kv.input: entries[kv.input] for kv in self.io.kv})
         elif self.length < self.float_sinks:
-            self._write_float(presents, self.length)
+            self._write_float(entries, self.length)
         else:
             ring = (self.length - self.float_sinks) % self.float_recent
             if self.length - self.float_sinks >= self.float_recent:  # the oldest in the ring leaves it
                 self._write_coded({name: self._take(name, pending, ring) for name, pending in self._pending.items()})
             for kv in self.io.kv:
                 self._put(self._pending[kv.input], self._slot_axis[kv.input], ring,
-                          np.take(presents[kv.output], 0, axis=self._slot_axis[kv.input]))
-            self._write_float(presents, self.float_sinks + ring)
+                          np.take(entries[kv.input], 0, axis=self._slot_axis[kv.input]))
+            self._write_float(entries, self.float_sinks + ring)
         self.length += 1
 
     def _take(self, name: str, buffer: np.ndarray, index: int) -> np.ndarray:
@@ -195,9 +210,9 @@ class StaticCache:
         self.filled[slot] = True
         self.coded += 1
 
-    def _write_float(self, presents: dict[str, np.ndarray], index: int) -> None:
-        for name, output, axis in self._float_slots:
-            self._put(self.tensors[name], axis, index, np.take(presents[output], 0, axis=axis))
+    def _write_float(self, entries: dict[str, np.ndarray], index: int) -> None:
+        for name, _, axis in self._float_slots:
+            self._put(self.tensors[name], axis, index, np.take(entries[name], 0, axis=axis))
 
     def nbytes(self) -> int:
         """Bytes the runner holds for the cache: the buffers the graph reads and the codes of the

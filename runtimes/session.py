@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,14 +68,8 @@ def _native_stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def qnn_session(model: Path | bytes, soc: str, context_file: Path | None = None) -> ort.InferenceSession:
-    """A session on onnxruntime-qnn's HTP backend (a simulator on x86 Linux), CPU fallback off.
-
-    With `context_file`, creating the session compiles the graph ahead of time and writes an
-    EPContext model there (with its QNN context binary next to it). Compile from the model's
-    bytes where it has no external data: onnxruntime names the compiled partition after a hash
-    of the path it loaded the model from, else of the graph's value names, and that name is
-    written into both files (a compile into another folder would otherwise differ)."""
+def _qnn_options(soc: str) -> ort.SessionOptions:
+    """Session options on onnxruntime-qnn's HTP backend for `soc`, CPU fallback off."""
     global _qnn_registered
     import onnxruntime_qnn
 
@@ -86,10 +81,58 @@ def qnn_session(model: Path | bytes, soc: str, context_file: Path | None = None)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    if context_file is not None:
-        options.add_session_config_entry("ep.context_enable", "1")
-        options.add_session_config_entry("ep.context_file_path", str(context_file))
-        options.add_session_config_entry("ep.context_embed_mode", "0")
     options.add_provider_for_devices(devices, qnn_provider_options(soc))
+    return options
+
+
+def _enable_context(options: ort.SessionOptions, context_file: Path) -> None:
+    options.add_session_config_entry("ep.context_enable", "1")
+    options.add_session_config_entry("ep.context_file_path", str(context_file))
+    options.add_session_config_entry("ep.context_embed_mode", "0")
+
+
+def _session(model: Path | bytes, options: ort.SessionOptions) -> ort.InferenceSession:
     with _native_stdout_to_stderr():
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options)
+
+
+def qnn_session(model: Path | bytes, soc: str, context_file: Path | None = None, shared: bool = False
+                ) -> ort.InferenceSession:
+    """A session on onnxruntime-qnn's HTP backend (a simulator on x86 Linux), CPU fallback off.
+
+    With `context_file`, creating the session compiles the graph ahead of time and writes an
+    EPContext model there (with its QNN context binary next to it). Compile from the model's
+    bytes where it has no external data: onnxruntime names the compiled partition after a hash
+    of the path it loaded the model from, else of the graph's value names, and that name is
+    written into both files (a compile into another folder would otherwise differ).
+    `shared`: load an EPContext model whose context binary other sessions share
+    (`compile_shared_qnn_context`; only where `loads_shared_qnn_contexts`)."""
+    options = _qnn_options(soc)
+    if context_file is not None:
+        _enable_context(options, context_file)
+    if shared:
+        options.add_session_config_entry("ep.share_ep_contexts", "1")
+    return _session(model, options)
+
+
+def loads_shared_qnn_contexts() -> bool:
+    """Whether this machine can load a weight-shared QNN context binary: onnxruntime-qnn writes
+    them on x86 but loads them only on an ARM64 device (its own tests run them only there; on
+    x86 the HTP simulator fails with QNN_COMMON_ERROR_NOT_SUPPORTED or crashes)."""
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
+def compile_shared_qnn_context(models: list[tuple[Path | bytes, Path]], soc: str) -> None:
+    """Compile several graphs (model, EPContext model to write) into ONE QNN context binary with
+    HTP weight sharing: a weight that every graph holds under the same name and with the same
+    quantized values is stored once. onnxruntime-qnn's flow: each session sets
+    `ep.share_ep_contexts`, the last also `ep.stop_share_ep_contexts`; only that one writes the
+    .bin (named after the first EPContext model), and every EPContext model points to it. The
+    graphs must differ in their value names (`qnn_session`: a partition is named after them)."""
+    for index, (model, context_file) in enumerate(models):
+        options = _qnn_options(soc)
+        _enable_context(options, context_file)
+        options.add_session_config_entry("ep.share_ep_contexts", "1")
+        if index == len(models) - 1:
+            options.add_session_config_entry("ep.stop_share_ep_contexts", "1")
+        _session(model, options)

@@ -62,7 +62,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def agreement(decoder: Decoder, reference: Decoder, token_ids: np.ndarray, steps: int, reference_name: str,
               compare_codes: bool) -> Agreement:
     """Feed both the same inputs at every step (the reference's cache): the worst logits cosine
-    and |difference|, and (`compare_codes`) whether the new cache entries' codes are identical."""
+    and |difference|, and (`compare_codes`) whether the new cache entries' codes are identical.
+    Where both have a prefill graph, also one call of it on the first tokens, every row compared."""
+    prefill = _prefill_agreement(decoder, reference, token_ids) if decoder.prefill and reference.prefill else {}
     cache = reference.new_cache(1)
     cosines, worst, codes_equal = [], 0.0, True
     for t in range(steps):
@@ -75,4 +77,16 @@ def agreement(decoder: Decoder, reference: Decoder, token_ids: np.ndarray, steps
         if compare_codes:
             codes_equal &= all(np.array_equal(ours[k.output], presents[k.output]) for k in reference.io.kv)
     return Agreement(reference=reference_name, steps=steps, logits_cosine_min=round(min(cosines), 6),
-                     logits_max_abs_diff=round(worst, 6), codes_identical=bool(codes_equal) if compare_codes else None)
+                     logits_max_abs_diff=round(worst, 6), codes_identical=bool(codes_equal) if compare_codes else None,
+                     **prefill)
+
+
+def _prefill_agreement(decoder: Decoder, reference: Decoder, token_ids: np.ndarray) -> dict[str, float | int]:
+    """One prefill call from an empty cache on both, fed the reference's inputs: every row's logits."""
+    width = reference.io.options.prefill_len
+    tokens = token_ids[None, :width]
+    feeds = reference.feeds(reference.new_cache(1), tokens)
+    ours, theirs = (d.prefill.run([d.io.logits], feeds)[0][0].astype(np.float32) for d in (decoder, reference))
+    cosines = [_cosine(a, b) for a, b in zip(ours, theirs)]
+    return {"prefill_tokens": tokens.shape[1], "prefill_logits_cosine_min": round(min(cosines), 6),
+            "prefill_logits_max_abs_diff": round(float(np.abs(ours - theirs).max()), 6)}

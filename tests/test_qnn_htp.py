@@ -13,10 +13,11 @@ from conftest import DYNAMO
 from kvcompile.manifest import read_manifest
 from kvcompile.pipeline import CompileOptions, compile_model
 from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.session import cpu_session, qnn_session
+from kvcompile.runtimes.session import cpu_session, loads_shared_qnn_contexts, qnn_session
 
 pytestmark = pytest.mark.slow
 CONTEXT = 64
+PREFILL = CONTEXT // 2  # the default prefill length for a 64-token buffer
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +34,17 @@ def test_acceptance_every_node_on_the_htp_for_two_socs(qnn_compile):
     facts = target.facts
     assert target.quality is not None and facts["soc"] == "SM8650"
     assert facts["nodes_total"] > 500 and facts["nodes_on_htp"] == facts["nodes_total"]
+    assert facts["graphs"] == ["model", "prefill"] and facts["prefill_len"] == PREFILL
+    assert facts["prefill_nodes_on_htp"] == facts["prefill_nodes_total"] > 500
     for soc in ("SM8650", "SM8750"):
         compiled = facts["socs"][soc]
         assert compiled["aot_seconds"] > 0 and compiled["context_binary_bytes"] > 1_000_000
-        context_model = onnx.load(out / compiled["context_model"], load_external_data=False)
-        assert {n.op_type for n in context_model.graph.node} == {"EPContext"}, "the whole graph is one HTP context"
-        assert list((out / "qnn-htp" / soc).glob("*.bin"))
+        binaries = set()
+        for graph in ("context_model", "prefill_context_model"):
+            context_model = onnx.load(out / compiled[graph], load_external_data=False)
+            assert {n.op_type for n in context_model.graph.node} == {"EPContext"}, "the whole graph is one HTP context"
+            binaries |= {a.s for n in context_model.graph.node for a in n.attribute if a.name == "ep_cache_context"}
+        assert len(binaries) == 1 and compiled["context_binaries"] == 1, "both graphs in one context binary"
     assert facts["kv_read_vs_fp16"] == 4.0, "the HTP reads two 4-bit codes per byte: a quarter of float16's bytes"
     assert facts["kv_bytes_read_per_step"] * 4 == facts["kv_fp16_bytes_per_step"]
 
@@ -49,6 +55,7 @@ def test_acceptance_agrees_with_cpu_and_keeps_quality(qnn_compile):
     assert quality.ran_on.startswith("onnxruntime CPU EP running the QDQ graph")
     assert quality.eval_tokens == 8 * (CONTEXT - 8 - 1), "windows of the full context, at least 512 tokens"
     assert quality.agreement.logits_cosine_min >= 0.99 and quality.agreement.steps == 16
+    assert quality.agreement.prefill_tokens == PREFILL and quality.agreement.prefill_logits_cosine_min >= 0.99
     assert quality.passed and quality.ppl_delta_pct <= 2.0
     short = quality.on_device
     assert short.ran_on.startswith("onnxruntime-qnn HTP backend") and short.passed and short.eval_tokens > 100
@@ -56,25 +63,56 @@ def test_acceptance_agrees_with_cpu_and_keeps_quality(qnn_compile):
 
 
 def test_manifest_drives_the_compiled_context_on_the_htp(qnn_compile):
+    """A prompt goes through the prefill graph, generation through the decode graph, on the HTP as
+    on the CPU EP run of the same QDQ graphs: the same greedy tokens."""
+    from kvcompile.targets import TARGETS
+
     out, _ = qnn_compile
     io = read_manifest(out).targets["qnn-htp"]
     assert io.max_context == CONTEXT and io.model == "qnn-htp/SM8650/model_ctx.onnx"
+    assert io.options.prefill_len == PREFILL and io.options.prefill_qdq_model == "qnn-htp/prefill.qdq.onnx"
     assert [i.role for i in io.inputs] == ["input_ids", "position_ids", "attention_bias"]
     key = io.kv[0]
     assert key.stored_dtype == "uint8" and key.bits == 4 and key.packing.codes_per_byte == 2
     assert key.granularity == "per-tensor" and io.options.qnn_contexts["SM8750"].provider_options["htp_arch"] == "79"
-    htp = Decoder(qnn_session(out / io.model, "SM8650"), io)
-    cpu = Decoder(cpu_session(out / io.options.qdq_model), io)
+    htp = TARGETS["qnn-htp"].open(out, io, "SM8650")
+    cpu = Decoder(cpu_session(out / io.options.qdq_model), io, prefill=cpu_session(out / io.options.prefill_qdq_model))
     tokens = []
     for decoder in (htp, cpu):
+        assert decoder.prefill is not None
         cache = decoder.new_cache(1)
-        logits, _ = decoder.step(cache, np.array([[10, 20, 30, 40]]))
+        logits, _ = decoder.step(cache, np.arange(10, 10 + PREFILL + 5)[None])  # a full chunk and a padded one
         out_tokens = []
         for _ in range(8):
             out_tokens.append(int(logits[0, -1].argmax()))
             logits, _ = decoder.step(cache, np.array([[out_tokens[-1]]]))
         tokens.append(out_tokens)
     assert tokens[0] == tokens[1], "greedy tokens on the HTP equal the CPU run of the same QDQ graph"
+
+
+def test_both_graphs_store_their_weights_once(qnn_compile, tmp_path):
+    """The shared context binary holds both graphs' weights once: about one graph's size, not the
+    two graphs compiled apart."""
+    out, report = qnn_compile
+    shared = report.targets["qnn-htp"].facts["socs"]["SM8650"]["context_binary_bytes"]
+    apart = 0
+    for graph in ("model", "prefill"):
+        qnn_session((out / "qnn-htp" / f"{graph}.qdq.onnx").read_bytes(), "SM8650",
+                    context_file=tmp_path / f"{graph}_ctx.onnx")
+        apart += sum(b.stat().st_size for b in tmp_path.glob(f"{graph}_ctx*.bin"))
+    assert shared < 0.65 * apart
+
+
+@pytest.mark.skipif(loads_shared_qnn_contexts(), reason="this machine loads shared QNN contexts")
+def test_shared_context_does_not_load_on_the_x86_simulator(qnn_compile):
+    """onnxruntime-qnn loads a weight-shared context binary only on an ARM64 device; here `open`
+    compiles the QDQ graphs instead. If this starts passing the load, drop that detour."""
+    out, _ = qnn_compile
+    script = ("import sys; from pathlib import Path; from kvcompile.runtimes.session import qnn_session; "
+              "qnn_session(Path(sys.argv[1]), 'SM8650', shared=True); print('loaded')")
+    result = subprocess.run([sys.executable, "-c", script, str(out / "qnn-htp/SM8650/model_ctx.onnx")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "loaded" not in result.stdout
 
 
 def test_unknown_soc_is_refused(tmp_path):

@@ -56,7 +56,10 @@ def test_run_every_static_target_past_max_context(every_target, target):
     result = run("-m", "kvcompile.cli", "run", str(every_target), "--prompt", PROMPT, "--max-new-tokens", "60",
                  "--target", target)
     assert result.returncode == 0, result.stderr
-    assert "60 tokens in" in result.stderr and f"{target} on" in result.stderr
+    assert "60 tokens generated" in result.stderr and f"{target} on" in result.stderr
+    assert "time to first token" in result.stderr and "59 steps in" in result.stderr
+    fed = f"prefill graph, {CONTEXT // 2} tokens a call" if target == "qnn-htp" else "one token a call"
+    assert f"({fed})" in result.stderr
     assert len(result.stdout.strip()) > len(PROMPT) + 60
 
 
@@ -160,4 +163,4 @@ def test_run_static_targets_with_float_slots_past_max_context(slotted, target):
     result = run("-m", "kvcompile.cli", "run", str(slotted), "--prompt", PROMPT, "--max-new-tokens", "60",
                  "--target", target)
     assert result.returncode == 0, result.stderr
-    assert "60 tokens in" in result.stderr and len(result.stdout.strip()) > len(PROMPT) + 60
+    assert "60 tokens generated" in result.stderr and len(result.stdout.strip()) > len(PROMPT) + 60

@@ -22,6 +22,7 @@ from kvcompile.targets.static import static_graph, static_target_io
 from kvcompile.tokens import bundled_text, load_token_ids
 
 CONTEXT = 48
+PREFILL = 8
 
 
 def calibrated_fixture():
@@ -44,19 +45,24 @@ def compiled(tmp_path_factory):
     model, folded = static_graph(DYNAMO, kv, plan, CONTEXT, style="fixed-point", fold_per_channel=True,
                                  fuse_rmsnorm=True, opset=21)  # qnn-htp's spelling
     ir.save(model, work / "static.onnx")
-    static = Decoder(cpu_session(work / "static.onnx"),
-                     static_target_io(kv, folded, model, "static.onnx", CONTEXT))
+    io = static_target_io(kv, folded, model, "static.onnx", CONTEXT)
+    static = Decoder(cpu_session(work / "static.onnx"), io)
+    prefill_model, _ = static_graph(DYNAMO, kv, plan, CONTEXT, style="fixed-point", fold_per_channel=True,
+                                    fuse_rmsnorm=True, opset=21, new_tokens=PREFILL)
+    ir.save(prefill_model, work / "prefill.onnx")
+    with_prefill = Decoder(static.session, dataclasses.replace(io, options=dataclasses.replace(
+        io.options, prefill_len=PREFILL)), prefill=cpu_session(work / "prefill.onnx"))
     growing = load_model(DYNAMO)
     quantize_graph(growing, kv, plan)
     ir.save(growing, work / "growing.onnx")
     io = float_model_io(kv, "growing.onnx")
     growing_decoder = Decoder(cpu_session(work / "growing.onnx"), dataclasses.replace(
         io, kv=[stored_kvio(k, plan) for k in io.kv]))
-    return work, kv, static, growing_decoder
+    return work, kv, static, growing_decoder, with_prefill
 
 
 def test_static_graph_io(compiled):
-    work, kv, static, _ = compiled
+    work, kv, static, *_ = compiled
     # onnxruntime's fused RMSNorm (SimplifiedLayerNormalization) has no ONNX schema: structural check
     assert check_onnx(work / "static.onnx") == "structural"
     proto = onnx.load(work / "static.onnx")
@@ -75,7 +81,7 @@ def test_static_graph_io(compiled):
 def test_static_graph_computes_what_the_growing_graph_does(compiled):
     """Same plan, same tokens: the fixed-buffer graph (per-channel scales folded, codes two per
     byte unpacked in fixed-point arithmetic) gives the logits of the growing Q/DQ graph."""
-    _, _, static, growing = compiled
+    _, _, static, growing, _ = compiled
     tokens = load_token_ids(bundled_text("heldout.txt"), TOKENIZER)[: CONTEXT - 1][None]
     a, _ = static.step(static.new_cache(1), tokens)
     b, _ = growing.step(growing.new_cache(1), tokens[:, :1])
@@ -84,8 +90,50 @@ def test_static_graph_computes_what_the_growing_graph_does(compiled):
     assert np.abs(a - b).max() < 2e-3
 
 
+def test_prefill_graph_io(compiled):
+    """The prefill graph reads the decode graph's buffer: N tokens, a bias row per token over the
+    buffer and the N new tokens, N new entries out."""
+    work = compiled[0]
+    proto = onnx.load(work / "prefill.onnx")
+    inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert inputs["input_ids"] == [1, PREFILL] and inputs["position_ids"] == [1, PREFILL]
+    assert inputs["attention_bias"] == [1, 1, PREFILL, CONTEXT - 1 + PREFILL]
+    assert inputs["past_key_values.0.key"] == [1, 2, CONTEXT - 1, 32], "the decode graph's buffer"
+    outputs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    assert outputs["present.0.key"] == [1, 2, PREFILL, 32]
+
+
+def test_prefill_graph_computes_what_the_growing_graph_does_in_chunks(compiled):
+    """The same chunks fed to the growing Q/DQ graph (each token attends to the cache's codes and
+    to its chunk's earlier tokens in float) and to the prefill graph, the last chunk padded: the
+    same logits, every token written to the buffer once; decoding after it continues alike."""
+    _, _, _, growing, with_prefill = compiled
+    tokens = load_token_ids(bundled_text("heldout.txt"), TOKENIZER)[: 2 * PREFILL + 3][None]
+    cache = with_prefill.new_cache(1)
+    a, _ = with_prefill.step(cache, tokens)
+    assert a.shape[1] == tokens.shape[1] and cache.length == tokens.shape[1] == cache.filled.sum()
+    reference = growing.new_cache(1)
+    b = np.concatenate([growing.step(reference, tokens[:, s : s + PREFILL])[0]
+                        for s in range(0, tokens.shape[1], PREFILL)], axis=1)
+    assert np.abs(a - b).max() < 2e-3
+    a, _ = with_prefill.step(cache, tokens[:, :1])
+    b, _ = growing.step(reference, tokens[:, :1])
+    assert np.abs(a - b).max() < 2e-3
+
+
+def test_prefill_bias_is_causal_over_the_filled_slots(compiled):
+    _, _, static, _, _ = compiled
+    cache = static.new_cache(1)
+    static.step(cache, np.array([[1, 2]]))
+    bias = cache.bias(new_tokens=3)[0, 0]
+    assert bias.shape == (3, CONTEXT - 1 + 3)
+    visible = bias == 0
+    assert (visible[:, :2]).all() and not visible[:, 2 : CONTEXT - 1].any(), "filled slots for every row"
+    np.testing.assert_array_equal(visible[:, CONTEXT - 1 :], np.tril(np.ones((3, 3), bool)))
+
+
 def test_static_cache_fills_in_order_then_slides_keeping_sinks(compiled):
-    _, _, static, _ = compiled
+    _, _, static, *_ = compiled
     cache = static.new_cache(1)
     assert isinstance(cache, StaticCache) and cache.slots == CONTEXT - 1 and cache.sinks == 4
     np.testing.assert_array_equal(cache.bias()[0, 0, 0], [MASKED_BIAS] * (CONTEXT - 1) + [0.0])
@@ -143,12 +191,19 @@ def slotted(tmp_path_factory):
         centered_channel_plan(t, stats, 4, "wmse") if t.kind == "key" else plan.for_input(t.past_input)
         for t in kv.tensors))
     decoders = {}
-    for name, chosen in (("slots", with_float_slots(plan, kv, {t.layer for t in kv.tensors}, 2, 8)), ("none", plan)):
+    slots = with_float_slots(plan, kv, {t.layer for t in kv.tensors}, 2, 8)
+    for name, chosen in (("slots", slots), ("none", plan)):
         model, used = static_graph(DYNAMO, kv, chosen, CONTEXT, style="arithmetic",
                                    fold_per_channel=False, fuse_rmsnorm=False, opset=18)
         ir.save(model, work / f"{name}.onnx")
         decoders[name] = Decoder(cpu_session(work / f"{name}.onnx"),
                                  static_target_io(kv, used, model, f"{name}.onnx", CONTEXT))
+    model, _ = static_graph(DYNAMO, kv, slots, CONTEXT, style="arithmetic", fold_per_channel=False,
+                            fuse_rmsnorm=False, opset=18, new_tokens=PREFILL)
+    ir.save(model, work / "prefill.onnx")
+    io = decoders["slots"].io
+    decoders["prefill"] = Decoder(decoders["slots"].session, dataclasses.replace(io, options=dataclasses.replace(
+        io.options, prefill_len=PREFILL)), prefill=cpu_session(work / "prefill.onnx"))
     return decoders, float_decoder
 
 
@@ -162,6 +217,27 @@ def test_float_slots_read_their_tokens_exactly(slotted):
     without, _ = decoders["none"].step(decoders["none"].new_cache(1), tokens)
     assert np.abs(with_slots - reference).max() < 0.02
     assert np.abs(without - reference).max() > 5 * np.abs(with_slots - reference).max()
+
+
+def test_prefill_writes_the_float_slots_and_the_ring(slotted):
+    """A prompt through the prefill graph fills the float slots as one token per call does: while
+    every token fits them the logits are the float model's; past them (the ring turns, tokens
+    enter the codes) the cache holds what one-token calls leave there."""
+    decoders, float_decoder = slotted
+    tokens = load_token_ids(bundled_text("heldout.txt"), TOKENIZER)[: 3 * PREFILL][None]
+    reference, _ = float_decoder.step(float_decoder.new_cache(1), tokens[:, :10])
+    prefilled, _ = decoders["prefill"].step(decoders["prefill"].new_cache(1), tokens[:, :10])
+    assert np.abs(prefilled - reference).max() < 0.02
+    one_by_one, by_prefill = decoders["slots"].new_cache(1), decoders["prefill"].new_cache(1)
+    decoders["slots"].step(one_by_one, tokens)
+    decoders["prefill"].step(by_prefill, tokens)
+    assert by_prefill.coded == one_by_one.coded == 3 * PREFILL - 10
+    np.testing.assert_array_equal(by_prefill.bias(), one_by_one.bias())
+    for name, tensor in one_by_one.tensors.items():
+        if ".0." in name:  # the first layer's entries come before any attention: identical
+            np.testing.assert_array_equal(by_prefill.tensors[name], tensor)
+        elif tensor.dtype == np.uint8:  # later ones differ where a chunk's earlier tokens were read in float
+            assert (by_prefill.tensors[name] == tensor).mean() > 0.99, name
 
 
 def test_float_slot_cache_holds_every_token_once(slotted):

@@ -55,10 +55,12 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class TargetOptions:
-    """The per-target flags: the static graphs' buffer and the SoCs qnn-htp compiles for."""
+    """The per-target flags: the static graphs' buffer, the SoCs qnn-htp compiles for and its
+    prefill graph's tokens per call."""
 
     max_context: int | None = None  # static targets: tokens the fixed buffer holds
     socs: tuple[str, ...] = ("SM8650",)
+    prefill_len: int | None = None  # qnn-htp: 0 for none (resolved by pipeline.within_limits)
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,12 @@ from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import QnnContext, TargetIO
 from kvcompile.model_io import check_external_data, remove_model, save_model
 from kvcompile.passes.kv_codec import EXACT_GRID, FIXED_POINT
+from kvcompile.passes.names import prefix_intermediate_names
 from kvcompile.quality import TargetQuality
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.kvcache import StaticCache
-from kvcompile.runtimes.session import QNN_SOCS, cpu_session, qnn_provider_options, qnn_session
+from kvcompile.runtimes.session import (QNN_SOCS, compile_shared_qnn_context, cpu_session, loads_shared_qnn_contexts,
+                                        qnn_provider_options, qnn_session)
 from kvcompile.runtimes.verify import agreement, decode_quality
 from kvcompile.targets.base import Artifact, LoweringInput, TargetOptions, VerifyInput
 from kvcompile.targets.static import (
@@ -82,6 +84,21 @@ def calibration_positions(positions: int, steps: int) -> list[int]:
         return []
     stride = max(2, -(-positions // steps))
     return sorted(set(range(0, positions, stride)) | {positions - 1})
+
+
+def prefill_calibration_feeds(decoder: Decoder, token_ids: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Inputs of the prefill graph's calls (CPU run of the float static graphs) over the whole
+    context the buffer holds, `prefill_len` tokens a call: every position it will see."""
+    width = decoder.io.options.prefill_len
+    cache = decoder.new_cache(1)
+    feeds = []
+    for start in range(0, min(decoder.io.max_context - 1, token_ids.size), width):
+        chunk = token_ids[None, start : start + width]
+        real = chunk.shape[1]
+        padded = np.pad(chunk, ((0, 0), (0, width - real)))
+        feeds.append({k: np.array(v, copy=True) for k, v in decoder.feeds(cache, padded, real).items()})
+        decoder.step(cache, chunk)
+    return feeds
 
 
 def calibration_feeds(decoder: Decoder, token_ids: np.ndarray, steps: int) -> list[dict[str, np.ndarray]]:
@@ -172,6 +189,43 @@ KV_STORAGE = ("uint8, two 4-bit codes per byte, unpacked and packed in-graph in 
               "(Floor/Mul/Sub/Add on exact grids: the HTP has no bit operations)")
 
 
+@dataclasses.dataclass(frozen=True)
+class StaticGraph:
+    """One of the target's graphs: the decode graph ("model", one token a call) or the prefill
+    graph ("prefill", `new_tokens` a call), and the files it becomes."""
+
+    name: str
+    new_tokens: int
+
+    @property
+    def qdq(self) -> str:
+        return f"{self.name}.qdq.onnx"
+
+    @property
+    def context(self) -> str:
+        return f"{self.name}_ctx.onnx"
+
+
+def compile_source(qdq_path: Path) -> Path | bytes:
+    """What the QNN EP compiles a QDQ model from: its bytes where it has no external data, so
+    the compiled partition's name does not depend on the folder (see qnn_session)."""
+    proto = onnx.load(qdq_path, load_external_data=False)
+    return qdq_path if check_external_data(proto, qdq_path.parent) else qdq_path.read_bytes()
+
+
+def build_static(lowering: LoweringInput, graph: StaticGraph, context: int):
+    """The float static graph for `graph` with the plan it stores. The prefill graph's values are
+    renamed apart from the decode graph's (their weights keep their names, which is what QNN
+    shares): onnxruntime names a compiled partition after its value names, and two partitions of
+    one name cannot share a context."""
+    model, folded = static_graph(lowering.float_path, lowering.float_kv, lowering.plan, context,
+                                 style=FIXED_POINT, fold_per_channel=True, fuse_rmsnorm=True, opset=QDQ_OPSET,
+                                 new_tokens=graph.new_tokens)
+    if graph.name != "model":
+        prefix_intermediate_names(model, f"{graph.name}/")
+    return model, folded
+
+
 class QnnHtpTarget:
     name = "qnn-htp"
     runs_on = "onnxruntime-qnn HTP backend (simulated on x86 Linux)"
@@ -182,57 +236,78 @@ class QnnHtpTarget:
         check_static(self.name, kv)
 
     def lower(self, lowering: LoweringInput) -> Artifact:
-        """The static graph with per-channel scales folded (the HTP takes one scale per tensor),
-        QDQ-quantized on real decode steps, then compiled ahead of time per SoC."""
+        """The decode graph and (with a prefill length) the prefill graph, per-channel scales
+        folded (the HTP takes one scale per tensor), each QDQ-quantized on real steps of its own,
+        then compiled ahead of time per SoC into one QNN context that stores their weights once."""
         socs, context = lowering.options.socs, lowering.options.max_context
+        prefill_len = lowering.options.prefill_len or 0
         check_socs(socs)
         folder = lowering.stage / FOLDER
         folder.mkdir()
-        model, folded = static_graph(lowering.float_path, lowering.float_kv, lowering.plan, context,
-                                     style=FIXED_POINT, fold_per_channel=True, fuse_rmsnorm=True,
-                                     opset=QDQ_OPSET)
-        static_path = folder / "model.static.onnx"
-        save_model(model, static_path)
+        graphs = [StaticGraph("model", 1)] + ([StaticGraph("prefill", prefill_len)] if prefill_len else [])
+        built = {g.name: build_static(lowering, g, context) for g in graphs}
+        model, folded = built["model"]
         io = static_target_io(lowering.float_kv, folded, model, f"{FOLDER}/model.qdq.onnx", context)
+        io = dataclasses.replace(io, options=dataclasses.replace(io.options, prefill_len=prefill_len or None))
+        static_paths = {}
+        for graph in graphs:
+            static_paths[graph.name] = folder / f"{graph.name}.static.onnx"
+            save_model(built[graph.name][0], static_paths[graph.name])
+        del built, model
 
         started = time.perf_counter()
-        float_static = Decoder(cpu_session(static_path), io)
-        quantize_qdq(static_path, calibration_feeds(float_static, lowering.calib_ids, CALIBRATION_STEPS),
-                     folder / "model.qdq.onnx")
-        remove_model(static_path)  # an intermediate: the QDQ model and the compiled contexts are the artifacts
+        float_static = Decoder(cpu_session(static_paths["model"]), io,
+                               prefill=cpu_session(static_paths["prefill"]) if prefill_len else None)
+        feeds = {"model": calibration_feeds(float_static, lowering.calib_ids, CALIBRATION_STEPS)}
+        if prefill_len:
+            feeds["prefill"] = prefill_calibration_feeds(float_static, lowering.calib_ids)
+        del float_static
+        for graph in graphs:
+            quantize_qdq(static_paths[graph.name], feeds.pop(graph.name), folder / graph.qdq)
+            remove_model(static_paths[graph.name])  # intermediates: the QDQ models and the contexts are the artifacts
         qdq_seconds = time.perf_counter() - started
-        qdq_path = folder / "model.qdq.onnx"
-        qdq_graph = onnx.load(qdq_path, load_external_data=False)
-        nodes_total = len(qdq_graph.graph.node)
-        # compiled from its bytes where it has no external data: see qnn_session
-        qdq = qdq_path if check_external_data(qdq_graph, folder) else qdq_path.read_bytes()
+        nodes_total = {g.name: len(onnx.load(folder / g.qdq, load_external_data=False).graph.node) for g in graphs}
+        sources = [compile_source(folder / g.qdq) for g in graphs]
 
         compiled = {}
         for soc in socs:
             (folder / soc).mkdir()
             started = time.perf_counter()
             try:
-                qnn_session(qdq, soc, context_file=folder / soc / "model_ctx.onnx")
+                if len(graphs) == 1:
+                    qnn_session(sources[0], soc, context_file=folder / soc / graphs[0].context)
+                else:
+                    compile_shared_qnn_context([(source, folder / soc / graph.context)
+                                                for source, graph in zip(sources, graphs)], soc)
             except Exception as exc:  # onnxruntime reports unsupported nodes and QNN errors this way
-                raise TargetError(f"qnn-htp: the QDQ graph could not be compiled for {soc} with every node on "
+                raise TargetError(f"qnn-htp: the QDQ graphs could not be compiled for {soc} with every node on "
                                   f"the HTP: {str(exc).splitlines()[0]}") from None
             binaries = sorted((folder / soc).glob("*.bin"))
-            compiled[soc] = {"context_model": f"{FOLDER}/{soc}/model_ctx.onnx",
+            compiled[soc] = {"context_model": f"{FOLDER}/{soc}/{graphs[0].context}",
                              "aot_seconds": round(time.perf_counter() - started, 2),
+                             "context_binaries": len(binaries),
                              "context_binary_bytes": sum(b.stat().st_size for b in binaries)}
+            if prefill_len:
+                compiled[soc]["prefill_context_model"] = f"{FOLDER}/{soc}/{graphs[1].context}"
 
         first = socs[0]
-        contexts = {soc: QnnContext(compiled[soc]["context_model"], qnn_provider_options(soc)) for soc in socs}
+        contexts = {soc: QnnContext(compiled[soc]["context_model"], qnn_provider_options(soc),
+                                    compiled[soc].get("prefill_context_model")) for soc in socs}
         io = dataclasses.replace(io, model=compiled[first]["context_model"], options=dataclasses.replace(
-            io.options, qnn_contexts=contexts, qdq_model=f"{FOLDER}/model.qdq.onnx"))
+            io.options, qnn_contexts=contexts, qdq_model=f"{FOLDER}/{graphs[0].qdq}",
+            prefill_qdq_model=f"{FOLDER}/{graphs[1].qdq}" if prefill_len else None))
         cache_bytes = static_cache_bytes(io)
         facts = {
             "qdq_model": f"{FOLDER}/model.qdq.onnx",
             "soc": first,
             "socs": compiled,
             "max_context": context,
-            "nodes_total": nodes_total,
-            "nodes_on_htp": nodes_total,  # every context loads with session.disable_cpu_ep_fallback=1 (verify)
+            "prefill_len": prefill_len,
+            "graphs": [g.name for g in graphs],
+            "nodes_total": nodes_total["model"],
+            "nodes_on_htp": nodes_total["model"],  # every context loads with session.disable_cpu_ep_fallback=1 (verify)
+            "prefill_nodes_total": nodes_total.get("prefill", 0),
+            "prefill_nodes_on_htp": nodes_total.get("prefill", 0),
             "aot_seconds": compiled[first]["aot_seconds"],
             "context_binary_bytes": compiled[first]["context_binary_bytes"],
             "qdq_seconds": round(qdq_seconds, 2),
@@ -251,7 +326,8 @@ class QnnHtpTarget:
         io = artifact.io
         socs = list(io.options.qnn_contexts)
         htp = self.open(verifying.folder, io, socs[0])
-        cpu = Decoder(cpu_session(verifying.folder / io.options.qdq_model), io)
+        cpu = Decoder(cpu_session(verifying.folder / io.options.qdq_model), io, prefill=(
+            cpu_session(verifying.folder / io.options.prefill_qdq_model) if io.options.prefill_qdq_model else None))
         agreement_ = agreement(htp, cpu, verifying.eval_windows.reshape(-1), COMPARE_STEPS,
                                "onnxruntime CPU EP, the same QDQ graph", compare_codes=False)
         gate = dict(prefill=VERIFY_PREFILL, batch=1, gate_pct=verifying.quality_gate_pct, text=verifying.eval_text)
@@ -265,12 +341,22 @@ class QnnHtpTarget:
                                    on_device=on_device)
 
     def open(self, folder: Path, io: TargetIO, soc: str | None = None) -> Decoder:
-        """The context compiled for `soc` (default: the first), CPU fallback disabled."""
+        """The graphs compiled for `soc` (default: the first) on the HTP, CPU fallback disabled:
+        the decode graph, and the prefill graph where there is one. A lone decode graph loads
+        its context anywhere; the two graphs' shared context binary loads only on an ARM64
+        device, so elsewhere (the x86 simulator) the same QDQ graphs are compiled in-process."""
         contexts = io.options.qnn_contexts
         soc = soc or next(iter(contexts))
         if soc not in contexts:
             raise BadInputError(f"qnn-htp was compiled for {', '.join(contexts)}, not {soc}")
-        return Decoder(qnn_session(folder / contexts[soc].context_model, soc), io)
+        context = contexts[soc]
+        if context.prefill_context_model is None:
+            return Decoder(qnn_session(folder / context.context_model, soc), io)
+        if loads_shared_qnn_contexts():
+            return Decoder(qnn_session(folder / context.context_model, soc, shared=True), io,
+                           prefill=qnn_session(folder / context.prefill_context_model, soc, shared=True))
+        return Decoder(qnn_session(compile_source(folder / io.options.qdq_model), soc), io,
+                       prefill=qnn_session(compile_source(folder / io.options.prefill_qdq_model), soc))
 
 
 TARGET = QnnHtpTarget()

@@ -59,10 +59,11 @@ def check_static(target: str, kv: KVGraph) -> None:
 
 
 def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, style: str,
-                 fold_per_channel: bool, fuse_rmsnorm: bool, opset: int) -> tuple[ir.Model, QuantPlan]:
-    """The float static decode graph with the 4-bit cache boundary; returns it and the plan it
-    stores (centers taken out in the graph, per-channel scales turned into per-tensor ones when
-    folded)."""
+                 fold_per_channel: bool, fuse_rmsnorm: bool, opset: int, new_tokens: int = 1
+                 ) -> tuple[ir.Model, QuantPlan]:
+    """The float static graph taking `new_tokens` per call (1: decode, more: prefill) with the
+    4-bit cache boundary; returns it and the plan it stores (centers taken out in the graph,
+    per-channel scales turned into per-tensor ones when folded)."""
     model = load_model(float_path)
     transforms, tensors = {}, []
     for tensor_plan_ in plan.tensors:
@@ -76,7 +77,7 @@ def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, styl
     stored = dataclasses.replace(plan, tensors=tuple(tensors))
     if transforms:
         run_passes(model, *transform_passes(kv, transforms))
-    run_passes(model, *static_decode_passes(kv, context),
+    run_passes(model, *static_decode_passes(kv, context, new_tokens),
                QuantizeKVBoundaryPass(kv, stored.codecs(kv), slot_outputs=True, style=style,
                                       float_positions=float_positions(plan)),
                *cleaned_up())
