@@ -113,3 +113,19 @@ def test_contexts_stay_within_the_limits(tmp_path):
         within_limits(stages("nnapi", max_context=8), ModelLimits(None, None))
     with pytest.raises(UnsupportedModelError, match="at most 8 tokens"):
         within_limits(stages("ort-cpu"), ModelLimits(8, None))
+
+
+def test_prefill_length_fits_the_static_buffer(tmp_path):
+    """qnn-htp's prefill graph takes 128 tokens a call, or half a shorter buffer; 0 means none; a
+    length the buffer cannot hold is refused before anything runs."""
+    def prefill_len(buffer_limit: int | None, **options) -> int | None:
+        stages = CompileOptions(model=tmp_path / "m.onnx", targets=("qnn-htp",), **options).stages()
+        return within_limits(stages, ModelLimits(buffer_limit, None)).target.prefill_len
+
+    assert prefill_len(None) == 128 and prefill_len(100) == 50
+    assert prefill_len(None, prefill_len=0) == 0 and prefill_len(None, prefill_len=1) == 0
+    assert prefill_len(None, prefill_len=512) == 512
+    with pytest.raises(BadInputError, match="--prefill-len 100 does not fit the static buffer of 100 tokens"):
+        prefill_len(100, prefill_len=100)
+    only_dynamic = CompileOptions(model=tmp_path / "m.onnx", targets=("ort-cpu",)).stages()
+    assert within_limits(only_dynamic, ModelLimits(None, None)).target.prefill_len is None
