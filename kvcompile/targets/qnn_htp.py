@@ -61,7 +61,6 @@ from kvcompile.targets.static import (
 FOLDER = "qnn-htp"
 QDQ_OPSET = 21  # 16-bit Q/DQ
 CALIBRATION_STEPS = 96
-CALIBRATION_MERGE_EVERY = 4  # calibration runs whose intermediates the quantizer holds before merging ranges
 COMPARE_STEPS = 16
 
 
@@ -171,9 +170,6 @@ def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path
     try:
         config = get_qnn_qdq_config(str(static_path), Reader(), activation_type=QuantType.QUInt16,
                                     weight_type=QuantType.QUInt8, init_overrides=exact_overrides(static_path))
-        # ranges merged every few steps instead of after holding every intermediate of every step:
-        # a 128-token prefill call of a 30-layer model has about 1 GB of them
-        config.extra_options["CalibMaxIntermediateOutputs"] = CALIBRATION_MERGE_EVERY
         quantize(str(static_path), str(out_path), config)
     finally:
         root.setLevel(level)
