@@ -33,7 +33,7 @@ def sharing_sizes(out: Path, soc: str) -> dict:
     shared_folder = (out / context.context_model).parent
     alone = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for graph, qdq in (("decode", io.options.qdq_model), ("prefill", io.options.prefill_qdq_model)):
+        for graph, qdq in (("decode", io.options.compiled_from), ("prefill", io.options.prefill_compiled_from)):
             started = time.perf_counter()
             qnn_session(compile_source(out / qdq), soc, context_file=Path(tmp) / f"{graph}_ctx.onnx")
             alone[graph] = {"context_binary_bytes": binary_bytes(Path(tmp), f"{graph}_ctx"),

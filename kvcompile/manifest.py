@@ -112,28 +112,30 @@ class RunOptions:
     chunks_one_row_at_a_time: bool = False
     attention_sinks: int | None = None  # static targets: slots kept when the fixed buffer slides
     qnn_contexts: dict[str, QnnContext] = field(default_factory=dict)  # qnn-htp: one per SoC
-    qdq_model: str | None = None  # qnn-htp: the QDQ graph the contexts were compiled from (runs on the CPU EP)
+    # qnn-htp: the ONNX graph its contexts were compiled from (QDQ, or float for --htp-precision fp16);
+    # it runs on the CPU EP as the reference, and on x86 the simulator compiles it again
+    compiled_from: str | None = None
     # [sinks, recent]: float slots next to a 4-bit GroupQueryAttention cache. With `seq` tokens
     # cached, a "sink_seq" dim is min(sinks, seq) and a "recent_seq" dim min(recent, max(0, seq - sinks)).
     float_slots: list[int] | None = None
-    # static targets with a prefill graph: the tokens it takes per call, and (qnn-htp) its QDQ model
+    # static targets with a prefill graph: the tokens it takes per call, and (qnn-htp) its source graph
     prefill_len: int | None = None
-    prefill_qdq_model: str | None = None
+    prefill_compiled_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.prefill_len is not None:
             out["prefill_len"] = self.prefill_len
-        if self.prefill_qdq_model is not None:
-            out["prefill_qdq_model"] = self.prefill_qdq_model
+        if self.prefill_compiled_from is not None:
+            out["prefill_compiled_from"] = self.prefill_compiled_from
         if self.float_slots is not None:
             out["float_slots"] = list(self.float_slots)
         if self.attention_sinks is not None:
             out["attention_sinks"] = self.attention_sinks
         if self.chunks_one_row_at_a_time:
             out["chunks_one_row_at_a_time"] = True
-        if self.qdq_model is not None:
-            out["qdq_model"] = self.qdq_model
+        if self.compiled_from is not None:
+            out["compiled_from"] = self.compiled_from
         if self.qnn_contexts:
             out["socs"] = {soc: {"context_model": c.context_model, **c.provider_options,
                                  **({"prefill_context_model": c.prefill_context_model}
@@ -151,8 +153,8 @@ class RunOptions:
                                        provider_options=entry)
         return RunOptions(chunks_one_row_at_a_time=bool(data.get("chunks_one_row_at_a_time", False)),
                           attention_sinks=data.get("attention_sinks"), qnn_contexts=contexts,
-                          qdq_model=data.get("qdq_model"), float_slots=data.get("float_slots"),
-                          prefill_len=data.get("prefill_len"), prefill_qdq_model=data.get("prefill_qdq_model"))
+                          compiled_from=data.get("compiled_from"), float_slots=data.get("float_slots"),
+                          prefill_len=data.get("prefill_len"), prefill_compiled_from=data.get("prefill_compiled_from"))
 
 
 @dataclass(frozen=True)

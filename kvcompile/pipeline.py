@@ -121,7 +121,8 @@ class CompileOptions:
     device: str | None = None  # memory-wall report: a devices.toml key or a .toml profile
     budget: str = DEFAULT_BUDGET  # memory-wall report: RAM for the KV cache
     prefill: int = 32
-    prefill_len: int | None = None  # qnn-htp's prefill graph: tokens per call (None: `default_prefill_len`; 0: none)
+    prefill_len: int | None = None  # qnn-htp's prefill graph: tokens per call (None: `prefill_len`; 0: none)
+    htp_precision: str = "quantized"  # qnn-htp: quantized | fp16
 
     def stages(self) -> StageOptions:
         return StageOptions(
@@ -133,7 +134,8 @@ class CompileOptions:
                              fold_scales=self.fold_scales, fuse_attention=self.fuse_attention,
                              calibrated=not self.no_calibration, float_slots=tuple(self.float_slots)),
             targets=resolve_targets(self.targets),
-            target=TargetOptions(max_context=self.max_context, socs=tuple(self.socs), prefill_len=self.prefill_len),
+            target=TargetOptions(max_context=self.max_context, socs=tuple(self.socs), prefill_len=self.prefill_len,
+                                 htp_precision=self.htp_precision),
             quality_gate_pct=self.quality_gate_pct,
             report=ReportOptions(device=self.device, budget=self.budget),
         )

@@ -28,6 +28,12 @@ cross the boundary through DequantizeLinear / QuantizeLinear with scale 1 (the H
 metadata: "low,high,unit", the values it takes. The quantizer must give such a value a grid
 holding all of them exactly (`targets.qnn_htp.exact_overrides`): a calibrated range would put
 b / 16 = 1.0 a hair under 1 and Floor it to 0.
+
+Style "float-dq" is "arithmetic" for the HTP computing in float16 (qnn-htp `--htp-precision
+fp16`): the bytes enter through DequantizeLinear with scale 1 instead of a Cast, because the
+HTP's Cast from uint8 to float in float16 mode turned every nonzero byte into 1.0 (measured on
+onnxruntime-qnn 2.7's simulator; its Cast to uint8 is right). Every code and every packed byte
+is an integer below 2048, exact in float16.
 """
 
 from __future__ import annotations
@@ -108,7 +114,7 @@ def _to_codes(b: FragmentBuilder, x: ir.Value, scale: ir.Value, zero_point: ir.V
     return b.op("Cast", [clipped], to=ir.DataType.UINT8)
 
 
-ONNX, ARITHMETIC, FIXED_POINT = "onnx", "arithmetic", "fixed-point"
+ONNX, ARITHMETIC, FIXED_POINT, FLOAT_DQ = "onnx", "arithmetic", "fixed-point", "float-dq"
 EXACT_GRID = "kvcompile.exact_grid"  # value metadata: "low,high,unit", see the module docstring
 
 
@@ -133,7 +139,7 @@ def emit_encode(b: FragmentBuilder, x: ir.Value, codec: Codec, float_dtype: ir.D
         x = b.op("Cast", [x], to=ir.DataType.FLOAT)
     if style == FIXED_POINT:
         return Encoded(_encode_fixed_point(b, x, codec, logical_shape))
-    if style == ARITHMETIC:
+    if style in (ARITHMETIC, FLOAT_DQ):
         if codec.dynamic:
             raise ValueError("the arithmetic lowering takes static scales only")
         scaled = b.op("Round", [b.op("Div", [x, b.const(codec.scale, "scale")])])
@@ -211,12 +217,13 @@ def _pack_arithmetic(b: FragmentBuilder, codes: ir.Value, codec: Codec, logical_
 
 
 def _unpack_arithmetic(b: FragmentBuilder, packed: ir.Value, codec: Codec, logical_shape: list[int | str],
-                       fixed_point: bool = False) -> ir.Value:
+                       fixed_point: bool = False, bytes_via_dequantize: bool = False) -> ir.Value:
     """uint8 bytes -> float codes (exact small integers). `fixed_point`: the bytes enter through
-    DequantizeLinear, x / 2**bits is a Mul by its inverse (exact), every value is marked exact."""
+    DequantizeLinear, x / 2**bits is a Mul by its inverse (exact), every value is marked exact.
+    `bytes_via_dequantize`: only the first (style float-dq)."""
     n, a = codec.per_byte, codec.pack_axis
     mark = _exact if fixed_point else (lambda value, *_: value)
-    if fixed_point:
+    if fixed_point or bytes_via_dequantize:
         rest = b.op("DequantizeLinear", [packed, b.const(np.float32(1), "byte_scale"), b.const(_uint8(0), "byte_zero")])
     else:
         rest = b.op("Cast", [packed], to=ir.DataType.FLOAT)
@@ -315,10 +322,10 @@ def emit_decode(b: FragmentBuilder, stored: Encoded, codec: Codec, logical_shape
     if style == FIXED_POINT:
         x = _decode_fixed_point(b, stored.codes, codec, logical_shape)
         return x if float_dtype == ir.DataType.FLOAT else b.op("Cast", [x], to=float_dtype)
-    if style == ARITHMETIC:
+    if style in (ARITHMETIC, FLOAT_DQ):
         if codec.dynamic:
             raise ValueError("the arithmetic lowering takes static scales only")
-        codes = _unpack_arithmetic(b, stored.codes, codec, logical_shape)
+        codes = _unpack_arithmetic(b, stored.codes, codec, logical_shape, bytes_via_dequantize=style == FLOAT_DQ)
         centered = b.op("Sub", [codes, b.const(codec.zero_point.astype(np.float32), "zero_point")])
         x = b.op("Mul", [centered, b.const(codec.scale, "scale")])
         return x if float_dtype == ir.DataType.FLOAT else b.op("Cast", [x], to=float_dtype)

@@ -70,13 +70,13 @@ def test_manifest_drives_the_compiled_context_on_the_htp(qnn_compile):
     out, _ = qnn_compile
     io = read_manifest(out).targets["qnn-htp"]
     assert io.max_context == CONTEXT and io.model == "qnn-htp/SM8650/model_ctx.onnx"
-    assert io.options.prefill_len == PREFILL and io.options.prefill_qdq_model == "qnn-htp/prefill.qdq.onnx"
+    assert io.options.prefill_len == PREFILL and io.options.prefill_compiled_from == "qnn-htp/prefill.qdq.onnx"
     assert [i.role for i in io.inputs] == ["input_ids", "position_ids", "attention_bias"]
     key = io.kv[0]
     assert key.stored_dtype == "uint8" and key.bits == 4 and key.packing.codes_per_byte == 2
     assert key.granularity == "per-tensor" and io.options.qnn_contexts["SM8750"].provider_options["htp_arch"] == "79"
     htp = TARGETS["qnn-htp"].open(out, io, "SM8650")
-    cpu = Decoder(cpu_session(out / io.options.qdq_model), io, prefill=cpu_session(out / io.options.prefill_qdq_model))
+    cpu = Decoder(cpu_session(out / io.options.compiled_from), io, prefill=cpu_session(out / io.options.prefill_compiled_from))
     tokens = []
     for decoder in (htp, cpu):
         assert decoder.prefill is not None
@@ -178,6 +178,72 @@ def test_htp_unpacks_and_packs_4bit_codes_bit_for_bit(tmp_path):
         np.testing.assert_array_equal(np.round(got_decoded), codec.decode(stored_bytes))
         assert np.abs(got_decoded - codec.decode(stored_bytes)).max() < 1e-5
         np.testing.assert_array_equal(got_encoded, codec.encode(new_entries)[0])
+
+
+@pytest.fixture(scope="module")
+def fp16_compile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qnn-fp16") / "out"
+    report = compile_model(CompileOptions(model=DYNAMO, out_dir=out, targets=("qnn-htp",), socs=("SM8650",),
+                                          max_context=CONTEXT, calib_tokens=2048, eval_tokens=2048,
+                                          htp_precision="fp16")).report
+    return out, report
+
+
+def test_fp16_runs_the_float_graphs_on_the_htp(fp16_compile):
+    """--htp-precision fp16: the float static graphs (no QDQ) compiled with the HTP in float16,
+    decode and prefill in one shared context, every node on the HTP, agreeing with the CPU EP's
+    float32 run and passing the gate there and on the simulator."""
+    from kvcompile.targets import TARGETS
+
+    out, report = fp16_compile
+    target = report.targets["qnn-htp"]
+    facts, quality = target.facts, target.quality
+    assert facts["precision"] == "fp16" and facts["compiled_from"] == "qnn-htp/model.float.onnx"
+    assert facts["nodes_on_htp"] == facts["nodes_total"] and facts["prefill_nodes_on_htp"] == facts["prefill_nodes_total"]
+    model = onnx.load(out / "qnn-htp/model.float.onnx", load_external_data=False)
+    assert not {"QuantizeLinear"} & {n.op_type for n in model.graph.node}, "no QDQ: the HTP computes in float16"
+    assert facts["socs"]["SM8650"]["context_binaries"] == 1 and facts["kv_read_vs_fp16"] == 4.0
+    assert quality.passed and quality.on_device.passed and quality.agreement.logits_cosine_min >= 0.999
+    assert quality.agreement.prefill_logits_cosine_min >= 0.999
+    io = read_manifest(out).targets["qnn-htp"]
+    assert io.options.qnn_contexts["SM8650"].provider_options["enable_htp_fp16_precision"] == "1"
+    assert TARGETS["qnn-htp"].open(out, io).prefill is not None
+
+
+@pytest.mark.parametrize("style", ["float-dq", "arithmetic"])
+def test_fp16_htp_codec_needs_bytes_through_dequantize(tmp_path, style):
+    """In float16 the HTP's Cast from uint8 turns every nonzero byte into 1.0: the float-dq codec
+    reads the bytes through DequantizeLinear(1, 0) and decodes all 256 byte values exactly
+    (float16 rounding of code x scale aside); the arithmetic codec, with the Cast, does not.
+    If the Cast case starts passing, the float-dq detour can go."""
+    import onnx_ir as ir
+
+    from kvcompile.passes.kv_codec import Encoded, FragmentBuilder, emit_decode, emit_encode
+    from kvcompile.passes.names import NameAllocator
+    from kvcompile.quant import Codec
+
+    logical = [1, 2, "seq", 64]
+    codec = Codec(4, np.float32(0.37), 8, pack_axis=3)
+    graph = ir.Graph([], [], nodes=[], opset_imports={"": 21}, name="codec")
+    builder = FragmentBuilder(graph, NameAllocator(graph), "kv")
+    stored = ir.Value(name="stored", type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape([1, 2, 64, 32]))
+    new = ir.Value(name="new", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 2, 1, 64]))
+    decoded = emit_decode(builder, Encoded(stored), codec, logical, ir.DataType.FLOAT, style)
+    encoded = emit_encode(builder, new, codec, ir.DataType.FLOAT, logical, style).codes
+    decoded.name, encoded.name = "decoded", "encoded"
+    decoded.type, decoded.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([1, 2, 64, 64])
+    encoded.type, encoded.shape = ir.TensorType(ir.DataType.UINT8), ir.Shape([1, 2, 1, 32])
+    graph.inputs.extend([stored, new])
+    graph.extend(builder.nodes)
+    graph.outputs.extend([decoded, encoded])
+    ir.save(ir.Model(graph, ir_version=10), tmp_path / "codec.onnx")
+    htp = qnn_session((tmp_path / "codec.onnx").read_bytes(), "SM8650", fp16=True)
+    every_byte = np.resize(np.arange(256, dtype=np.uint8), (1, 2, 64, 32))
+    entries = (np.random.default_rng(0).normal(size=(1, 2, 1, 64)) * 2).astype(np.float32)
+    got_decoded, got_encoded = htp.run(None, {"stored": every_byte, "new": entries})
+    exact = np.abs(got_decoded - codec.decode(every_byte)).max() < 0.37 / 2  # less than half a step
+    assert exact == (style == "float-dq")
+    np.testing.assert_array_equal(got_encoded, codec.encode(entries)[0])
 
 
 def test_exact_grids_hold_every_value():

@@ -1,5 +1,12 @@
-"""Target qnn-htp: a static 4-bit-KV decode graph, fully quantized, compiled ahead of time for
-Qualcomm's Hexagon NPU (HTP) and verified on onnxruntime-qnn's HTP backend.
+"""Target qnn-htp: static 4-bit-KV decode and prefill graphs, fully quantized (or in float16),
+compiled ahead of time for Qualcomm's Hexagon NPU (HTP) and verified on onnxruntime-qnn's HTP
+backend.
+
+Two precisions (`--htp-precision`): "quantized" (default; steps below) and "fp16": the float
+static graphs (kv_codec's float-dq style, per-channel cache scales in the graph) compiled with
+onnxruntime-qnn's `enable_htp_fp16_precision`, the HTP computing activations and weights in
+float16: no calibration, no QDQ, twice the weight bytes of uint8, and the float model's quality
+with the 4-bit cache.
 
 Steps (each a function below):
 1. plan: the HTP takes one per-tensor scale per cache tensor, static and symmetric. Per-channel
@@ -38,7 +45,7 @@ from kvcompile.errors import BadInputError, TargetError
 from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import QnnContext, TargetIO
 from kvcompile.model_io import check_external_data, remove_model, save_model
-from kvcompile.passes.kv_codec import EXACT_GRID, FIXED_POINT
+from kvcompile.passes.kv_codec import EXACT_GRID, FIXED_POINT, FLOAT_DQ
 from kvcompile.passes.names import prefix_intermediate_names
 from kvcompile.quality import TargetQuality
 from kvcompile.runtimes.decoder import Decoder
@@ -65,7 +72,15 @@ COMPARE_STEPS = 16
 
 
 HTP_WINDOWS, HTP_WINDOW = 2, 64  # the simulator is slow: a short text
-CPU_RUN = "onnxruntime CPU EP running the QDQ graph the HTP contexts were compiled from"
+QUANTIZED, FP16 = "quantized", "fp16"
+PRECISIONS = (QUANTIZED, FP16)
+CPU_RUN = {QUANTIZED: "onnxruntime CPU EP running the QDQ graph the HTP contexts were compiled from",
+           FP16: "onnxruntime CPU EP running the float graph the HTP contexts were compiled from (in float32; "
+                 "the HTP computes it in float16)"}
+QUANTIZATION = {QUANTIZED: "activations uint16, weights uint8 (onnxruntime QNN QDQ config); KV cache 4-bit, "
+                           "per-tensor scales with per-channel scales folded into the attention",
+                FP16: "activations and weights float16 on the HTP (enable_htp_fp16_precision); KV cache 4-bit, "
+                      "per-channel scales in the graph"}
 
 
 def check_socs(socs: tuple[str, ...]) -> None:
@@ -185,8 +200,10 @@ def bytes_read(io: TargetIO, kv: KVGraph) -> dict[str, int | float]:
             "kv_read_vs_fp16": round(fp16 / read, 3)}
 
 
-KV_STORAGE = ("uint8, two 4-bit codes per byte, unpacked and packed in-graph in 16-bit fixed point "
-              "(Floor/Mul/Sub/Add on exact grids: the HTP has no bit operations)")
+KV_STORAGE = {QUANTIZED: "uint8, two 4-bit codes per byte, unpacked and packed in-graph in 16-bit fixed point "
+                         "(Floor/Mul/Sub/Add on exact grids: the HTP has no bit operations)",
+              FP16: "uint8, two 4-bit codes per byte, unpacked and packed in-graph in float16 arithmetic "
+                    "(Floor/Div/Mul/Add: the HTP has no bit operations)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,34 +213,87 @@ class StaticGraph:
 
     name: str
     new_tokens: int
+    precision: str
 
     @property
-    def qdq(self) -> str:
-        return f"{self.name}.qdq.onnx"
+    def source(self) -> str:
+        """The graph its context is compiled from: QDQ, or float for fp16."""
+        return f"{self.name}.{'qdq' if self.precision == QUANTIZED else 'float'}.onnx"
 
     @property
     def context(self) -> str:
         return f"{self.name}_ctx.onnx"
 
 
-def compile_source(qdq_path: Path) -> Path | bytes:
-    """What the QNN EP compiles a QDQ model from: its bytes where it has no external data, so
-    the compiled partition's name does not depend on the folder (see qnn_session)."""
-    proto = onnx.load(qdq_path, load_external_data=False)
-    return qdq_path if check_external_data(proto, qdq_path.parent) else qdq_path.read_bytes()
+def compile_source(path: Path) -> Path | bytes:
+    """What the QNN EP compiles a graph from: its bytes where it has no external data, so the
+    compiled partition's name does not depend on the folder (see qnn_session)."""
+    proto = onnx.load(path, load_external_data=False)
+    return path if check_external_data(proto, path.parent) else path.read_bytes()
 
 
 def build_static(lowering: LoweringInput, graph: StaticGraph, context: int):
     """The float static graph for `graph` with the plan it stores. The prefill graph's values are
     renamed apart from the decode graph's (their weights keep their names, which is what QNN
     shares): onnxruntime names a compiled partition after its value names, and two partitions of
-    one name cannot share a context."""
+    one name cannot share a context. Quantized: the fixed-point codec, per-channel scales folded;
+    fp16: the float-dq codec, per-channel scales in the graph."""
+    quantized = graph.precision == QUANTIZED
     model, folded = static_graph(lowering.float_path, lowering.float_kv, lowering.plan, context,
-                                 style=FIXED_POINT, fold_per_channel=True, fuse_rmsnorm=True, opset=QDQ_OPSET,
-                                 new_tokens=graph.new_tokens)
+                                 style=FIXED_POINT if quantized else FLOAT_DQ, fold_per_channel=quantized,
+                                 fuse_rmsnorm=True, opset=QDQ_OPSET, new_tokens=graph.new_tokens)
     if graph.name != "model":
         prefix_intermediate_names(model, f"{graph.name}/")
     return model, folded
+
+
+def compile_contexts(folder: Path, graphs: list[StaticGraph], soc: str) -> dict:
+    """Compile the graphs in `folder` ahead of time for `soc` into `folder/soc`: one QNN
+    context binary (a lone graph's own, or both graphs' with their weights shared) and an
+    EPContext model per graph; returns the report's facts on them."""
+    (folder / soc).mkdir()
+    started = time.perf_counter()
+    sources = [compile_source(folder / g.source) for g in graphs]
+    fp16 = graphs[0].precision == FP16
+    try:
+        if len(graphs) == 1:
+            qnn_session(sources[0], soc, context_file=folder / soc / graphs[0].context, fp16=fp16)
+        else:
+            compile_shared_qnn_context([(source, folder / soc / graph.context)
+                                        for source, graph in zip(sources, graphs)], soc, fp16=fp16)
+    except Exception as exc:  # onnxruntime reports unsupported nodes and QNN errors this way
+        raise TargetError(f"qnn-htp: the QDQ graphs could not be compiled for {soc} with every node on "
+                          f"the HTP: {str(exc).splitlines()[0]}") from None
+    binaries = sorted((folder / soc).glob("*.bin"))
+    facts = {"context_model": f"{FOLDER}/{soc}/{graphs[0].context}",
+             "aot_seconds": round(time.perf_counter() - started, 2),
+             "context_binaries": len(binaries),
+             "context_binary_bytes": sum(b.stat().st_size for b in binaries)}
+    if len(graphs) > 1:
+        facts["prefill_context_model"] = f"{FOLDER}/{soc}/{graphs[1].context}"
+    return facts
+
+
+def quantize_graphs(folder: Path, graphs: list[StaticGraph], static_paths: dict[str, Path], io: TargetIO,
+                    calib_ids: np.ndarray) -> None:
+    """QDQ-quantize each float static graph on real calls of its own (the CPU EP running the
+    float static graphs over the calibration text); the float graphs are removed after."""
+    prefill = static_paths.get("prefill")
+    float_static = Decoder(cpu_session(static_paths["model"]), io,
+                           prefill=cpu_session(prefill) if prefill else None)
+    feeds = {"model": calibration_feeds(float_static, calib_ids, CALIBRATION_STEPS)}
+    if prefill:
+        feeds["prefill"] = prefill_calibration_feeds(float_static, calib_ids)
+    del float_static
+    for graph in graphs:
+        quantize_qdq(static_paths[graph.name], feeds.pop(graph.name), folder / graph.source)
+        remove_model(static_paths[graph.name])  # intermediates: the QDQ models and the contexts are the artifacts
+
+
+def compiled_precision(io: TargetIO) -> str:
+    """The precision a qnn-htp artifact was compiled in (its provider options say)."""
+    options = next(iter(io.options.qnn_contexts.values())).provider_options
+    return FP16 if options.get("enable_htp_fp16_precision") == "1" else QUANTIZED
 
 
 class QnnHtpTarget:
@@ -240,65 +310,39 @@ class QnnHtpTarget:
         folded (the HTP takes one scale per tensor), each QDQ-quantized on real steps of its own,
         then compiled ahead of time per SoC into one QNN context that stores their weights once."""
         socs, context = lowering.options.socs, lowering.options.max_context
-        prefill_len = lowering.options.prefill_len or 0
+        prefill_len, precision = lowering.options.prefill_len or 0, lowering.options.htp_precision
         check_socs(socs)
         folder = lowering.stage / FOLDER
         folder.mkdir()
-        graphs = [StaticGraph("model", 1)] + ([StaticGraph("prefill", prefill_len)] if prefill_len else [])
-        built = {g.name: build_static(lowering, g, context) for g in graphs}
-        model, folded = built["model"]
-        io = static_target_io(lowering.float_kv, folded, model, f"{FOLDER}/model.qdq.onnx", context)
+        graphs = [StaticGraph("model", 1, precision)] + (
+            [StaticGraph("prefill", prefill_len, precision)] if prefill_len else [])
+        static_paths = {g.name: folder / (f"{g.name}.static.onnx" if precision == QUANTIZED else g.source)
+                        for g in graphs}
+        for graph in graphs:  # one float graph in memory at a time
+            model, folded = build_static(lowering, graph, context)
+            if graph.name == "model":
+                io = static_target_io(lowering.float_kv, folded, model, f"{FOLDER}/{graph.source}", context)
+            save_model(model, static_paths[graph.name])
+            del model
         io = dataclasses.replace(io, options=dataclasses.replace(io.options, prefill_len=prefill_len or None))
-        static_paths = {}
-        for graph in graphs:
-            static_paths[graph.name] = folder / f"{graph.name}.static.onnx"
-            save_model(built[graph.name][0], static_paths[graph.name])
-        del built, model
 
         started = time.perf_counter()
-        float_static = Decoder(cpu_session(static_paths["model"]), io,
-                               prefill=cpu_session(static_paths["prefill"]) if prefill_len else None)
-        feeds = {"model": calibration_feeds(float_static, lowering.calib_ids, CALIBRATION_STEPS)}
-        if prefill_len:
-            feeds["prefill"] = prefill_calibration_feeds(float_static, lowering.calib_ids)
-        del float_static
-        for graph in graphs:
-            quantize_qdq(static_paths[graph.name], feeds.pop(graph.name), folder / graph.qdq)
-            remove_model(static_paths[graph.name])  # intermediates: the QDQ models and the contexts are the artifacts
+        if precision == QUANTIZED:
+            quantize_graphs(folder, graphs, static_paths, io, lowering.calib_ids)
         qdq_seconds = time.perf_counter() - started
-        nodes_total = {g.name: len(onnx.load(folder / g.qdq, load_external_data=False).graph.node) for g in graphs}
-        sources = [compile_source(folder / g.qdq) for g in graphs]
-
-        compiled = {}
-        for soc in socs:
-            (folder / soc).mkdir()
-            started = time.perf_counter()
-            try:
-                if len(graphs) == 1:
-                    qnn_session(sources[0], soc, context_file=folder / soc / graphs[0].context)
-                else:
-                    compile_shared_qnn_context([(source, folder / soc / graph.context)
-                                                for source, graph in zip(sources, graphs)], soc)
-            except Exception as exc:  # onnxruntime reports unsupported nodes and QNN errors this way
-                raise TargetError(f"qnn-htp: the QDQ graphs could not be compiled for {soc} with every node on "
-                                  f"the HTP: {str(exc).splitlines()[0]}") from None
-            binaries = sorted((folder / soc).glob("*.bin"))
-            compiled[soc] = {"context_model": f"{FOLDER}/{soc}/{graphs[0].context}",
-                             "aot_seconds": round(time.perf_counter() - started, 2),
-                             "context_binaries": len(binaries),
-                             "context_binary_bytes": sum(b.stat().st_size for b in binaries)}
-            if prefill_len:
-                compiled[soc]["prefill_context_model"] = f"{FOLDER}/{soc}/{graphs[1].context}"
+        nodes_total = {g.name: len(onnx.load(folder / g.source, load_external_data=False).graph.node) for g in graphs}
+        compiled = {soc: compile_contexts(folder, graphs, soc) for soc in socs}
 
         first = socs[0]
-        contexts = {soc: QnnContext(compiled[soc]["context_model"], qnn_provider_options(soc),
+        contexts = {soc: QnnContext(compiled[soc]["context_model"], qnn_provider_options(soc, precision == FP16),
                                     compiled[soc].get("prefill_context_model")) for soc in socs}
         io = dataclasses.replace(io, model=compiled[first]["context_model"], options=dataclasses.replace(
-            io.options, qnn_contexts=contexts, qdq_model=f"{FOLDER}/{graphs[0].qdq}",
-            prefill_qdq_model=f"{FOLDER}/{graphs[1].qdq}" if prefill_len else None))
+            io.options, qnn_contexts=contexts, compiled_from=f"{FOLDER}/{graphs[0].source}",
+            prefill_compiled_from=f"{FOLDER}/{graphs[1].source}" if prefill_len else None))
         cache_bytes = static_cache_bytes(io)
         facts = {
-            "qdq_model": f"{FOLDER}/model.qdq.onnx",
+            "compiled_from": f"{FOLDER}/{graphs[0].source}",
+            "precision": precision,
             "soc": first,
             "socs": compiled,
             "max_context": context,
@@ -311,12 +355,11 @@ class QnnHtpTarget:
             "aot_seconds": compiled[first]["aot_seconds"],
             "context_binary_bytes": compiled[first]["context_binary_bytes"],
             "qdq_seconds": round(qdq_seconds, 2),
-            "quantization": "activations uint16, weights uint8 (onnxruntime QNN QDQ config); KV cache 4-bit, "
-                            "per-tensor scales with per-channel scales folded into the attention",
+            "quantization": QUANTIZATION[precision],
             "kv_cache_bytes": cache_bytes,
             **bytes_read(io, lowering.float_kv),
         }
-        return Artifact(self.name, io, KV_STORAGE, facts)
+        return Artifact(self.name, io, KV_STORAGE[precision], facts)
 
     def verify(self, artifact: Artifact, verifying: VerifyInput) -> TargetQuality:
         """The gate reads the CPU EP run of the same QDQ graph over windows of the full context (the
@@ -326,13 +369,14 @@ class QnnHtpTarget:
         io = artifact.io
         socs = list(io.options.qnn_contexts)
         htp = self.open(verifying.folder, io, socs[0])
-        cpu = Decoder(cpu_session(verifying.folder / io.options.qdq_model), io, prefill=(
-            cpu_session(verifying.folder / io.options.prefill_qdq_model) if io.options.prefill_qdq_model else None))
+        cpu = Decoder(cpu_session(verifying.folder / io.options.compiled_from), io, prefill=(
+            cpu_session(verifying.folder / io.options.prefill_compiled_from) if io.options.prefill_compiled_from else None))
+        graph = "QDQ graph" if compiled_precision(io) == QUANTIZED else "float graph (float32)"
         agreement_ = agreement(htp, cpu, verifying.eval_windows.reshape(-1), COMPARE_STEPS,
-                               "onnxruntime CPU EP, the same QDQ graph", compare_codes=False)
+                               f"onnxruntime CPU EP, the same {graph}", compare_codes=False)
         gate = dict(prefill=VERIFY_PREFILL, batch=1, gate_pct=verifying.quality_gate_pct, text=verifying.eval_text)
         quality = decode_quality(verifying.float_decoder, cpu, long_verification_windows(
-            verifying.eval_windows, io.max_context), ran_on=CPU_RUN, **gate)
+            verifying.eval_windows, io.max_context), ran_on=CPU_RUN[compiled_precision(io)], **gate)
         short = verification_windows(verifying.eval_windows, HTP_WINDOWS, HTP_WINDOW, io.max_context)
         on_device = decode_quality(verifying.float_decoder, htp, short, ran_on=self.runs_on, **gate)
         for soc in socs[1:]:
@@ -350,13 +394,14 @@ class QnnHtpTarget:
         if soc not in contexts:
             raise BadInputError(f"qnn-htp was compiled for {', '.join(contexts)}, not {soc}")
         context = contexts[soc]
+        fp16 = compiled_precision(io) == FP16
         if context.prefill_context_model is None:
-            return Decoder(qnn_session(folder / context.context_model, soc), io)
+            return Decoder(qnn_session(folder / context.context_model, soc, fp16=fp16), io)
         if loads_shared_qnn_contexts():
-            return Decoder(qnn_session(folder / context.context_model, soc, shared=True), io,
-                           prefill=qnn_session(folder / context.prefill_context_model, soc, shared=True))
-        return Decoder(qnn_session(compile_source(folder / io.options.qdq_model), soc), io,
-                       prefill=qnn_session(compile_source(folder / io.options.prefill_qdq_model), soc))
+            return Decoder(qnn_session(folder / context.context_model, soc, shared=True, fp16=fp16), io,
+                           prefill=qnn_session(folder / context.prefill_context_model, soc, shared=True, fp16=fp16))
+        return Decoder(qnn_session(compile_source(folder / io.options.compiled_from), soc, fp16=fp16), io,
+                       prefill=qnn_session(compile_source(folder / io.options.prefill_compiled_from), soc, fp16=fp16))
 
 
 TARGET = QnnHtpTarget()
