@@ -501,14 +501,25 @@ def write_manifest(artifacts: dict[str, Artifact], stage: Path, model_path: Path
 
 
 def verdict(qualities: dict[str, TargetQuality], plan: QuantPlan, gate_pct: float, fused: bool,
-            fuse_mode: str) -> Verdict:
+            fuse_mode: str, htp_precision: str = "quantized") -> Verdict:
     """The gate: every target within `gate_pct` of the float model. Advice (from what auto
-    measured) when the ort-cpu artifact itself failed."""
+    measured) when the ort-cpu artifact itself failed; for a failed quantized qnn-htp graph,
+    its float16 precision."""
     gate = qualities["ort-cpu"]
     failed = tuple(name for name, quality in qualities.items() if name != "ort-cpu" and not quality.passed)
     passed = gate.passed and not failed
-    advice = () if passed or failed else tuple(gate_advice(plan, gate.ppl_delta_pct, gate_pct, fused, fuse_mode))
+    if passed:
+        advice: tuple[str, ...] = ()
+    elif failed:
+        advice = (HTP_FP16_ADVICE,) if "qnn-htp" in failed and htp_precision == "quantized" else ()
+    else:
+        advice = tuple(gate_advice(plan, gate.ppl_delta_pct, gate_pct, fused, fuse_mode))
     return Verdict(passed=passed, gate=gate, failed_targets=failed, advice=advice)
+
+
+HTP_FP16_ADVICE = ("--htp-precision fp16 (not measured here): qnn-htp's graphs computed in float16 on the HTP "
+                   "instead of fixed point (uint8 weights, uint16 activations), the same 4-bit cache; twice the "
+                   "weight bytes")
 
 
 def kv_section(kv: KVGraph, plan: QuantPlan, stats: KVStats | None) -> KVSection:
@@ -717,7 +728,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                                                 stages.report.budget),
                 quality=verdict(qualities, plan, stages.quality_gate_pct,
                                 fusion.fused or GROUP_QUERY_ATTENTION in kv.attention_forms,
-                                plan_options.fuse_attention),
+                                plan_options.fuse_attention, stages.target.htp_precision),
                 targets=target_reports(artifacts, changes, qualities),
                 fusion=FusionSection(fused=fusion.fused, reason=fusion.reason, float_slots=slots_decision),
                 limits=LimitsSection(max_context=limits.max_context, sliding_window=limits.window,
@@ -751,8 +762,9 @@ def float_slots_decision(first: TargetQuality, slots: tuple[int, int], layers: i
 
 def gate_message(quality: Verdict, gate_pct: float, out_dir: Path) -> str:
     if quality.failed_targets:
+        advice = f" Try: {'; '.join(quality.advice)}" if quality.advice else ""
         return (f"target(s) {', '.join(quality.failed_targets)} lost more than the {gate_pct}% gate; "
-                f"artifacts written to {out_dir} and marked failed (see report.md)")
+                f"artifacts written to {out_dir} and marked failed (see report.md).{advice}")
     gate = quality.gate
     advice = "; ".join(quality.advice) or "see report.md"
     return (f"perplexity rose {gate.ppl_delta_pct:+.2f}% (gate {gate_pct}%): "

@@ -142,3 +142,23 @@ def test_gqa_layers_take_the_kernels_storage_without_measuring(tmp_path):
     assert [p.granularity for p in plan.tensors] == ["per-channel"] * len(kv.tensors)
     for tensor_plan in plan.tensors:
         assert "not measured" in tensor_plan.reason and tensor_plan.evidence == {}
+
+
+def test_a_failed_quantized_htp_graph_is_advised_its_float16_precision():
+    """qnn-htp failing the gate where ort-cpu passed: the advice names --htp-precision fp16, unless
+    that is what failed."""
+    import dataclasses
+
+    from kvcompile.pipeline import HTP_FP16_ADVICE, verdict
+    from kvcompile.plan import QuantPlan
+    from kvcompile.quality import TargetQuality
+
+    passed = TargetQuality(ran_on="cpu", float_ppl=10.0, quantized_ppl=10.1, ppl_delta_pct=1.0, top1_agreement=0.9,
+                           mean_kl=0.01, eval_tokens=100, eval_text="t", quality_gate_pct=2.0, passed=True)
+    failed = dataclasses.replace(passed, quantized_ppl=10.9, ppl_delta_pct=9.0, passed=False)
+    plan = QuantPlan((), scheme="auto", bits=4.0)
+    qualities = {"ort-cpu": passed, "qnn-htp": failed}
+    result = verdict(qualities, plan, 2.0, fused=True, fuse_mode="auto", htp_precision="quantized")
+    assert not result.passed and result.failed_targets == ("qnn-htp",) and result.advice == (HTP_FP16_ADVICE,)
+    assert verdict(qualities, plan, 2.0, fused=True, fuse_mode="auto", htp_precision="fp16").advice == ()
+    assert verdict({"ort-cpu": passed, "nnapi": failed}, plan, 2.0, fused=True, fuse_mode="auto").advice == ()
