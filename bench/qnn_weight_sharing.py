@@ -3,9 +3,10 @@ compiled alone, for both compiled apart, and for both in the folder's shared con
 
     python -m bench.qnn_weight_sharing OUT [--soc SM8650]
 
-Each QDQ graph (`qnn-htp/model.qdq.onnx`, `qnn-htp/prefill.qdq.onnx`) is compiled again for the
-SoC, alone, into a temporary folder, exactly as kvcompile compiles a lone graph; the shared
-figure is the folder's own context binary. Prints JSON.
+Each graph the contexts were compiled from (`qnn-htp/model.qdq.onnx` and `prefill.qdq.onnx`, or
+`*.float.onnx` for --htp-precision fp16) is compiled again for the SoC, alone, into a temporary
+folder, exactly as kvcompile compiles a lone graph; the shared figure is the folder's own context
+binary. Prints JSON.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from kvcompile.manifest import read_manifest
 from kvcompile.runtimes.session import qnn_session
-from kvcompile.targets.qnn_htp import compile_source
+from kvcompile.targets.qnn_htp import FP16, compile_source, compiled_precision
 
 
 def binary_bytes(folder: Path, stem: str) -> int:
@@ -31,16 +32,17 @@ def sharing_sizes(out: Path, soc: str) -> dict:
     if context.prefill_context_model is None:
         raise SystemExit(f"{out} has no prefill graph (compiled with --prefill-len 0): nothing is shared")
     shared_folder = (out / context.context_model).parent
+    fp16 = compiled_precision(io) == FP16
     alone = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for graph, qdq in (("decode", io.options.compiled_from), ("prefill", io.options.prefill_compiled_from)):
+        for graph, source in (("decode", io.options.compiled_from), ("prefill", io.options.prefill_compiled_from)):
             started = time.perf_counter()
-            qnn_session(compile_source(out / qdq), soc, context_file=Path(tmp) / f"{graph}_ctx.onnx")
+            qnn_session(compile_source(out / source), soc, context_file=Path(tmp) / f"{graph}_ctx.onnx", fp16=fp16)
             alone[graph] = {"context_binary_bytes": binary_bytes(Path(tmp), f"{graph}_ctx"),
                             "aot_seconds": round(time.perf_counter() - started, 2)}
     apart = sum(g["context_binary_bytes"] for g in alone.values())
     shared = binary_bytes(shared_folder, "")
-    return {"soc": soc, "prefill_len": io.options.prefill_len, "alone": alone, "both_apart_bytes": apart,
+    return {"soc": soc, "precision": compiled_precision(io), "prefill_len": io.options.prefill_len, "alone": alone, "both_apart_bytes": apart,
             "both_shared_bytes": shared, "shared_vs_apart": round(shared / apart, 4),
             "shared_vs_decode_alone": round(shared / alone["decode"]["context_binary_bytes"], 4)}
 
