@@ -19,6 +19,16 @@ _INPUT_DTYPES = {"int64": np.int64, "int32": np.int32, "float": np.float32, "flo
                "float16": np.float16}
 
 
+def padded_chunks(input_ids: np.ndarray, width: int) -> list[tuple[np.ndarray, int]]:
+    """`input_ids` [batch, n] cut into calls of `width` tokens, the last padded after its real
+    tokens: (chunk, how many of it are real)."""
+    chunks = []
+    for start in range(0, input_ids.shape[1], width):
+        chunk = input_ids[:, start : start + width]
+        chunks.append((np.pad(chunk, ((0, 0), (0, width - chunk.shape[1]))), chunk.shape[1]))
+    return chunks
+
+
 class Decoder:
     """Runs prefill and decode steps of one model on one onnxruntime session."""
 
@@ -92,12 +102,8 @@ class Decoder:
         """Several tokens through the prefill graph, `prefill_len` a call; the last chunk is padded
         (its padding comes after the real tokens, so the causal bias hides it from them, and its
         entries are not written). Returns the real tokens' logits and the last call's presents."""
-        width = self.io.options.prefill_len
         logits = []
-        for start in range(0, input_ids.shape[1], width):
-            chunk = input_ids[:, start : start + width]
-            real = chunk.shape[1]
-            padded = np.pad(chunk, ((0, 0), (0, width - real)))
+        for padded, real in padded_chunks(input_ids, self.io.options.prefill_len):
             chunk_logits, presents = self._run(cache, padded, self.prefill, real)
             cache.update(presents, real)
             logits.append(chunk_logits[:, :real])

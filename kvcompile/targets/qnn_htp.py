@@ -48,7 +48,7 @@ from kvcompile.model_io import check_external_data, remove_model, save_model
 from kvcompile.passes.kv_codec import EXACT_GRID, FIXED_POINT, FLOAT_DQ
 from kvcompile.passes.names import prefix_intermediate_names
 from kvcompile.quality import TargetQuality
-from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.decoder import Decoder, padded_chunks
 from kvcompile.runtimes.kvcache import StaticCache
 from kvcompile.runtimes.session import (QNN_SOCS, compile_shared_qnn_context, cpu_session, loads_shared_qnn_contexts,
                                         qnn_provider_options, qnn_session)
@@ -104,15 +104,12 @@ def calibration_positions(positions: int, steps: int) -> list[int]:
 def prefill_calibration_feeds(decoder: Decoder, token_ids: np.ndarray) -> list[dict[str, np.ndarray]]:
     """Inputs of the prefill graph's calls (CPU run of the float static graphs) over the whole
     context the buffer holds, `prefill_len` tokens a call: every position it will see."""
-    width = decoder.io.options.prefill_len
     cache = decoder.new_cache(1)
     feeds = []
-    for start in range(0, min(decoder.io.max_context - 1, token_ids.size), width):
-        chunk = token_ids[None, start : start + width]
-        real = chunk.shape[1]
-        padded = np.pad(chunk, ((0, 0), (0, width - real)))
+    whole = token_ids[None, : min(decoder.io.max_context - 1, token_ids.size)]
+    for padded, real in padded_chunks(whole, decoder.io.options.prefill_len):
         feeds.append({k: np.array(v, copy=True) for k, v in decoder.feeds(cache, padded, real).items()})
-        decoder.step(cache, chunk)
+        decoder.step(cache, padded[:, :real])
     return feeds
 
 
