@@ -166,7 +166,7 @@ def _summary_table(report: Report) -> Table:
                    "weights and cache buffer) [default: 128, or half the buffer if less; 0: no prefill graph, "
                    "prompts go one token a call].")
 @click.option("--htp-precision", type=click.Choice(["quantized", "fp16"]), default="quantized", show_default=True,
-              help="qnn-htp: 'quantized' runs the graphs in fixed point (uint16 activations, uint8 weights, "
+              help="qnn-htp: 'quantized' runs the graphs in fixed point (uint16 activations, 8-bit weights, "
                    "calibrated); 'fp16' runs them in float16 on the HTP (twice the weight bytes, no calibration, "
                    "the float model's quality with the 4-bit cache).")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,

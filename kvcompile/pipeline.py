@@ -518,7 +518,7 @@ def verdict(qualities: dict[str, TargetQuality], plan: QuantPlan, gate_pct: floa
 
 
 HTP_FP16_ADVICE = ("--htp-precision fp16 (not measured here): qnn-htp's graphs computed in float16 on the HTP "
-                   "instead of fixed point (uint8 weights, uint16 activations), the same 4-bit cache; twice the "
+                   "instead of fixed point (8-bit weights, uint16 activations), the same 4-bit cache; twice the "
                    "weight bytes")
 
 

@@ -103,6 +103,27 @@ def test_both_graphs_store_their_weights_once(qnn_compile, tmp_path):
     assert shared < 0.65 * apart
 
 
+def test_matmul_weights_are_int8_per_output_channel(qnn_compile):
+    """Every MatMul of both QDQ graphs reads its weight through a per-output-channel int8
+    DequantizeLinear (axis 1 of [K, N], one scale per column, zero points 0): the form the HTP's
+    FullyConnected takes, the acceptance test above showing every node still on the HTP."""
+    out, _ = qnn_compile
+    for graph in ("model", "prefill"):
+        model = onnx.load(out / "qnn-htp" / f"{graph}.qdq.onnx")
+        initializers = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        producers = {o: n for n in model.graph.node for o in n.output}
+        weights = [producers[n.input[1]] for n in model.graph.node
+                   if n.op_type == "MatMul" and n.input[1] in producers
+                   and producers[n.input[1]].op_type == "DequantizeLinear"
+                   and producers[n.input[1]].input[0] in initializers]
+        assert len(weights) > 10
+        for dq in weights:
+            codes, scale, zero = (initializers[name] for name in dq.input)
+            axis = next(a.i for a in dq.attribute if a.name == "axis")
+            assert codes.dtype == np.int8 and codes.ndim == 2 and axis == 1
+            assert scale.shape == (codes.shape[1],) and not zero.any()
+
+
 @pytest.mark.skipif(loads_shared_qnn_contexts(), reason="this machine loads shared QNN contexts")
 def test_shared_context_does_not_load_on_the_x86_simulator(qnn_compile):
     """onnxruntime-qnn loads a weight-shared context binary only on an ARM64 device; here `open`

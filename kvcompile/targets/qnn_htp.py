@@ -20,7 +20,8 @@ Steps (each a function below):
    lo + 16 * hi (kv_codec's fixed-point style), exact in 16-bit fixed point on grids chosen for
    it (`exact_overrides`). The NPU reads a quarter of float16's cache bytes. Opset 21, RMSNorm
    fused (the HTP computes the decomposed form's Reciprocal wrongly in 16 bits).
-3. QDQ: onnxruntime's QNN flow (get_qnn_qdq_config): uint16 activations, uint8 weights,
+3. QDQ: onnxruntime's QNN flow (get_qnn_qdq_config): uint16 activations, MatMul weights int8
+   per output channel (`per_channel_weight_overrides`), other weights uint8 per tensor,
    calibrated on real decode steps of the calibration text spread over the whole context; the
    values the packing marks exact get the grids that hold them exactly instead.
 4. AOT: an EPContext model and QNN context binary per SoC (`ep.context_enable`).
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +70,8 @@ from kvcompile.targets.static import (
 FOLDER = "qnn-htp"
 QDQ_OPSET = 21  # 16-bit Q/DQ
 CALIBRATION_STEPS = 96
+ACTIVATION_HEADROOM = 2.0  # calibrated activation ranges widened this much (`calibrated_ranges`)
+POSITION_ROLES = ("position_ids", "attention_bias", "attention_mask")  # inputs that do not carry the text
 COMPARE_STEPS = 16
 
 
@@ -77,7 +81,8 @@ PRECISIONS = (QUANTIZED, FP16)
 CPU_RUN = {QUANTIZED: "onnxruntime CPU EP running the QDQ graph the HTP contexts were compiled from",
            FP16: "onnxruntime CPU EP running the float graph the HTP contexts were compiled from (in float32; "
                  "the HTP computes it in float16)"}
-QUANTIZATION = {QUANTIZED: "activations uint16, weights uint8 (onnxruntime QNN QDQ config); KV cache 4-bit, "
+QUANTIZATION = {QUANTIZED: "activations uint16, MatMul weights int8 per output channel, other weights uint8 "
+                           "(onnxruntime QNN QDQ config); KV cache 4-bit, "
                            "per-tensor scales with per-channel scales folded into the attention",
                 FP16: "activations and weights float16 on the HTP (enable_htp_fp16_precision); KV cache 4-bit, "
                       "per-channel scales in the graph"}
@@ -152,7 +157,7 @@ def exact_overrides(model_path: Path) -> dict[str, list[dict]]:
     `EXACT_GRID`): each gets `exact_grid`'s scale and zero point instead of a calibrated range."""
     graph = onnx.load(model_path, load_external_data=False).graph
     overrides = {}
-    for value in graph.value_info:
+    for value in [*graph.value_info, *graph.output]:  # a marked value may be a graph output
         marks = {p.key: p.value for p in value.metadata_props}
         if EXACT_GRID in marks:
             low, high, unit = (float(v) for v in marks[EXACT_GRID].split(","))
@@ -161,8 +166,65 @@ def exact_overrides(model_path: Path) -> dict[str, list[dict]]:
     return overrides
 
 
-def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path: Path) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+def per_channel_weight_overrides(model_path: Path) -> dict[str, list[dict]]:
+    """The quantizer's overrides that store each MatMul weight held as a rank-2 initializer
+    [K, N] per output channel (axis 1), int8 symmetric. onnxruntime-qnn lowers such a MatMul to
+    QNN's FullyConnected, which takes per-channel weights on the HTP only when they are signed and
+    symmetric (uint8 per-channel is refused and the node falls back to the CPU); its quantization
+    config otherwise stores MatMul weights per tensor. One scale per output channel instead of
+    one per matrix halved SmolLM2's next-token KL against the float graph (README)."""
+    from onnxruntime.quantization import QuantType
+
+    graph = onnx.load(model_path, load_external_data=False).graph
+    rank2 = {i.name for i in graph.initializer if len(i.dims) == 2 and i.data_type == onnx.TensorProto.FLOAT}
+    return {node.input[1]: [{"axis": 1, "symmetric": True, "quant_type": QuantType.QInt8}]
+            for node in graph.node if node.op_type == "MatMul" and node.input[1] in rank2}
+
+
+def text_dependent_values(graph: onnx.GraphProto, position_inputs: set[str]) -> set[str]:
+    """The values that depend on the text: everything downstream of a graph input other than the
+    position ones (position ids, attention bias). What depends on positions alone (RoPE's angles,
+    cos and sin) takes the same values on any text, and the calibration saw every position."""
+    reached = {i.name for i in graph.input if i.name not in position_inputs}
+    for node in graph.node:  # topologically sorted
+        if any(name in reached for name in node.input):
+            reached.update(node.output)
+    return reached
+
+
+def calibrated_ranges(static_path: Path, op_types: list[str], reader, headroom: float, position_inputs: set[str],
+                      cache_path: Path) -> None:
+    """Min/max of every activation over the calibration calls, those that depend on the text
+    widened `headroom` times about zero, written as onnxruntime's calibration cache for
+    `quantize_static` to read. A held-out text drives some activations past the largest value
+    the calibration text did (SmolLM2's MLP products reached 1.4-1.9x it) and a value past its
+    grid is clipped; uint16 has resolution to spare for some headroom, not for much (README:
+    2x halved SmolLM2's KL against the float graph, 4x doubled it)."""
+    from onnxruntime.quantization.calibrate import (CalibrationMethod, TensorData, TensorsData, create_calibrator,
+                                                    save_tensors_data)
+
+    with tempfile.TemporaryDirectory(prefix="kvcompile-calibration-") as scratch:
+        calibrator = create_calibrator(static_path, op_types, augmented_model_path=Path(scratch) / "augmented.onnx",
+                                       calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+        calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+        del calibrator
+    text_dependent = text_dependent_values(onnx.load(static_path, load_external_data=False).graph, position_inputs)
+    widened = {}
+    for name, data in ranges.data.items():
+        scale = headroom if name in text_dependent else 1.0
+        widened[name] = TensorData(lowest=np.float32(data.range_value[0] * scale),
+                                   highest=np.float32(data.range_value[1] * scale))
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, widened), cache_path)
+
+
+def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path: Path,
+                 position_inputs: set[str] = frozenset()) -> None:
+    """QDQ-quantize a float static graph for the HTP (step 3): uint16 activations over their
+    calibrated ranges, with `ACTIVATION_HEADROOM` on those that do not depend on the
+    `position_inputs` alone; MatMul weights int8 per output channel, other weights uint8 per
+    tensor; the packing's exact grids."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     class Reader(CalibrationDataReader):
@@ -181,8 +243,19 @@ def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path
     ort.set_default_logger_severity(3)
     try:
         config = get_qnn_qdq_config(str(static_path), Reader(), activation_type=QuantType.QUInt16,
-                                    weight_type=QuantType.QUInt8, init_overrides=exact_overrides(static_path))
-        quantize(str(static_path), str(out_path), config)
+                                    weight_type=QuantType.QUInt8,
+                                    init_overrides=per_channel_weight_overrides(static_path) | exact_overrides(static_path))
+        with tempfile.TemporaryDirectory(prefix="kvcompile-ranges-") as scratch:
+            ranges = Path(scratch) / "ranges.json"
+            calibrated_ranges(static_path, config.op_types_to_quantize, Reader(), ACTIVATION_HEADROOM,
+                              set(position_inputs), ranges)
+            quantize_static(str(static_path), str(out_path), None, calibrate_method=config.calibrate_method,
+                            quant_format=config.quant_format, activation_type=config.activation_type,
+                            weight_type=config.weight_type, op_types_to_quantize=config.op_types_to_quantize,
+                            nodes_to_quantize=config.nodes_to_quantize, nodes_to_exclude=config.nodes_to_exclude,
+                            per_channel=config.per_channel, reduce_range=config.reduce_range,
+                            use_external_data_format=config.use_external_data_format,
+                            extra_options=config.extra_options, calibration_cache_path=ranges)
     finally:
         root.setLevel(level)
 
@@ -282,8 +355,9 @@ def quantize_graphs(folder: Path, graphs: list[StaticGraph], static_paths: dict[
     if prefill:
         feeds["prefill"] = prefill_calibration_feeds(float_static, calib_ids)
     del float_static
+    position_inputs = {i.name for i in io.inputs if i.role in POSITION_ROLES}
     for graph in graphs:
-        quantize_qdq(static_paths[graph.name], feeds.pop(graph.name), folder / graph.source)
+        quantize_qdq(static_paths[graph.name], feeds.pop(graph.name), folder / graph.source, position_inputs)
         remove_model(static_paths[graph.name])  # intermediates: the QDQ models and the contexts are the artifacts
 
 
