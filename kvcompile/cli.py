@@ -383,7 +383,7 @@ def run_command(folder, prompt, target, soc, max_new_tokens, temperature, top_k,
            else "one token a call" if decoder.io.max_context is not None else "one call")
     err_console.print(
         f"{len(tokens)} tokens generated; prompt of {len(prompt_ids)} tokens: time to first token {first_token:.2f} s "
-        f"({fed}); decode: {steps} steps in {seconds:.2f} s ({steps / seconds if seconds > 0 else 0.0:.1f} tokens/s); "
+        f"({fed}); decode: {steps} steps in {seconds:.2f} s ({steps / seconds if seconds > 0 else 0.0:.3g} tokens/s); "
         f"loaded in {loaded:.1f} s; KV cache {generation.cache.nbytes():,} bytes as stored; {target} on "
         f"{runs_on(target)}",
         markup=False, highlight=False)
