@@ -278,3 +278,28 @@ def test_exact_grids_hold_every_value():
         assert round(steps.min()) >= 0 and round(steps.max()) <= 65535
     scale, zero_point = exact_grid(-8, 7, 0.0)  # a fixed range, no grid: the ends are its ends
     assert round(-8 / float(scale)) + int(zero_point) == 0 and round(7 / float(scale)) + int(zero_point) == 65535
+
+
+def test_headroom_goes_to_text_dependent_values_only():
+    """Values computed from the positions alone (RoPE's angles, cos, sin) keep their calibrated
+    range; everything downstream of the token ids or the cache is widened."""
+    from onnx import TensorProto, helper
+
+    from kvcompile.targets.qnn_htp import text_dependent_values
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["position_ids"], ["positions"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["positions", "inv_freq"], ["angles"]),
+         helper.make_node("Cos", ["angles"], ["cos"]),
+         helper.make_node("Gather", ["embedding", "input_ids"], ["embedded"]),
+         helper.make_node("Mul", ["embedded", "cos"], ["rotated"]),
+         helper.make_node("Add", ["rotated", "past"], ["present"])],
+        "g",
+        [helper.make_tensor_value_info(n, t, [1]) for n, t in
+         (("input_ids", TensorProto.INT64), ("position_ids", TensorProto.INT64), ("past", TensorProto.FLOAT))],
+        [helper.make_tensor_value_info("present", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("inv_freq", TensorProto.FLOAT, [1], [0.5]),
+         helper.make_tensor("embedding", TensorProto.FLOAT, [2, 1], [1.0, 2.0])])
+    reached = text_dependent_values(graph, {"position_ids"})
+    assert {"embedded", "rotated", "present"} <= reached
+    assert not {"positions", "angles", "cos"} & reached

@@ -72,6 +72,7 @@ QDQ_OPSET = 21  # 16-bit Q/DQ
 CALIBRATION_STEPS = 96
 ACTIVATION_HEADROOM = 2.0  # calibrated activation ranges widened this much (`calibrated_ranges`)
 POSITION_ROLES = ("position_ids", "attention_bias", "attention_mask")  # inputs that do not carry the text
+PER_CHANNEL_WEIGHTS = "int8-per-channel"  # MatMul weights (`per_channel_weight_overrides`)
 COMPARE_STEPS = 16
 
 
@@ -219,11 +220,13 @@ def calibrated_ranges(static_path: Path, op_types: list[str], reader, headroom: 
 
 
 def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path: Path,
-                 position_inputs: set[str] = frozenset()) -> None:
+                 position_inputs: set[str] = frozenset(), headroom: float = ACTIVATION_HEADROOM,
+                 weights: str = PER_CHANNEL_WEIGHTS) -> None:
     """QDQ-quantize a float static graph for the HTP (step 3): uint16 activations over their
-    calibrated ranges, with `ACTIVATION_HEADROOM` on those that do not depend on the
-    `position_inputs` alone; MatMul weights int8 per output channel, other weights uint8 per
-    tensor; the packing's exact grids."""
+    calibrated ranges, with `headroom` on those that do not depend on the `position_inputs`
+    alone; MatMul weights int8 per output channel, other weights uint8 per tensor; the packing's
+    exact grids. (`weights` "uint8" / "uint16": every weight per tensor in that type, onnxruntime's
+    QNN config as it is; for bench.qnn_quant_variants.)"""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
@@ -242,13 +245,14 @@ def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path
     root.setLevel(logging.ERROR)  # the quantizer logs advice meant for image models
     ort.set_default_logger_severity(3)
     try:
+        per_channel = per_channel_weight_overrides(static_path) if weights == PER_CHANNEL_WEIGHTS else {}
         config = get_qnn_qdq_config(str(static_path), Reader(), activation_type=QuantType.QUInt16,
-                                    weight_type=QuantType.QUInt8,
-                                    init_overrides=per_channel_weight_overrides(static_path) | exact_overrides(static_path))
+                                    weight_type=QuantType.QUInt16 if weights == "uint16" else QuantType.QUInt8,
+                                    init_overrides=per_channel | exact_overrides(static_path))
         with tempfile.TemporaryDirectory(prefix="kvcompile-ranges-") as scratch:
             ranges = Path(scratch) / "ranges.json"
-            calibrated_ranges(static_path, config.op_types_to_quantize, Reader(), ACTIVATION_HEADROOM,
-                              set(position_inputs), ranges)
+            calibrated_ranges(static_path, config.op_types_to_quantize, Reader(), headroom, set(position_inputs),
+                              ranges)
             quantize_static(str(static_path), str(out_path), None, calibrate_method=config.calibrate_method,
                             quant_format=config.quant_format, activation_type=config.activation_type,
                             weight_type=config.weight_type, op_types_to_quantize=config.op_types_to_quantize,
