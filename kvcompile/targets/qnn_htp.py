@@ -186,7 +186,8 @@ def text_dependent_values(graph: onnx.GraphProto, position_inputs: set[str]) -> 
     """The values that depend on the text: everything downstream of a graph input other than the
     position ones (position ids, attention bias). What depends on positions alone (RoPE's angles,
     cos and sin) takes the same values on any text, and the calibration saw every position."""
-    reached = {i.name for i in graph.input if i.name not in position_inputs}
+    constants = {i.name for i in graph.initializer}  # an older IR lists initializers as inputs too
+    reached = {i.name for i in graph.input if i.name not in position_inputs and i.name not in constants}
     for node in graph.node:  # topologically sorted
         if any(name in reached for name in node.input):
             reached.update(node.output)
