@@ -153,10 +153,9 @@ def exact_grid(low: float, high: float, unit: float) -> tuple[np.float32, np.uin
     return np.float32(unit / steps_per_unit), np.uint16(round(-low / unit) * steps_per_unit)
 
 
-def exact_overrides(model_path: Path) -> dict[str, list[dict]]:
+def exact_overrides(graph: onnx.GraphProto) -> dict[str, list[dict]]:
     """The quantizer's tensor overrides for the values the cache's packing marks exact (kv_codec,
     `EXACT_GRID`): each gets `exact_grid`'s scale and zero point instead of a calibrated range."""
-    graph = onnx.load(model_path, load_external_data=False).graph
     overrides = {}
     for value in [*graph.value_info, *graph.output]:  # a marked value may be a graph output
         marks = {p.key: p.value for p in value.metadata_props}
@@ -167,7 +166,7 @@ def exact_overrides(model_path: Path) -> dict[str, list[dict]]:
     return overrides
 
 
-def per_channel_weight_overrides(model_path: Path) -> dict[str, list[dict]]:
+def per_channel_weight_overrides(graph: onnx.GraphProto) -> dict[str, list[dict]]:
     """The quantizer's overrides that store each MatMul weight held as a rank-2 initializer
     [K, N] per output channel (axis 1), int8 symmetric. onnxruntime-qnn lowers such a MatMul to
     QNN's FullyConnected, which takes per-channel weights on the HTP only when they are signed and
@@ -176,7 +175,6 @@ def per_channel_weight_overrides(model_path: Path) -> dict[str, list[dict]]:
     one per matrix halved SmolLM2's next-token KL against the float graph (README)."""
     from onnxruntime.quantization import QuantType
 
-    graph = onnx.load(model_path, load_external_data=False).graph
     rank2 = {i.name for i in graph.initializer if len(i.dims) == 2 and i.data_type == onnx.TensorProto.FLOAT}
     return {node.input[1]: [{"axis": 1, "symmetric": True, "quant_type": QuantType.QInt8}]
             for node in graph.node if node.op_type == "MatMul" and node.input[1] in rank2}
@@ -194,10 +192,10 @@ def text_dependent_values(graph: onnx.GraphProto, position_inputs: set[str]) -> 
     return reached
 
 
-def calibrated_ranges(static_path: Path, op_types: list[str], reader, headroom: float, position_inputs: set[str],
+def calibrated_ranges(static_path: Path, op_types: list[str], reader, headroom: float, text_dependent: set[str],
                       cache_path: Path) -> None:
-    """Min/max of every activation over the calibration calls, those that depend on the text
-    widened `headroom` times about zero, written as onnxruntime's calibration cache for
+    """Min/max of every activation over the calibration calls, those in `text_dependent`
+    (`text_dependent_values`) widened `headroom` times about zero, written as onnxruntime's calibration cache for
     `quantize_static` to read. A held-out text drives some activations past the largest value
     the calibration text did (SmolLM2's MLP products reached 1.4-1.9x it) and a value past its
     grid is clipped; uint16 has resolution to spare for some headroom, not for much (README:
@@ -211,7 +209,6 @@ def calibrated_ranges(static_path: Path, op_types: list[str], reader, headroom: 
         calibrator.collect_data(reader)
         ranges = calibrator.compute_data()
         del calibrator
-    text_dependent = text_dependent_values(onnx.load(static_path, load_external_data=False).graph, position_inputs)
     widened = {}
     for name, data in ranges.data.items():
         scale = headroom if name in text_dependent else 1.0
@@ -246,14 +243,15 @@ def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path
     root.setLevel(logging.ERROR)  # the quantizer logs advice meant for image models
     ort.set_default_logger_severity(3)
     try:
-        per_channel = per_channel_weight_overrides(static_path) if weights == PER_CHANNEL_WEIGHTS else {}
+        graph = onnx.load(static_path, load_external_data=False).graph
+        per_channel = per_channel_weight_overrides(graph) if weights == PER_CHANNEL_WEIGHTS else {}
         config = get_qnn_qdq_config(str(static_path), Reader(), activation_type=QuantType.QUInt16,
                                     weight_type=QuantType.QUInt16 if weights == "uint16" else QuantType.QUInt8,
-                                    init_overrides=per_channel | exact_overrides(static_path))
+                                    init_overrides=per_channel | exact_overrides(graph))
         with tempfile.TemporaryDirectory(prefix="kvcompile-ranges-") as scratch:
             ranges = Path(scratch) / "ranges.json"
-            calibrated_ranges(static_path, config.op_types_to_quantize, Reader(), headroom, set(position_inputs),
-                              ranges)
+            calibrated_ranges(static_path, config.op_types_to_quantize, Reader(), headroom,
+                              text_dependent_values(graph, set(position_inputs)), ranges)
             quantize_static(str(static_path), str(out_path), None, calibrate_method=config.calibrate_method,
                             quant_format=config.quant_format, activation_type=config.activation_type,
                             weight_type=config.weight_type, op_types_to_quantize=config.op_types_to_quantize,
