@@ -67,11 +67,13 @@ def capture_static_graph(model: Path, out: Path, context: int) -> dict:
     return pickle.loads(kept.read_bytes())
 
 
-def parse_variant(spec: str) -> tuple[str, float, int]:
+def parse_variant(spec: str) -> tuple[str, float, int, bool]:
     parts = spec.split("+")
-    headroom, windows = 1.0, 1
+    headroom, windows, float_residual = 1.0, 1, False
     for part in parts[1:]:
-        if part.startswith("h"):
+        if part == "fres":
+            float_residual = True
+        elif part.startswith("h"):
             headroom = float(part[1:])
         elif part.startswith("c"):
             windows = int(part[1:])
@@ -79,7 +81,7 @@ def parse_variant(spec: str) -> tuple[str, float, int]:
             raise SystemExit(f"unknown variant part {part!r} in {spec!r}")
     if parts[0] not in WEIGHTS:
         raise SystemExit(f"weights {parts[0]!r}: choose from {', '.join(WEIGHTS)}")
-    return WEIGHTS[parts[0]], headroom, windows
+    return WEIGHTS[parts[0]], headroom, windows, float_residual
 
 
 def calibration_feeds(decoder: Decoder, calib_ids: np.ndarray, windows: int) -> list[dict[str, np.ndarray]]:
@@ -108,11 +110,11 @@ def main() -> None:
     windows = held_out[: args.windows * width].reshape(args.windows, width)
     float_static = Decoder(cpu_session(static), io)
     for spec in args.variants.split(","):
-        weights, headroom, calib_windows = parse_variant(spec)
+        weights, headroom, calib_windows, float_residual = parse_variant(spec)
         started = time.perf_counter()
         qdq = args.out / f"{spec}.qdq.onnx"
         qnn_htp.quantize_qdq(static, calibration_feeds(float_static, calib_ids, calib_windows), qdq, position_inputs,
-                             headroom=headroom, weights=weights)
+                             headroom=headroom, weights=weights, float_residual=float_residual)
         quality = decode_quality(float_static, Decoder(cpu_session(qdq), io), windows, prefill=8, batch=1,
                                  gate_pct=2.0, text="bundled heldout.txt", ran_on="onnxruntime CPU EP")
         print(json.dumps({"variant": spec, "max_context": io.max_context, "float_ppl": quality.float_ppl,

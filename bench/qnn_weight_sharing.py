@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kvcompile.manifest import read_manifest
 from kvcompile.runtimes.session import qnn_session
-from kvcompile.targets.qnn_htp import FP16, compile_source, compiled_precision
+from kvcompile.targets.qnn_htp import compile_source, compiled_precision
 
 
 def binary_bytes(folder: Path, stem: str) -> int:
@@ -32,12 +32,11 @@ def sharing_sizes(out: Path, soc: str) -> dict:
     if context.prefill_context_model is None:
         raise SystemExit(f"{out} has no prefill graph (compiled with --prefill-len 0): nothing is shared")
     shared_folder = (out / context.context_model).parent
-    fp16 = compiled_precision(io) == FP16
     alone = {}
     with tempfile.TemporaryDirectory() as tmp:
         for graph, source in (("decode", io.options.compiled_from), ("prefill", io.options.prefill_compiled_from)):
             started = time.perf_counter()
-            qnn_session(compile_source(out / source), soc, context_file=Path(tmp) / f"{graph}_ctx.onnx", fp16=fp16)
+            qnn_session(compile_source(out / source), soc, context_file=Path(tmp) / f"{graph}_ctx.onnx")
             alone[graph] = {"context_binary_bytes": binary_bytes(Path(tmp), f"{graph}_ctx"),
                             "aot_seconds": round(time.perf_counter() - started, 2)}
     apart = sum(g["context_binary_bytes"] for g in alone.values())

@@ -46,16 +46,15 @@ QNN_EP = "QNNExecutionProvider"
 _qnn_registered = False
 
 
-def qnn_provider_options(soc: str, fp16: bool = False) -> dict[str, str]:
-    """`fp16`: a float graph runs in float16 on the HTP (else a QDQ graph runs in fixed point)."""
+def qnn_provider_options(soc: str) -> dict[str, str]:
+    """The HTP backend for `soc`. Float values run in float16 (`enable_htp_fp16_precision`,
+    onnxruntime-qnn's default, set so it does not depend on one): a whole fp16 graph, and the
+    float part of a quantized graph (its residual stream, `qnn_htp.residual_stream_nodes`)."""
     soc_model, htp_arch = QNN_SOCS[soc]
     # Graph I/O quantization stays on the HTP (not offloaded to the CPU EP), so a model loaded
     # with CPU fallback disabled proves that every node runs on the HTP.
-    options = {"backend_type": "htp", "soc_model": str(soc_model), "htp_arch": str(htp_arch),
-               "offload_graph_io_quantization": "0"}
-    if fp16:
-        options["enable_htp_fp16_precision"] = "1"
-    return options
+    return {"backend_type": "htp", "soc_model": str(soc_model), "htp_arch": str(htp_arch),
+            "offload_graph_io_quantization": "0", "enable_htp_fp16_precision": "1"}
 
 
 @contextlib.contextmanager
@@ -72,7 +71,7 @@ def _native_stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _qnn_options(soc: str, fp16: bool = False) -> ort.SessionOptions:
+def _qnn_options(soc: str) -> ort.SessionOptions:
     """Session options on onnxruntime-qnn's HTP backend for `soc`, CPU fallback off."""
     global _qnn_registered
     import onnxruntime_qnn
@@ -85,7 +84,7 @@ def _qnn_options(soc: str, fp16: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    options.add_provider_for_devices(devices, qnn_provider_options(soc, fp16))
+    options.add_provider_for_devices(devices, qnn_provider_options(soc))
     return options
 
 
@@ -100,8 +99,8 @@ def _session(model: Path | bytes, options: ort.SessionOptions) -> ort.InferenceS
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options)
 
 
-def qnn_session(model: Path | bytes, soc: str, context_file: Path | None = None, shared: bool = False,
-                fp16: bool = False) -> ort.InferenceSession:
+def qnn_session(model: Path | bytes, soc: str, context_file: Path | None = None,
+                shared: bool = False) -> ort.InferenceSession:
     """A session on onnxruntime-qnn's HTP backend (a simulator on x86 Linux), CPU fallback off.
 
     With `context_file`, creating the session compiles the graph ahead of time and writes an
@@ -110,9 +109,8 @@ def qnn_session(model: Path | bytes, soc: str, context_file: Path | None = None,
     of the path it loaded the model from, else of the graph's value names, and that name is
     written into both files (a compile into another folder would otherwise differ).
     `shared`: load an EPContext model whose context binary other sessions share
-    (`compile_shared_qnn_context`; only where `loads_shared_qnn_contexts`). `fp16`: see
-    `qnn_provider_options`."""
-    options = _qnn_options(soc, fp16)
+    (`compile_shared_qnn_context`; only where `loads_shared_qnn_contexts`)."""
+    options = _qnn_options(soc)
     if context_file is not None:
         _enable_context(options, context_file)
     if shared:
@@ -127,7 +125,7 @@ def loads_shared_qnn_contexts() -> bool:
     return platform.machine().lower() in ("aarch64", "arm64")
 
 
-def compile_shared_qnn_context(models: list[tuple[Path | bytes, Path]], soc: str, fp16: bool = False) -> None:
+def compile_shared_qnn_context(models: list[tuple[Path | bytes, Path]], soc: str) -> None:
     """Compile several graphs (model, EPContext model to write) into ONE QNN context binary with
     HTP weight sharing: a weight that every graph holds under the same name and with the same
     quantized values is stored once. onnxruntime-qnn's flow: each session sets
@@ -135,7 +133,7 @@ def compile_shared_qnn_context(models: list[tuple[Path | bytes, Path]], soc: str
     .bin (named after the first EPContext model), and every EPContext model points to it. The
     graphs must differ in their value names (`qnn_session`: a partition is named after them)."""
     for index, (model, context_file) in enumerate(models):
-        options = _qnn_options(soc, fp16)
+        options = _qnn_options(soc)
         _enable_context(options, context_file)
         options.add_session_config_entry("ep.share_ep_contexts", "1")
         if index == len(models) - 1:

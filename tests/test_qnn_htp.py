@@ -124,6 +124,27 @@ def test_matmul_weights_are_int8_per_output_channel(qnn_compile):
             assert scale.shape == (codes.shape[1],) and not zero.any()
 
 
+def test_residual_stream_stays_float(qnn_compile):
+    """In both QDQ graphs the residual stream is float (float16 on the HTP, where the acceptance
+    test above shows every node running): no residual Add's sum is quantized, every RMSNorm reads
+    float and its output is quantized for the MatMuls after it."""
+    out, _ = qnn_compile
+    for graph in ("model", "prefill"):
+        model = onnx.load(out / "qnn-htp" / f"{graph}.qdq.onnx", load_external_data=False)
+        producers = {o: n for n in model.graph.node for o in n.output}
+        consumers = {}
+        for node in model.graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node.op_type)
+        norms = [n for n in model.graph.node if n.op_type == "SimplifiedLayerNormalization"]
+        residual_adds = [producers[n.input[0]] for n in norms if producers[n.input[0]].op_type == "Add"]
+        assert len(residual_adds) == len(norms) - 1  # the first norm reads the embedding
+        for add in residual_adds:
+            assert "QuantizeLinear" not in consumers[add.output[0]]
+        for norm in norms:
+            assert consumers[norm.output[0]] == ["QuantizeLinear"]
+
+
 @pytest.mark.skipif(loads_shared_qnn_contexts(), reason="this machine loads shared QNN contexts")
 def test_shared_context_does_not_load_on_the_x86_simulator(qnn_compile):
     """onnxruntime-qnn loads a weight-shared context binary only on an ARM64 device; here `open`
@@ -258,7 +279,7 @@ def test_fp16_htp_codec_needs_bytes_through_dequantize(tmp_path, style):
     graph.extend(builder.nodes)
     graph.outputs.extend([decoded, encoded])
     ir.save(ir.Model(graph, ir_version=10), tmp_path / "codec.onnx")
-    htp = qnn_session((tmp_path / "codec.onnx").read_bytes(), "SM8650", fp16=True)
+    htp = qnn_session((tmp_path / "codec.onnx").read_bytes(), "SM8650")
     every_byte = np.resize(np.arange(256, dtype=np.uint8), (1, 2, 64, 32))
     entries = (np.random.default_rng(0).normal(size=(1, 2, 1, 64)) * 2).astype(np.float32)
     got_decoded, got_encoded = htp.run(None, {"stored": every_byte, "new": entries})

@@ -23,7 +23,8 @@ Steps (each a function below):
 3. QDQ: onnxruntime's QNN flow (get_qnn_qdq_config): uint16 activations, MatMul weights int8
    per output channel (`per_channel_weight_overrides`), other weights uint8 per tensor,
    calibrated on real decode steps of the calibration text spread over the whole context; the
-   values the packing marks exact get the grids that hold them exactly instead.
+   values the packing marks exact get the grids that hold them exactly instead; the residual
+   stream (its Adds and RMSNorms) stays float, float16 on the HTP (`residual_stream_nodes`).
 4. AOT: an EPContext model and QNN context binary per SoC (`ep.context_enable`).
 5. verify: the decode-path perplexity of the QDQ graph on the CPU EP over windows of the full
    context is within the quality gate of the float model; each compiled model loads with CPU
@@ -79,11 +80,12 @@ COMPARE_STEPS = 16
 HTP_WINDOWS, HTP_WINDOW = 2, 64  # the simulator is slow: a short text
 QUANTIZED, FP16 = "quantized", "fp16"
 PRECISIONS = (QUANTIZED, FP16)
-CPU_RUN = {QUANTIZED: "onnxruntime CPU EP running the QDQ graph the HTP contexts were compiled from",
+CPU_RUN = {QUANTIZED: "onnxruntime CPU EP running the QDQ graph the HTP contexts were compiled from (its "
+                      "residual stream in float32; the HTP computes it in float16)",
            FP16: "onnxruntime CPU EP running the float graph the HTP contexts were compiled from (in float32; "
                  "the HTP computes it in float16)"}
-QUANTIZATION = {QUANTIZED: "activations uint16, MatMul weights int8 per output channel, other weights uint8 "
-                           "(onnxruntime QNN QDQ config); KV cache 4-bit, "
+QUANTIZATION = {QUANTIZED: "activations uint16 but the residual stream (Adds, RMSNorms) float16, MatMul weights "
+                           "int8 per output channel, other weights uint8 (onnxruntime QNN QDQ config); KV cache 4-bit, "
                            "per-tensor scales with per-channel scales folded into the attention",
                 FP16: "activations and weights float16 on the HTP (enable_htp_fp16_precision); KV cache 4-bit, "
                       "per-channel scales in the graph"}
@@ -192,6 +194,24 @@ def text_dependent_values(graph: onnx.GraphProto, position_inputs: set[str]) -> 
     return reached
 
 
+def residual_stream_nodes(graph: onnx.GraphProto) -> list[str]:
+    """The nodes that carry the residual stream: every RMSNorm (SimplifiedLayerNormalization) and
+    the Adds whose sums it reads. They are left float (float16 on the HTP): a transformer's
+    residual stream holds "massive activations", a few channels of one token (the first)
+    thousands of times the others (SmolLM2: 23,554 in channel 507 from layer 11 on, every other
+    value under 100), so one uint16 grid over it leaves every other token about 60 steps and the
+    error of 18 layers adds up; in float16 each value keeps 11 bits of its own."""
+    producers = {output: node for node in graph.node for output in node.output}
+    names = []
+    for node in graph.node:
+        if node.op_type == "SimplifiedLayerNormalization":
+            source = producers.get(node.input[0])
+            if source is not None and source.op_type == "Add":
+                names.append(source.name)
+            names.append(node.name)
+    return names
+
+
 def calibrated_ranges(static_path: Path, op_types: list[str], reader, headroom: float, text_dependent: set[str],
                       cache_path: Path) -> None:
     """Min/max of every activation over the calibration calls, those in `text_dependent`
@@ -219,12 +239,13 @@ def calibrated_ranges(static_path: Path, op_types: list[str], reader, headroom: 
 
 def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path: Path,
                  position_inputs: set[str] = frozenset(), headroom: float = ACTIVATION_HEADROOM,
-                 weights: str = PER_CHANNEL_WEIGHTS) -> None:
+                 weights: str = PER_CHANNEL_WEIGHTS, float_residual: bool = True) -> None:
     """QDQ-quantize a float static graph for the HTP (step 3): uint16 activations over their
     calibrated ranges, with `headroom` on those that do not depend on the `position_inputs`
     alone; MatMul weights int8 per output channel, other weights uint8 per tensor; the packing's
-    exact grids. (`weights` "uint8" / "uint16": every weight per tensor in that type, onnxruntime's
-    QNN config as it is; for bench.qnn_quant_variants.)"""
+    exact grids; the residual stream float (`residual_stream_nodes`). (`weights` "uint8" / "uint16":
+    every weight per tensor in that type, onnxruntime's QNN config as it is; `float_residual`
+    False: the residual stream quantized too; for bench.qnn_quant_variants.)"""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
@@ -245,6 +266,7 @@ def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path
     try:
         graph = onnx.load(static_path, load_external_data=False).graph
         per_channel = per_channel_weight_overrides(graph) if weights == PER_CHANNEL_WEIGHTS else {}
+        residual = residual_stream_nodes(graph) if float_residual else []
         config = get_qnn_qdq_config(str(static_path), Reader(), activation_type=QuantType.QUInt16,
                                     weight_type=QuantType.QUInt16 if weights == "uint16" else QuantType.QUInt8,
                                     init_overrides=per_channel | exact_overrides(graph))
@@ -255,7 +277,8 @@ def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path
             quantize_static(str(static_path), str(out_path), None, calibrate_method=config.calibrate_method,
                             quant_format=config.quant_format, activation_type=config.activation_type,
                             weight_type=config.weight_type, op_types_to_quantize=config.op_types_to_quantize,
-                            nodes_to_quantize=config.nodes_to_quantize, nodes_to_exclude=config.nodes_to_exclude,
+                            nodes_to_quantize=config.nodes_to_quantize,
+                            nodes_to_exclude=list(config.nodes_to_exclude or []) + residual,
                             per_channel=config.per_channel, reduce_range=config.reduce_range,
                             use_external_data_format=config.use_external_data_format,
                             extra_options=config.extra_options, calibration_cache_path=ranges)
@@ -327,13 +350,12 @@ def compile_contexts(folder: Path, graphs: list[StaticGraph], soc: str) -> dict:
     (folder / soc).mkdir()
     started = time.perf_counter()
     sources = [compile_source(folder / g.source) for g in graphs]
-    fp16 = graphs[0].precision == FP16
     try:
         if len(graphs) == 1:
-            qnn_session(sources[0], soc, context_file=folder / soc / graphs[0].context, fp16=fp16)
+            qnn_session(sources[0], soc, context_file=folder / soc / graphs[0].context)
         else:
             compile_shared_qnn_context([(source, folder / soc / graph.context)
-                                        for source, graph in zip(sources, graphs)], soc, fp16=fp16)
+                                        for source, graph in zip(sources, graphs)], soc)
     except Exception as exc:  # onnxruntime reports unsupported nodes and QNN errors this way
         raise TargetError(f"qnn-htp: the QDQ graphs could not be compiled for {soc} with every node on "
                           f"the HTP: {str(exc).splitlines()[0]}") from None
@@ -365,9 +387,9 @@ def quantize_graphs(folder: Path, graphs: list[StaticGraph], static_paths: dict[
 
 
 def compiled_precision(io: TargetIO) -> str:
-    """The precision a qnn-htp artifact was compiled in (its provider options say)."""
-    options = next(iter(io.options.qnn_contexts.values())).provider_options
-    return FP16 if options.get("enable_htp_fp16_precision") == "1" else QUANTIZED
+    """The precision a qnn-htp artifact was compiled in: the graph its contexts were compiled
+    from is QDQ or float (`StaticGraph.source`)."""
+    return FP16 if io.options.compiled_from.endswith(".float.onnx") else QUANTIZED
 
 
 class QnnHtpTarget:
@@ -408,7 +430,7 @@ class QnnHtpTarget:
         compiled = {soc: compile_contexts(folder, graphs, soc) for soc in socs}
 
         first = socs[0]
-        contexts = {soc: QnnContext(compiled[soc]["context_model"], qnn_provider_options(soc, precision == FP16),
+        contexts = {soc: QnnContext(compiled[soc]["context_model"], qnn_provider_options(soc),
                                     compiled[soc].get("prefill_context_model")) for soc in socs}
         io = dataclasses.replace(io, model=compiled[first]["context_model"], options=dataclasses.replace(
             io.options, qnn_contexts=contexts, compiled_from=f"{FOLDER}/{graphs[0].source}",
@@ -468,14 +490,13 @@ class QnnHtpTarget:
         if soc not in contexts:
             raise BadInputError(f"qnn-htp was compiled for {', '.join(contexts)}, not {soc}")
         context = contexts[soc]
-        fp16 = compiled_precision(io) == FP16
         if context.prefill_context_model is None:
-            return Decoder(qnn_session(folder / context.context_model, soc, fp16=fp16), io)
+            return Decoder(qnn_session(folder / context.context_model, soc), io)
         if loads_shared_qnn_contexts():
-            return Decoder(qnn_session(folder / context.context_model, soc, shared=True, fp16=fp16), io,
-                           prefill=qnn_session(folder / context.prefill_context_model, soc, shared=True, fp16=fp16))
-        return Decoder(qnn_session(compile_source(folder / io.options.compiled_from), soc, fp16=fp16), io,
-                       prefill=qnn_session(compile_source(folder / io.options.prefill_compiled_from), soc, fp16=fp16))
+            return Decoder(qnn_session(folder / context.context_model, soc, shared=True), io,
+                           prefill=qnn_session(folder / context.prefill_context_model, soc, shared=True))
+        return Decoder(qnn_session(compile_source(folder / io.options.compiled_from), soc), io,
+                       prefill=qnn_session(compile_source(folder / io.options.prefill_compiled_from), soc))
 
 
 TARGET = QnnHtpTarget()
