@@ -3,15 +3,16 @@ quantizes for the HTP (its 4-bit cache included), re-quantized under weight and 
 variants, each QDQ graph run on the CPU EP through the decode path against that float graph.
 
     python -m bench.qnn_quant_variants MODEL.onnx OUT [--max-context 256] [--windows 2]
-        [--variants uint8,uint16,int8pc,int8pc+h1.5,int8pc+h2,int8pc+h4,int8pc+c8,int8pc+c8+h1.5]
+        [--variants uint8,uint16,int8pc,int8pc+h2,int8pc+h2+fres,int8pc+h3+fres,int8pc+c8+h1.5]
 
 kvcompile's own pipeline runs `MODEL --target qnn-htp --max-context N --prefill-len 0` up to
 qnn-htp's quantization step and stops there, keeping the float static graph, its TargetIO and the
 calibration ids in OUT (reused by a later run on the same OUT). A variant is the MatMul weights
 (`uint8`: onnxruntime's QNN config, every weight uint8 per tensor; `uint16`: every weight uint16
 per tensor; `int8pc`: kvcompile's int8 per output channel), then `+hX` for X times headroom on
-the text-dependent activation ranges (default 1: as calibrated) and `+cN` for calibration steps
-from N windows of the calibration text (default 1, as kvcompile). Measured on `--windows`
+the text-dependent activation ranges (default 1: as calibrated), `+cN` for calibration steps
+from N windows of the calibration text (default 1, as kvcompile) and `+fres` for the residual
+stream left float (kvcompile's default is `int8pc+h2+fres`). Measured on `--windows`
 held-out windows of the buffer's length; the comparison is with the float static graph, so the
 figures are the whole model's fixed point, not the cache's. Prints one JSON line per variant.
 """
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--max-context", type=int, default=256)
     parser.add_argument("--windows", type=int, default=2)
-    parser.add_argument("--variants", default="uint8,uint16,int8pc,int8pc+h2")
+    parser.add_argument("--variants", default="uint8,int8pc,int8pc+h2,int8pc+h2+fres")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     kept = capture_static_graph(args.model, args.out, args.max_context)

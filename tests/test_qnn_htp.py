@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -143,6 +144,23 @@ def test_residual_stream_stays_float(qnn_compile):
             assert "QuantizeLinear" not in consumers[add.output[0]]
         for norm in norms:
             assert consumers[norm.output[0]] == ["QuantizeLinear"]
+
+
+def test_layer_drift_bench_compares_the_residual_stream(qnn_compile):
+    """bench.qnn_layer_drift exposes every value an RMSNorm reads in the compiled prefill graph
+    and compares the HTP's run with the CPU EP's: one line per norm (the embedding's codes, then
+    the float residual sums) and the logits, which agree; the artifact folder is left as it was."""
+    out, _ = qnn_compile
+    before = sorted(p.name for p in (out / "qnn-htp").iterdir())
+    result = subprocess.run([sys.executable, "-m", "bench.qnn_layer_drift", str(out)], capture_output=True, text=True,
+                            check=True)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    norms, logits = lines[:-1], lines[-1]
+    model = onnx.load(out / "qnn-htp/prefill.qdq.onnx", load_external_data=False)
+    assert len(norms) == sum(n.op_type == "SimplifiedLayerNormalization" for n in model.graph.node)
+    assert norms[0]["stored"] == "uint16" and all(n["stored"] == "float" for n in norms[1:])
+    assert all(n["row_cosine_min"] > 0.99 for n in norms) and logits["logits_row_cosine_min"] > 0.999
+    assert sorted(p.name for p in (out / "qnn-htp").iterdir()) == before
 
 
 @pytest.mark.skipif(loads_shared_qnn_contexts(), reason="this machine loads shared QNN contexts")
