@@ -342,3 +342,60 @@ def test_headroom_goes_to_text_dependent_values_only():
     reached = text_dependent_values(graph, {"position_ids"})
     assert {"embedded", "rotated", "present"} <= reached
     assert not {"positions", "angles", "cos"} & reached
+
+
+def test_matmul_writing_a_massive_activation_stays_float(tmp_path):
+    """A residual block whose projection writes a massive activation (one output channel
+    thousands of times the others, as SmolLM2's layer-11 down projection) is picked from its
+    calibrated range: its MatMul stays float with its float weight, the ordinary projections are
+    quantized. On the HTP backend with CPU fallback disabled the graph compiles (the float MatMul
+    runs in float16) and agrees with the CPU EP."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kvcompile.targets.qnn_htp import quantize_qdq
+
+    rng = np.random.default_rng(0)
+    blocks, width, tokens = 4, 64, 8
+    nodes, weights, hidden = [], [], "x"
+    for block in range(blocks):
+        weight = rng.normal(size=(width, width)).astype(np.float32) * 0.1
+        if block == 2:
+            weight[:, 5] *= 3000.0  # channel 5: a massive activation
+        weights += [numpy_helper.from_array(weight, f"w{block}"),
+                    numpy_helper.from_array(np.ones(width, np.float32), f"gamma{block}")]
+        nodes += [helper.make_node("SimplifiedLayerNormalization", [hidden, f"gamma{block}"], [f"normed{block}"],
+                                   name=f"norm{block}", axis=-1, epsilon=1e-5),
+                  helper.make_node("MatMul", [f"normed{block}", f"w{block}"], [f"projected{block}"],
+                                   name=f"matmul{block}"),
+                  helper.make_node("Add", [hidden, f"projected{block}"], [f"sum{block}"], name=f"add{block}")]
+        hidden = f"sum{block}"
+    weights.append(numpy_helper.from_array(np.ones(width, np.float32), "gamma_out"))
+    nodes.append(helper.make_node("SimplifiedLayerNormalization", [hidden, "gamma_out"], ["y"], name="norm_out",
+                                  axis=-1, epsilon=1e-5))
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, width])], weights,
+                              value_info=[helper.make_tensor_value_info(f"{value}{block}", TensorProto.FLOAT,
+                                                                        [1, tokens, width])
+                                          for block in range(blocks) for value in ("normed", "projected", "sum")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10),
+              tmp_path / "residual.onnx")
+
+    feeds = [{"x": rng.normal(size=(1, tokens, width)).astype(np.float32)} for _ in range(8)]
+    float_matmuls = quantize_qdq(tmp_path / "residual.onnx", feeds, tmp_path / "residual.qdq.onnx")
+    assert list(float_matmuls) == ["matmul2"] and float_matmuls["matmul2"] > 1000
+
+    qdq = onnx.load(tmp_path / "residual.qdq.onnx")
+    producers = {o: n for n in qdq.graph.node for o in n.output}
+    initializers = {i.name for i in qdq.graph.initializer}
+    for node in (n for n in qdq.graph.node if n.op_type == "MatMul"):
+        weight_source = producers.get(node.input[1])
+        if node.name == "matmul2":
+            assert node.input[1] in initializers and weight_source is None  # float weight, float output
+        else:
+            assert weight_source is not None and weight_source.op_type == "DequantizeLinear"
+
+    htp = qnn_session((tmp_path / "residual.qdq.onnx").read_bytes(), "SM8650")
+    cpu = cpu_session(tmp_path / "residual.qdq.onnx")
+    sample = {"x": rng.normal(size=(1, tokens, width)).astype(np.float32)}
+    on_htp, on_cpu = htp.run(None, sample)[0].ravel(), cpu.run(None, sample)[0].ravel()
+    assert np.dot(on_htp, on_cpu) / np.linalg.norm(on_htp) / np.linalg.norm(on_cpu) > 0.999

@@ -24,7 +24,8 @@ Steps (each a function below):
    per output channel (`per_channel_weight_overrides`), other weights uint8 per tensor,
    calibrated on real decode steps of the calibration text spread over the whole context; the
    values the packing marks exact get the grids that hold them exactly instead; the residual
-   stream (its Adds and RMSNorms) stays float, float16 on the HTP (`residual_stream_nodes`).
+   stream (its Adds and RMSNorms) stays float, float16 on the HTP (`residual_stream_nodes`), and
+   so do the MatMuls that write massive activations into it (`massive_output_matmuls`).
 4. AOT: an EPContext model and QNN context binary per SoC (`ep.context_enable`).
 5. verify: the decode-path perplexity of the QDQ graph on the CPU EP over windows of the full
    context is within the quality gate of the float model; each compiled model loads with CPU
@@ -74,6 +75,7 @@ CALIBRATION_STEPS = 96
 ACTIVATION_HEADROOM = 2.0  # calibrated activation ranges widened this much (`calibrated_ranges`)
 POSITION_ROLES = ("position_ids", "attention_bias", "attention_mask")  # inputs that do not carry the text
 PER_CHANNEL_WEIGHTS = "int8-per-channel"  # MatMul weights (`per_channel_weight_overrides`)
+MASSIVE_OUTPUT_RATIO = 100.0  # a residual-writing MatMul this many times its peers' median stays float
 COMPARE_STEPS = 16
 
 
@@ -84,8 +86,8 @@ CPU_RUN = {QUANTIZED: "onnxruntime CPU EP running the QDQ graph the HTP contexts
                       "residual stream in float32; the HTP computes it in float16)",
            FP16: "onnxruntime CPU EP running the float graph the HTP contexts were compiled from (in float32; "
                  "the HTP computes it in float16)"}
-QUANTIZATION = {QUANTIZED: "activations uint16 but the residual stream (Adds, RMSNorms) float16, MatMul weights "
-                           "int8 per output channel, other weights uint8 (onnxruntime QNN QDQ config); KV cache 4-bit, "
+QUANTIZATION = {QUANTIZED: "activations uint16 but the residual stream (Adds, RMSNorms) and the MatMuls that "
+                           "write massive activations into it float16, MatMul weights int8 per output channel, other weights uint8 (onnxruntime QNN QDQ config); KV cache 4-bit, "
                            "per-tensor scales with per-channel scales folded into the attention",
                 FP16: "activations and weights float16 on the HTP (enable_htp_fp16_precision); KV cache 4-bit, "
                       "per-channel scales in the graph"}
@@ -194,6 +196,18 @@ def text_dependent_values(graph: onnx.GraphProto, position_inputs: set[str]) -> 
     return reached
 
 
+def residual_adds(graph: onnx.GraphProto) -> list[str]:
+    """The Adds that sum the residual stream: those an RMSNorm (SimplifiedLayerNormalization) reads."""
+    producers = {output: node for node in graph.node for output in node.output}
+    adds = []
+    for node in graph.node:
+        if node.op_type == "SimplifiedLayerNormalization":
+            source = producers.get(node.input[0])
+            if source is not None and source.op_type == "Add":
+                adds.append(source.name)
+    return adds
+
+
 def residual_stream_nodes(graph: onnx.GraphProto) -> list[str]:
     """The nodes that carry the residual stream: every RMSNorm (SimplifiedLayerNormalization) and
     the Adds whose sums it reads. They are left float (float16 on the HTP): a transformer's
@@ -201,25 +215,47 @@ def residual_stream_nodes(graph: onnx.GraphProto) -> list[str]:
     thousands of times the others (SmolLM2: 23,554 in channel 507 from layer 11 on, every other
     value under 100), so one uint16 grid over it leaves every other token about 60 steps and the
     error of 18 layers adds up; in float16 each value keeps 11 bits of its own."""
+    adds = residual_adds(graph)
+    return adds + [node.name for node in graph.node if node.op_type == "SimplifiedLayerNormalization"]
+
+
+def massive_output_matmuls(graph: onnx.GraphProto, ranges: dict[str, tuple[float, float]],
+                           ratio: float = MASSIVE_OUTPUT_RATIO) -> dict[str, float]:
+    """The MatMuls that write a massive activation into the residual stream: those whose output
+    a residual Add reads (the attention output and MLP down projections) and whose calibrated
+    largest magnitude is at least `ratio` times the median of theirs. They are left float
+    (float16 on the HTP) like the stream: the projection that creates a massive activation
+    (SmolLM2: layer 11's down projection, 23,554 in one channel of the first token, the median
+    projection about 25) puts every other token's output on a uint16 grid about 0.7 wide, a few
+    steps over its values, and that error enters the stream. Picked by range, not by name, so
+    the layers differ per model; a model without massive activations leaves none float.
+    Returns each such MatMul's calibrated largest magnitude."""
     producers = {output: node for node in graph.node for output in node.output}
-    names = []
+    adds = set(residual_adds(graph))
+    peaks = {}
     for node in graph.node:
-        if node.op_type == "SimplifiedLayerNormalization":
-            source = producers.get(node.input[0])
-            if source is not None and source.op_type == "Add":
-                names.append(source.name)
-            names.append(node.name)
-    return names
+        if node.name not in adds:
+            continue
+        for value in node.input:
+            source = producers.get(value)
+            if source is not None and source.op_type == "MatMul" and value in ranges:
+                low, high = ranges[value]
+                peaks[source.name] = max(abs(low), abs(high))
+    if not peaks:
+        return {}
+    median = float(np.median(list(peaks.values())))
+    return {name: round(peak, 1) for name, peak in sorted(peaks.items()) if peak >= ratio * median}
 
 
 def calibrated_ranges(static_path: Path, op_types: list[str], reader, headroom: float, text_dependent: set[str],
-                      cache_path: Path) -> None:
+                      cache_path: Path) -> dict[str, tuple[float, float]]:
     """Min/max of every activation over the calibration calls, those in `text_dependent`
     (`text_dependent_values`) widened `headroom` times about zero, written as onnxruntime's calibration cache for
     `quantize_static` to read. A held-out text drives some activations past the largest value
     the calibration text did (SmolLM2's MLP products reached 1.4-1.9x it) and a value past its
     grid is clipped; uint16 has resolution to spare for some headroom, not for much (README:
-    2x halved SmolLM2's KL against the float graph, 4x doubled it)."""
+    2x halved SmolLM2's KL against the float graph, 4x doubled it). Returns the ranges as
+    calibrated (before the headroom)."""
     from onnxruntime.quantization.calibrate import (CalibrationMethod, TensorData, TensorsData, create_calibrator,
                                                     save_tensors_data)
 
@@ -235,17 +271,22 @@ def calibrated_ranges(static_path: Path, op_types: list[str], reader, headroom: 
         widened[name] = TensorData(lowest=np.float32(data.range_value[0] * scale),
                                    highest=np.float32(data.range_value[1] * scale))
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, widened), cache_path)
+    return {name: (float(np.min(data.range_value[0])), float(np.max(data.range_value[1])))
+            for name, data in ranges.data.items()}
 
 
 def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path: Path,
                  position_inputs: set[str] = frozenset(), headroom: float = ACTIVATION_HEADROOM,
-                 weights: str = PER_CHANNEL_WEIGHTS, float_residual: bool = True) -> None:
+                 weights: str = PER_CHANNEL_WEIGHTS, float_residual: bool = True,
+                 massive_ratio: float | None = MASSIVE_OUTPUT_RATIO) -> dict[str, float]:
     """QDQ-quantize a float static graph for the HTP (step 3): uint16 activations over their
     calibrated ranges, with `headroom` on those that do not depend on the `position_inputs`
     alone; MatMul weights int8 per output channel, other weights uint8 per tensor; the packing's
-    exact grids; the residual stream float (`residual_stream_nodes`). (`weights` "uint8" / "uint16":
-    every weight per tensor in that type, onnxruntime's QNN config as it is; `float_residual`
-    False: the residual stream quantized too; for bench.qnn_quant_variants.)"""
+    exact grids; the residual stream float (`residual_stream_nodes`), and the MatMuls that write
+    massive activations into it (`massive_output_matmuls`). Returns those MatMuls' peaks.
+    (`weights` "uint8" / "uint16": every weight per tensor in that type, onnxruntime's QNN config
+    as it is; `float_residual` False: the residual stream quantized too; `massive_ratio` None:
+    every MatMul quantized; for bench.qnn_quant_variants.)"""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
@@ -272,18 +313,21 @@ def quantize_qdq(static_path: Path, feeds: list[dict[str, np.ndarray]], out_path
                                     init_overrides=per_channel | exact_overrides(graph))
         with tempfile.TemporaryDirectory(prefix="kvcompile-ranges-") as scratch:
             ranges = Path(scratch) / "ranges.json"
-            calibrated_ranges(static_path, config.op_types_to_quantize, Reader(), headroom,
-                              text_dependent_values(graph, set(position_inputs)), ranges)
+            calibrated = calibrated_ranges(static_path, config.op_types_to_quantize, Reader(), headroom,
+                                           text_dependent_values(graph, set(position_inputs)), ranges)
+            massive = (massive_output_matmuls(graph, calibrated, massive_ratio)
+                       if float_residual and massive_ratio is not None else {})
             quantize_static(str(static_path), str(out_path), None, calibrate_method=config.calibrate_method,
                             quant_format=config.quant_format, activation_type=config.activation_type,
                             weight_type=config.weight_type, op_types_to_quantize=config.op_types_to_quantize,
                             nodes_to_quantize=config.nodes_to_quantize,
-                            nodes_to_exclude=list(config.nodes_to_exclude or []) + residual,
+                            nodes_to_exclude=list(config.nodes_to_exclude or []) + residual + list(massive),
                             per_channel=config.per_channel, reduce_range=config.reduce_range,
                             use_external_data_format=config.use_external_data_format,
                             extra_options=config.extra_options, calibration_cache_path=ranges)
     finally:
         root.setLevel(level)
+    return massive
 
 
 def bytes_read(io: TargetIO, kv: KVGraph) -> dict[str, int | float]:
@@ -370,9 +414,11 @@ def compile_contexts(folder: Path, graphs: list[StaticGraph], soc: str) -> dict:
 
 
 def quantize_graphs(folder: Path, graphs: list[StaticGraph], static_paths: dict[str, Path], io: TargetIO,
-                    calib_ids: np.ndarray) -> None:
+                    calib_ids: np.ndarray) -> dict[str, dict[str, float]]:
     """QDQ-quantize each float static graph on real calls of its own (the CPU EP running the
-    float static graphs over the calibration text); the float graphs are removed after."""
+    float static graphs over the calibration text); the float graphs are removed after. Returns
+    per graph the MatMuls left float for their massive outputs, with their calibrated peaks
+    (`massive_output_matmuls`)."""
     prefill = static_paths.get("prefill")
     float_static = Decoder(cpu_session(static_paths["model"]), io,
                            prefill=cpu_session(prefill) if prefill else None)
@@ -381,9 +427,12 @@ def quantize_graphs(folder: Path, graphs: list[StaticGraph], static_paths: dict[
         feeds["prefill"] = prefill_calibration_feeds(float_static, calib_ids)
     del float_static
     position_inputs = {i.name for i in io.inputs if i.role in POSITION_ROLES}
+    float_matmuls = {}
     for graph in graphs:
-        quantize_qdq(static_paths[graph.name], feeds.pop(graph.name), folder / graph.source, position_inputs)
+        float_matmuls[graph.name] = quantize_qdq(static_paths[graph.name], feeds.pop(graph.name),
+                                                 folder / graph.source, position_inputs)
         remove_model(static_paths[graph.name])  # intermediates: the QDQ models and the contexts are the artifacts
+    return float_matmuls
 
 
 def compiled_precision(io: TargetIO) -> str:
@@ -423,8 +472,9 @@ class QnnHtpTarget:
         io = dataclasses.replace(io, options=dataclasses.replace(io.options, prefill_len=prefill_len or None))
 
         started = time.perf_counter()
+        float_matmuls = {}
         if precision == QUANTIZED:
-            quantize_graphs(folder, graphs, static_paths, io, lowering.calib_ids)
+            float_matmuls = quantize_graphs(folder, graphs, static_paths, io, lowering.calib_ids)
         qdq_seconds = time.perf_counter() - started
         nodes_total = {g.name: len(onnx.load(folder / g.source, load_external_data=False).graph.node) for g in graphs}
         compiled = {soc: compile_contexts(folder, graphs, soc) for soc in socs}
@@ -452,6 +502,7 @@ class QnnHtpTarget:
             "context_binary_bytes": compiled[first]["context_binary_bytes"],
             "qdq_seconds": round(qdq_seconds, 2),
             "quantization": QUANTIZATION[precision],
+            "float_matmuls": float_matmuls,  # MatMuls writing massive activations (`massive_output_matmuls`)
             "kv_cache_bytes": cache_bytes,
             **bytes_read(io, lowering.float_kv),
         }
