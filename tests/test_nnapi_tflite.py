@@ -157,3 +157,35 @@ def test_a_failed_conversion_names_its_cause_not_tensorflows_last_warning():
     assert "killed by signal 9 (out of memory" in _conversion_failure(killed)
     failed = subprocess.CompletedProcess([], 1, "", f"ConverterError: op FOO is not supported\n{warning}\n")
     assert _conversion_failure(failed) == "ConverterError: op FOO is not supported"
+
+
+_TF_WEIGHTS = """
+import sys
+from pathlib import Path
+import numpy as np, onnx
+from kvcompile.targets.onnx_to_tf import tf_module
+module = tf_module(onnx.load(Path(sys.argv[1]) / "m.onnx"))
+graph = module.serving_default.get_concrete_function().graph.as_graph_def()
+consts = [n for n in graph.node if n.op == "Const"]
+largest = max(int(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim] or [1])) for n in consts)
+print(sorted(module.weights), largest)
+"""
+
+
+def test_tflite_translation_holds_weights_as_variables(tmp_path):
+    """The weights enter TensorFlow as the module's variables, not as constants of the traced
+    graph (TFLiteConverter copies constants through each of its stages: SmolLM2 ran out of 19.8
+    GB that way); shape operands and scalars stay constants."""
+    f = TensorProto.FLOAT
+    inits = [helper.make_tensor("w", f, [64, 128], np.linspace(-1, 1, 64 * 128)),
+             helper.make_tensor("table", f, [100, 64], np.arange(6400)),
+             helper.make_tensor("shape", TensorProto.INT64, [2], [1, 128]), helper.make_tensor("two", f, [], [2.0])]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["g"], axis=0), helper.make_node("MatMul", ["g", "w"], ["m"]),
+             helper.make_node("Mul", ["m", "two"], ["mu"]), helper.make_node("Reshape", ["mu", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT32, [1])],
+                              [helper.make_tensor_value_info("y", f, [1, 128])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "m.onnx")
+    result = subprocess.run([sys.executable, "-c", _TF_WEIGHTS, str(tmp_path)], check=True, capture_output=True,
+                            text=True)
+    names, largest = result.stdout.split("] ")
+    assert names + "]" == "['table', 'w']" and int(largest) <= 2

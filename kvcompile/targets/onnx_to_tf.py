@@ -6,9 +6,9 @@ Why not onnx2tf: its releases for Python 3.11 pin onnx 1.19, onnxruntime 1.23 an
 translation is short, and it lets kvcompile choose TF ops that convert to TFLite builtins only
 (no Flex ops): FLOOR / DIV / MUL / ADD / CAST for the 4-bit packing, BATCH_MATMUL, SOFTMAX, ...
 
-`tf_function(model)` returns a tf.function whose input signature and output dict keys are the
-ONNX graph's input and output names; a graph with an op outside `TRANSLATIONS` is refused with
-the op's name.
+`tf_module(model)` returns a tf.Module holding the weights as variables, whose `serving_default`
+tf.function has the ONNX graph's input and output names as its input signature and output dict
+keys; a graph with an op outside `TRANSLATIONS` is refused with the op's name.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def _const(values: dict, name: str) -> np.ndarray:
-    value = values[name]
+    value = values.get(name)
     if not isinstance(value, np.ndarray):
         raise TargetError(f"tflite: {name!r} must be a constant in the static graph")
     return value
@@ -106,8 +106,20 @@ def _shape_operands(node: onnx.NodeProto, values: dict) -> dict:
     return {}
 
 
-def tf_function(model: onnx.ModelProto):
-    """A tf.function computing `model` (static shapes), keyed by the ONNX I/O names."""
+def is_weight(array: np.ndarray) -> bool:
+    """Whether a constant is held as a tf.Variable (`tf_module`): floating-point tensors of two or
+    more dimensions (weight matrices, embedding tables, cache scales); shape operands and scalars
+    stay constants, which the translation reads as numpy values."""
+    return array.ndim >= 2 and np.issubdtype(array.dtype, np.floating)
+
+
+def tf_module(model: onnx.ModelProto):
+    """A tf.Module whose `serving_default` tf.function computes `model` (static shapes), keyed by
+    the ONNX I/O names. The weights are the module's tf.Variables, not constants in the traced
+    graph: TFLiteConverter copies a graph's constants through each of its GraphDef and MLIR
+    stages (one 113 MB float32 matrix as a constant peaked at 2.9 GB RSS, as a variable at 1.5 GB;
+    SmolLM2's graph did not fit in 19.8 GB). The converter freezes the variables into the same
+    constant buffers, so the .tflite is the same."""
     import tensorflow as tf
 
     graph = model.graph
@@ -119,20 +131,38 @@ def tf_function(model: onnx.ModelProto):
     for node in graph.node:
         if node.op_type == "Constant":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    module = tf.Module()
+    module.weights = {name: tf.Variable(array, trainable=False)
+                      for name, array in constants.items() if is_weight(array)}
+    constants = {name: array for name, array in constants.items() if name not in module.weights}
     signature = [tf.TensorSpec([d.dim_value for d in i.type.tensor_type.shape.dim],
                                _TF_DTYPES[i.type.tensor_type.elem_type], name=i.name) for i in graph.input]
     names = [i.name for i in graph.input]
     outputs = [o.name for o in graph.output]
 
+    def operand(name: str, tensors: dict):
+        if not name:
+            return None
+        if name in tensors:
+            return tensors[name]
+        if name in module.weights:
+            return module.weights[name].read_value()
+        return tf.constant(constants[name])
+
     def run(*args):
-        values: dict = dict(constants)
         tensors = dict(zip(names, args))
         for node in graph.node:
             if node.op_type == "Constant":
                 continue
-            inputs = [tensors[n] if n in tensors else tf.constant(constants[n]) if n else None for n in node.input]
-            result = translations[node.op_type](inputs, _attrs(node), {**_shape_operands(node, values)})
+            inputs = [operand(n, tensors) for n in node.input]
+            result = translations[node.op_type](inputs, _attrs(node), _shape_operands(node, constants))
             tensors[node.output[0]] = result
         return {name: tensors[name] for name in outputs}
 
-    return tf.function(run, input_signature=signature)
+    module.serving_default = tf.function(run, input_signature=signature)
+    return module
+
+
+def tf_function(model: onnx.ModelProto):
+    """The tf.function of `tf_module(model)` (its module kept alive with it)."""
+    return tf_module(model).serving_default

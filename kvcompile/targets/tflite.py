@@ -32,7 +32,7 @@ from kvcompile.runtimes.tflite import TFLiteSession
 from kvcompile.runtimes.verify import agreement, decode_quality
 from kvcompile.targets import nnapi
 from kvcompile.targets.base import Artifact, LoweringInput, TargetOptions, VerifyInput
-from kvcompile.targets.onnx_to_tf import tf_function
+from kvcompile.targets.onnx_to_tf import tf_module
 from kvcompile.targets.static import (
     STATIC_CAPABILITIES,
     VERIFY_PREFILL,
@@ -46,19 +46,15 @@ REFERENCE = "reference.onnx"
 COMPARE_STEPS = 16
 
 
-def convert(onnx_model: onnx.ModelProto) -> bytes:
-    """ONNX static decode graph -> .tflite bytes, builtin ops only."""
+def convert(onnx_path: Path) -> bytes:
+    """ONNX static decode graph -> .tflite bytes, builtin ops only. The ONNX model is released
+    once TensorFlow holds its weights (`tf_module`)."""
     try:
         import tensorflow as tf
     except ImportError:
         raise TargetError("tflite: converting needs tensorflow-cpu (pip install kvcompile[tflite])") from None
 
-    class DecodeStep(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.serving_default = tf_function(onnx_model)
-
-    module = DecodeStep()
+    module = tf_module(onnx.load(onnx_path))
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
         [module.serving_default.get_concrete_function()], module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -148,6 +144,6 @@ TARGET = TFLiteTarget()
 
 if __name__ == "__main__":  # convert_in_child: python -m kvcompile.targets.tflite MODEL.onnx OUT.tflite
     try:
-        Path(sys.argv[2]).write_bytes(convert(onnx.load(sys.argv[1])))
+        Path(sys.argv[2]).write_bytes(convert(Path(sys.argv[1])))
     except TargetError as exc:
         sys.exit(str(exc))
