@@ -15,6 +15,8 @@ class Agreement:
     logits_cosine_min: float
     logits_max_abs_diff: float
     codes_identical: bool | None = None  # the new cache entries' codes, where both store them
+    code_bytes_differing: int | None = None  # of the new entries' stored bytes (two codes a byte), how many differ
+    code_bytes_compared: int | None = None
     # static targets with a prefill graph: one call of it from an empty cache, every row's logits
     prefill_tokens: int = 0
     prefill_logits_cosine_min: float | None = None

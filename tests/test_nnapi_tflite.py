@@ -69,6 +69,7 @@ def test_acceptance_tflite_builtins_packed_io_matches_onnxruntime(compiled):
     assert dtypes["past_key_values.0.key"] == "uint8" and dtypes["present.3.value"] == "uint8"
     agreement = target.quality.agreement
     assert agreement.codes_identical and agreement.logits_cosine_min > 0.9999
+    assert agreement.code_bytes_differing == 0 and agreement.code_bytes_compared > 0
     assert target.quality.passed and not (out / "tflite" / "reference.onnx").exists()
     io = read_manifest(out).targets["tflite"]
     session = TFLiteSession(out / io.model)
