@@ -344,12 +344,14 @@ def test_headroom_goes_to_text_dependent_values_only():
     assert not {"positions", "angles", "cos"} & reached
 
 
-def test_matmul_writing_a_massive_activation_stays_float(tmp_path):
+@pytest.mark.parametrize("norm", ["SimplifiedLayerNormalization", "LayerNormalization"])
+def test_matmul_writing_a_massive_activation_stays_float(tmp_path, norm):
     """A residual block whose projection writes a massive activation (one output channel
     thousands of times the others, as SmolLM2's layer-11 down projection) is picked from its
     calibrated range: its MatMul stays float with its float weight, the ordinary projections are
-    quantized. On the HTP backend with CPU fallback disabled the graph compiles (the float MatMul
-    runs in float16) and agrees with the CPU EP."""
+    quantized, and the residual stream (Adds, norms: RMSNorm or LayerNorm) is float. On the HTP
+    backend with CPU fallback disabled the graph compiles (the float nodes run in float16) and
+    agrees with the CPU EP."""
     from onnx import TensorProto, helper, numpy_helper
 
     from kvcompile.targets.qnn_htp import quantize_qdq
@@ -363,15 +365,14 @@ def test_matmul_writing_a_massive_activation_stays_float(tmp_path):
             weight[:, 5] *= 3000.0  # channel 5: a massive activation
         weights += [numpy_helper.from_array(weight, f"w{block}"),
                     numpy_helper.from_array(np.ones(width, np.float32), f"gamma{block}")]
-        nodes += [helper.make_node("SimplifiedLayerNormalization", [hidden, f"gamma{block}"], [f"normed{block}"],
+        nodes += [helper.make_node(norm, [hidden, f"gamma{block}"], [f"normed{block}"],
                                    name=f"norm{block}", axis=-1, epsilon=1e-5),
                   helper.make_node("MatMul", [f"normed{block}", f"w{block}"], [f"projected{block}"],
                                    name=f"matmul{block}"),
                   helper.make_node("Add", [hidden, f"projected{block}"], [f"sum{block}"], name=f"add{block}")]
         hidden = f"sum{block}"
     weights.append(numpy_helper.from_array(np.ones(width, np.float32), "gamma_out"))
-    nodes.append(helper.make_node("SimplifiedLayerNormalization", [hidden, "gamma_out"], ["y"], name="norm_out",
-                                  axis=-1, epsilon=1e-5))
+    nodes.append(helper.make_node(norm, [hidden, "gamma_out"], ["y"], name="norm_out", axis=-1, epsilon=1e-5))
     graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, width])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, width])], weights,
                               value_info=[helper.make_tensor_value_info(f"{value}{block}", TensorProto.FLOAT,
@@ -387,6 +388,12 @@ def test_matmul_writing_a_massive_activation_stays_float(tmp_path):
     qdq = onnx.load(tmp_path / "residual.qdq.onnx")
     producers = {o: n for n in qdq.graph.node for o in n.output}
     initializers = {i.name for i in qdq.graph.initializer}
+    consumers = {}
+    for node in qdq.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    for block in range(blocks):  # the residual sums stay float
+        assert "QuantizeLinear" not in consumers[f"sum{block}"]
     for node in (n for n in qdq.graph.node if n.op_type == "MatMul"):
         weight_source = producers.get(node.input[1])
         if node.name == "matmul2":

@@ -24,7 +24,7 @@ Steps (each a function below):
    per output channel (`per_channel_weight_overrides`), other weights uint8 per tensor,
    calibrated on real decode steps of the calibration text spread over the whole context; the
    values the packing marks exact get the grids that hold them exactly instead; the residual
-   stream (its Adds and RMSNorms) stays float, float16 on the HTP (`residual_stream_nodes`), and
+   stream (its Adds and norms) stays float, float16 on the HTP (`residual_stream_nodes`), and
    so do the MatMuls that write massive activations into it (`massive_output_matmuls`).
 4. AOT: an EPContext model and QNN context binary per SoC (`ep.context_enable`).
 5. verify: the decode-path perplexity of the QDQ graph on the CPU EP over windows of the full
@@ -86,7 +86,7 @@ CPU_RUN = {QUANTIZED: "onnxruntime CPU EP running the QDQ graph the HTP contexts
                       "residual stream in float32; the HTP computes it in float16)",
            FP16: "onnxruntime CPU EP running the float graph the HTP contexts were compiled from (in float32; "
                  "the HTP computes it in float16)"}
-QUANTIZATION = {QUANTIZED: "activations uint16 but the residual stream (Adds, RMSNorms) and the MatMuls that "
+QUANTIZATION = {QUANTIZED: "activations uint16 but the residual stream (Adds, norms) and the MatMuls that "
                            "write massive activations into it float16, MatMul weights int8 per output channel, other weights uint8 (onnxruntime QNN QDQ config); KV cache 4-bit, "
                            "per-tensor scales with per-channel scales folded into the attention",
                 FP16: "activations and weights float16 on the HTP (enable_htp_fp16_precision); KV cache 4-bit, "
@@ -196,12 +196,15 @@ def text_dependent_values(graph: onnx.GraphProto, position_inputs: set[str]) -> 
     return reached
 
 
+NORMS = ("SimplifiedLayerNormalization", "LayerNormalization")  # RMSNorm (fused by kvcompile), LayerNorm
+
+
 def residual_adds(graph: onnx.GraphProto) -> list[str]:
-    """The Adds that sum the residual stream: those an RMSNorm (SimplifiedLayerNormalization) reads."""
+    """The Adds that sum the residual stream: those a norm (`NORMS`) reads."""
     producers = {output: node for node in graph.node for output in node.output}
     adds = []
     for node in graph.node:
-        if node.op_type == "SimplifiedLayerNormalization":
+        if node.op_type in NORMS:
             source = producers.get(node.input[0])
             if source is not None and source.op_type == "Add":
                 adds.append(source.name)
@@ -209,14 +212,14 @@ def residual_adds(graph: onnx.GraphProto) -> list[str]:
 
 
 def residual_stream_nodes(graph: onnx.GraphProto) -> list[str]:
-    """The nodes that carry the residual stream: every RMSNorm (SimplifiedLayerNormalization) and
-    the Adds whose sums it reads. They are left float (float16 on the HTP): a transformer's
+    """The nodes that carry the residual stream: every norm (RMSNorm, fused as
+    SimplifiedLayerNormalization, or LayerNormalization) and the Adds whose sums it reads. They are left float (float16 on the HTP): a transformer's
     residual stream holds "massive activations", a few channels of one token (the first)
     thousands of times the others (SmolLM2: 23,554 in channel 507 from layer 11 on, every other
     value under 100), so one uint16 grid over it leaves every other token about 60 steps and the
     error of 18 layers adds up; in float16 each value keeps 11 bits of its own."""
     adds = residual_adds(graph)
-    return adds + [node.name for node in graph.node if node.op_type == "SimplifiedLayerNormalization"]
+    return adds + [node.name for node in graph.node if node.op_type in NORMS]
 
 
 def massive_output_matmuls(graph: onnx.GraphProto, ranges: dict[str, tuple[float, float]],
