@@ -406,3 +406,19 @@ def test_matmul_writing_a_massive_activation_stays_float(tmp_path, norm):
     sample = {"x": rng.normal(size=(1, tokens, width)).astype(np.float32)}
     on_htp, on_cpu = htp.run(None, sample)[0].ravel(), cpu.run(None, sample)[0].ravel()
     assert np.dot(on_htp, on_cpu) / np.linalg.norm(on_htp) / np.linalg.norm(on_cpu) > 0.999
+
+
+def test_exact_gelu_family_compiles_with_every_node_on_the_htp(tmp_path):
+    """GPT-NeoX (the corpus family; Falcon and others export GELU the same way) computes the
+    exact GELU with Erf, which the QNN EP does not take: the model was refused whole. The static
+    graph now fuses it into one Gelu op, and the model compiles with every node on the HTP and
+    passes its gate."""
+    from bench.corpus import model_path
+
+    out = tmp_path / "out"
+    report = compile_model(CompileOptions(model=model_path("gpt_neox", "dynamo"), out_dir=out, targets=("qnn-htp",),
+                                          max_context=CONTEXT, calib_tokens=1024, eval_tokens=1024)).report
+    target = report.targets["qnn-htp"]
+    assert target.quality.passed and target.facts["nodes_on_htp"] == target.facts["nodes_total"]
+    ops = {n.op_type for n in onnx.load(out / "qnn-htp" / "model.qdq.onnx", load_external_data=False).graph.node}
+    assert "Gelu" in ops and "Erf" not in ops

@@ -384,7 +384,7 @@ def build_static(lowering: LoweringInput, graph: StaticGraph, context: int):
     quantized = graph.precision == QUANTIZED
     model, folded = static_graph(lowering.float_path, lowering.float_kv, lowering.plan, context,
                                  style=FIXED_POINT if quantized else FLOAT_DQ, fold_per_channel=quantized,
-                                 fuse_rmsnorm=True, opset=QDQ_OPSET, new_tokens=graph.new_tokens)
+                                 fuse_rmsnorm=True, fuse_gelu=True, opset=QDQ_OPSET, new_tokens=graph.new_tokens)
     if graph.name != "model":
         prefix_intermediate_names(model, f"{graph.name}/")
     return model, folded

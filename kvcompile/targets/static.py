@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 import onnxscript.version_converter
+from onnxscript.rewriter.ort_fusions.erfgelu import fuse_erfgelu
 from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
 
 from kvcompile.errors import UnsupportedModelError
@@ -59,11 +60,13 @@ def check_static(target: str, kv: KVGraph) -> None:
 
 
 def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, style: str,
-                 fold_per_channel: bool, fuse_rmsnorm: bool, opset: int, new_tokens: int = 1
-                 ) -> tuple[ir.Model, QuantPlan]:
+                 fold_per_channel: bool, fuse_rmsnorm: bool, opset: int, new_tokens: int = 1,
+                 fuse_gelu: bool = False) -> tuple[ir.Model, QuantPlan]:
     """The float static graph taking `new_tokens` per call (1: decode, more: prefill) with the
     4-bit cache boundary; returns it and the plan it stores (centers taken out in the graph,
-    per-channel scales turned into per-tensor ones when folded)."""
+    per-channel scales turned into per-tensor ones when folded). `fuse_gelu`: the exact GELU
+    (0.5 x (1 + erf(x / sqrt 2)), as GPT-NeoX and Falcon export it) becomes one Gelu op
+    (onnxscript's fusion): the QNN EP has no Erf, and refused such models whole."""
     model = load_model(float_path)
     transforms, tensors = {}, []
     for tensor_plan_ in plan.tensors:
@@ -84,6 +87,8 @@ def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, styl
     onnxscript.version_converter.convert_version(model, opset)
     if fuse_rmsnorm:
         fuse_rms_normalization(model)
+    if fuse_gelu:
+        fuse_erfgelu(model)
     return model, stored
 
 
