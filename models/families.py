@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -177,15 +178,21 @@ def build_export(name: str, form: str) -> Path:
         return out / "model.onnx"
     if refused.is_file():
         raise ExportRefused(refused.read_text().strip())
-    stage = out.with_name(f".{form}.building")
+    # a stage of this process's own: two test workers may build the same export at once, and the
+    # first finished one is kept (a folder is renamed into place whole, never overwritten)
+    stage = out.with_name(f".{form}.building.{os.getpid()}")
     try:
         export_form(form, lambda: load_float32(name), family_dir(name), stage)
     except ExportRefused as exc:
         refused.parent.mkdir(parents=True, exist_ok=True)
         refused.write_text(str(exc) + "\n")
         raise
-    shutil.rmtree(out, ignore_errors=True)
-    stage.rename(out)
+    if out.is_dir() and not (out / "model.onnx").is_file():
+        shutil.rmtree(out, ignore_errors=True)  # not an export: nothing renamed it there
+    try:
+        stage.rename(out)
+    except OSError:  # another process's export is in place
+        shutil.rmtree(stage, ignore_errors=True)
     return out / "model.onnx"
 
 

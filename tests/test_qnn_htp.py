@@ -422,3 +422,19 @@ def test_exact_gelu_family_compiles_with_every_node_on_the_htp(tmp_path):
     assert target.quality.passed and target.facts["nodes_on_htp"] == target.facts["nodes_total"]
     ops = {n.op_type for n in onnx.load(out / "qnn-htp" / "model.qdq.onnx", load_external_data=False).graph.node}
     assert "Gelu" in ops and "Erf" not in ops
+
+
+def test_per_head_query_key_norms_agree_with_the_cpu_in_prefill(tmp_path):
+    """Qwen3 (the corpus family; Gemma3 alike) normalizes queries and keys per head over a
+    rank-4 [1, tokens, heads, head_dim] tensor, which the HTP computed wrongly for more than one
+    token (prefill rows at cosine 0.38 to the CPU EP). The norm's input is flattened to rows
+    first: the prefill call agrees with the CPU EP like the decode steps."""
+    from bench.corpus import model_path
+
+    out = tmp_path / "out"
+    report = compile_model(CompileOptions(model=model_path("qwen3", "dynamo"), out_dir=out, targets=("qnn-htp",),
+                                          max_context=CONTEXT, calib_tokens=1024, eval_tokens=1024)).report
+    target = report.targets["qnn-htp"]
+    agreement = target.quality.agreement
+    assert target.quality.passed and target.facts["nodes_on_htp"] == target.facts["nodes_total"]
+    assert agreement.prefill_tokens > 1 and agreement.prefill_logits_cosine_min > 0.999

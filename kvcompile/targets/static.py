@@ -59,6 +59,40 @@ def check_static(target: str, kv: KVGraph) -> None:
             f"{target}, or drop --target {target}")
 
 
+def flatten_rank4_norms(model: ir.Model) -> None:
+    """Matches every fused RMSNorm (SimplifiedLayerNormalization) whose input has four static
+    dimensions (the per-head query and key norms of Qwen3 and Gemma3: [batch, tokens, heads,
+    head_dim]) and puts a Reshape to [rows, head_dim] before it and one back after it. The HTP
+    computes this norm wrongly over a rank-4 input with more than one token and head (on the
+    simulator, [1, 128, 4, 16] gave NaN rows, while [1, 1, 4, 16] and [512, 16] are right to a
+    cosine of 0.9999997), so a prefill call disagreed with the CPU EP (README, qnn-htp over the
+    corpus families); the norm is over the last axis, so the flattened form computes the same."""
+    graph = model.graph
+    for node in [n for n in graph if n.op_type == "SimplifiedLayerNormalization"]:
+        value, output = node.inputs[0], node.outputs[0]
+        shape = value.shape
+        if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape):
+            continue
+        dims = [int(d) for d in shape]
+        rows = [int(np.prod(dims[:-1])), dims[-1]]
+        flat_shape = ir.Value(name=f"{node.name}/rows_shape", const_value=ir.tensor(np.array(rows, np.int64)))
+        back_shape = ir.Value(name=f"{node.name}/shape", const_value=ir.tensor(np.array(dims, np.int64)))
+        graph.register_initializer(flat_shape)
+        graph.register_initializer(back_shape)
+        uses = list(output.uses())
+        flatten = ir.Node("", "Reshape", [value, flat_shape], name=f"{node.name}/rows", num_outputs=1)
+        restore = ir.Node("", "Reshape", [output, back_shape], name=f"{node.name}/restore", num_outputs=1)
+        flatten.outputs[0].name, restore.outputs[0].name = f"{node.name}/rows_out", f"{node.name}/restored"
+        for new, new_dims in ((flatten.outputs[0], rows), (restore.outputs[0], dims)):
+            new.dtype, new.shape = value.dtype, ir.Shape(new_dims)
+        output.shape = ir.Shape(rows)
+        graph.insert_before(node, flatten)
+        graph.insert_after(node, restore)
+        node.replace_input_with(0, flatten.outputs[0])
+        for use in uses:
+            use.node.replace_input_with(use.idx, restore.outputs[0])
+
+
 def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, style: str,
                  fold_per_channel: bool, fuse_rmsnorm: bool, opset: int, new_tokens: int = 1,
                  fuse_gelu: bool = False) -> tuple[ir.Model, QuantPlan]:
@@ -87,6 +121,7 @@ def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, styl
     onnxscript.version_converter.convert_version(model, opset)
     if fuse_rmsnorm:
         fuse_rms_normalization(model)
+        flatten_rank4_norms(model)
     if fuse_gelu:
         fuse_erfgelu(model)
     return model, stored
