@@ -508,13 +508,26 @@ def verdict(qualities: dict[str, TargetQuality], plan: QuantPlan, gate_pct: floa
     gate = qualities["ort-cpu"]
     failed = tuple(name for name, quality in qualities.items() if name != "ort-cpu" and not quality.passed)
     passed = gate.passed and not failed
+    departed = {name for name in failed if qualities[name].agreement and not qualities[name].agreement.agrees}
     if passed:
         advice: tuple[str, ...] = ()
     elif failed:
-        advice = (HTP_FP16_ADVICE,) if "qnn-htp" in failed and htp_precision == "quantized" else ()
+        lost_quality = "qnn-htp" in failed and "qnn-htp" not in departed
+        advice = (HTP_FP16_ADVICE,) if lost_quality and htp_precision == "quantized" else ()
     else:
         advice = tuple(gate_advice(plan, gate.ppl_delta_pct, gate_pct, fused, fuse_mode))
-    return Verdict(passed=passed, gate=gate, failed_targets=failed, advice=advice)
+    return Verdict(passed=passed, gate=gate, failed_targets=failed, advice=advice,
+                   target_failures=tuple(target_failure(name, qualities[name]) for name in failed))
+
+
+def target_failure(name: str, quality: TargetQuality) -> str:
+    """One line: why a target failed the gate (its departure from its reference runtime first)."""
+    departure = quality.agreement.departure() if quality.agreement else None
+    if departure:
+        return f"{name}: {departure}"
+    runs = [quality] + ([quality.on_device] if quality.on_device else [])
+    return f"{name}: " + "; ".join(f"perplexity {q.ppl_delta_pct:+.2f}% ({q.ran_on})" for q in runs
+                                   if q.ppl_delta_pct > q.quality_gate_pct)
 
 
 HTP_FP16_ADVICE = ("--htp-precision fp16 (not measured here): qnn-htp's graphs computed in float16 on the HTP "
@@ -763,7 +776,7 @@ def float_slots_decision(first: TargetQuality, slots: tuple[int, int], layers: i
 def gate_message(quality: Verdict, gate_pct: float, out_dir: Path) -> str:
     if quality.failed_targets:
         advice = f" Try: {'; '.join(quality.advice)}" if quality.advice else ""
-        return (f"target(s) {', '.join(quality.failed_targets)} lost more than the {gate_pct}% gate; "
+        return (f"target(s) failed the {gate_pct}% gate: {'; '.join(quality.target_failures)}; "
                 f"artifacts written to {out_dir} and marked failed (see report.md).{advice}")
     gate = quality.gate
     advice = "; ".join(quality.advice) or "see report.md"

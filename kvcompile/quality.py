@@ -21,6 +21,18 @@ class Agreement:
     prefill_tokens: int = 0
     prefill_logits_cosine_min: float | None = None
     prefill_logits_max_abs_diff: float | None = None
+    # the gate: the worst cosine (decode steps and prefill rows) must reach `min_cosine`, or the
+    # artifact computes something other than the graph it was verified as (a broken lowering)
+    min_cosine: float = 0.0
+    agrees: bool = True
+
+    def departure(self) -> str | None:
+        """Why the artifact does not follow its reference, or None where it does."""
+        if self.agrees:
+            return None
+        worst = min(c for c in (self.logits_cosine_min, self.prefill_logits_cosine_min) if c is not None)
+        return (f"its logits depart from the {self.reference} run on identical inputs (worst cosine "
+                f"{worst:.4f} < {self.min_cosine})")
 
 
 @dataclass(frozen=True)

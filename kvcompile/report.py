@@ -201,6 +201,9 @@ def target_quality_cell(quality: dict[str, Any] | None) -> str:
     cell = one(quality)
     if quality.get("on_device"):
         cell += f"; short text: {one(quality['on_device'])}"
+    agreement = quality.get("agreement")
+    if agreement and not agreement.get("agrees", True):
+        cell += f"; departs from {agreement['reference']} (cosine below {agreement['min_cosine']}): FAIL"
     return cell
 
 

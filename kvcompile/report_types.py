@@ -98,6 +98,7 @@ class Verdict:
     passed: bool | None
     gate: TargetQuality | None
     failed_targets: tuple[str, ...] = ()
+    target_failures: tuple[str, ...] = ()  # one line per failed target: why
     advice: tuple[str, ...] = ()
     reason: str | None = None
 
@@ -108,6 +109,7 @@ class Verdict:
         out = {**figures, "passed": self.passed}
         if self.failed_targets:
             out["failed_targets"] = list(self.failed_targets)
+            out["target_failures"] = list(self.target_failures)
         if self.advice:
             out["advice"] = list(self.advice)
         return out

@@ -438,3 +438,23 @@ def test_per_head_query_key_norms_agree_with_the_cpu_in_prefill(tmp_path):
     agreement = target.quality.agreement
     assert target.quality.passed and target.facts["nodes_on_htp"] == target.facts["nodes_total"]
     assert agreement.prefill_tokens > 1 and agreement.prefill_logits_cosine_min > 0.999
+
+
+def test_an_htp_run_that_departs_from_the_cpu_fails_the_gate(tmp_path, monkeypatch):
+    """The gate reads the CPU EP run of the QDQ graph; the HTP's own run is checked against it.
+    Qwen3's static graph without the rank-4 norm fix (above) computes its prefill rows wrongly
+    on the HTP while the CPU EP run passes: the compile must fail and say that the HTP departs
+    from the CPU EP, not ship a graph that is wrong where it runs."""
+    from bench.corpus import model_path
+    from kvcompile.errors import QualityGateError
+    from kvcompile.targets import static
+
+    monkeypatch.setattr(static, "flatten_rank4_norms", lambda model: None)
+    out = tmp_path / "out"
+    with pytest.raises(QualityGateError, match="qnn-htp: its logits depart from the onnxruntime CPU EP") as failed:
+        compile_model(CompileOptions(model=model_path("qwen3", "dynamo"), out_dir=out, targets=("qnn-htp",),
+                                     max_context=CONTEXT, calib_tokens=1024, eval_tokens=1024))
+    quality = failed.value.result.report.targets["qnn-htp"].quality
+    assert not quality.passed and not quality.agreement.agrees
+    assert quality.agreement.prefill_logits_cosine_min < quality.agreement.min_cosine
+    assert json.loads((out / "report.json").read_text())["quality"]["target_failures"][0].startswith("qnn-htp: its logits")

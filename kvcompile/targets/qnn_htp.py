@@ -514,8 +514,8 @@ class QnnHtpTarget:
     def verify(self, artifact: Artifact, verifying: VerifyInput) -> TargetQuality:
         """The gate reads the CPU EP run of the same QDQ graph over windows of the full context (the
         HTP simulator is too slow for them); on the HTP backend with CPU fallback disabled: agreement
-        with that CPU run, a short text's decode-path quality (it must pass the gate too), and
-        every other SoC's context loads."""
+        with that CPU run (the HTP must follow it: `Agreement.agrees`), a short text's decode-path
+        quality (it must pass the gate too), and every other SoC's context loads."""
         io = artifact.io
         socs = list(io.options.qnn_contexts)
         htp = self.open(verifying.folder, io, socs[0])
@@ -531,7 +531,8 @@ class QnnHtpTarget:
         on_device = decode_quality(verifying.float_decoder, htp, short, ran_on=self.runs_on, **gate)
         for soc in socs[1:]:
             self.open(verifying.folder, io, soc)
-        return dataclasses.replace(quality, passed=quality.passed and on_device.passed, agreement=agreement_,
+        passed = quality.passed and on_device.passed and agreement_.agrees
+        return dataclasses.replace(quality, passed=passed, agreement=agreement_,
                                    on_device=on_device)
 
     def open(self, folder: Path, io: TargetIO, soc: str | None = None) -> Decoder:

@@ -122,8 +122,8 @@ class TFLiteTarget:
 
     def verify(self, artifact: Artifact, verifying: VerifyInput) -> TargetQuality:
         """LiteRT against onnxruntime running the same graph on identical inputs (logits and the new
-        entries' codes), then decode-path quality against the float model. The reference graph is
-        removed afterwards: the artifact is the .tflite file."""
+        entries' codes; LiteRT must follow it: `Agreement.agrees`), then decode-path quality against
+        the float model. The reference graph is removed afterwards: the artifact is the .tflite file."""
         tflite = self.open(verifying.folder, artifact.io)
         reference_path = verifying.folder / FOLDER / REFERENCE
         reference = Decoder(cpu_session(reference_path), artifact.io)
@@ -133,7 +133,7 @@ class TFLiteTarget:
         windows = long_verification_windows(verifying.eval_windows, artifact.io.max_context)
         quality = decode_quality(verifying.float_decoder, tflite, windows, prefill=VERIFY_PREFILL, batch=1,
                                  gate_pct=verifying.quality_gate_pct, text=verifying.eval_text, ran_on=self.runs_on)
-        return dataclasses.replace(quality, agreement=agreement_)
+        return dataclasses.replace(quality, passed=quality.passed and agreement_.agrees, agreement=agreement_)
 
     def open(self, folder: Path, io: TargetIO, soc: str | None = None) -> Decoder:
         return Decoder(TFLiteSession(folder / io.model), io)
