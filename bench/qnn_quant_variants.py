@@ -135,7 +135,7 @@ def main() -> None:
                                              qdq, position_inputs, headroom=variant.headroom, weights=variant.weights,
                                              float_residual=variant.float_residual,
                                              massive_ratio=variant.massive_ratio)
-        quality = decode_quality(float_static, Decoder(cpu_session(qdq), io), windows, prefill=8, batch=1,
+        quality = decode_quality(float_static, Decoder(cpu_session(qdq, as_written_qdq=True), io), windows, prefill=8, batch=1,
                                  gate_pct=2.0, text="bundled heldout.txt", ran_on="onnxruntime CPU EP")
         print(json.dumps({"variant": spec, "max_context": io.max_context, "float_ppl": quality.float_ppl,
                           "qdq_ppl": quality.quantized_ppl, "ppl_delta_pct": quality.ppl_delta_pct,

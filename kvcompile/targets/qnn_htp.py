@@ -82,8 +82,8 @@ COMPARE_STEPS = 16
 HTP_WINDOWS, HTP_WINDOW = 2, 64  # the simulator is slow: a short text
 QUANTIZED, FP16 = "quantized", "fp16"
 PRECISIONS = (QUANTIZED, FP16)
-CPU_RUN = {QUANTIZED: "onnxruntime CPU EP running the QDQ graph the HTP contexts were compiled from (its "
-                      "residual stream in float32; the HTP computes it in float16)",
+CPU_RUN = {QUANTIZED: "onnxruntime CPU EP running the QDQ graph the HTP contexts were compiled from, as written "
+                      "(its residual stream in float32; the HTP computes it in float16)",
            FP16: "onnxruntime CPU EP running the float graph the HTP contexts were compiled from (in float32; "
                  "the HTP computes it in float16)"}
 QUANTIZATION = {QUANTIZED: "activations uint16 but the residual stream (Adds, norms) and the MatMuls that "
@@ -519,8 +519,9 @@ class QnnHtpTarget:
         io = artifact.io
         socs = list(io.options.qnn_contexts)
         htp = self.open(verifying.folder, io, socs[0])
-        cpu = Decoder(cpu_session(verifying.folder / io.options.compiled_from), io, prefill=(
-            cpu_session(verifying.folder / io.options.prefill_compiled_from) if io.options.prefill_compiled_from else None))
+        prefill_path = io.options.prefill_compiled_from
+        cpu = Decoder(cpu_session(verifying.folder / io.options.compiled_from, as_written_qdq=True), io, prefill=(
+            cpu_session(verifying.folder / prefill_path, as_written_qdq=True) if prefill_path else None))
         graph = "QDQ graph" if compiled_precision(io) == QUANTIZED else "float graph (float32)"
         agreement_ = agreement(htp, cpu, verifying.eval_windows.reshape(-1), COMPARE_STEPS,
                                f"onnxruntime CPU EP, the same {graph}", compare_codes=False)
