@@ -55,3 +55,36 @@ def test_a_failing_verification_stops_early_and_a_passing_one_runs_whole(fixture
     assert stopped.ppl_delta_pct > 1.0
     same = decode_quality(decoder, decoder, windows, stop_once_failed=True, **kwargs)
     assert same.passed and not same.stopped_early and same.eval_tokens == planned
+
+
+def test_a_qdq_reference_computes_the_graph_as_written(tmp_path):
+    """qnn-htp's gate reads the CPU EP run of its QDQ graph as the HTP's stand-in. onnxruntime's
+    default CPU session fuses DequantizeLinear(int8 weight) -> MatMul into MatMulNBits, which
+    quantizes the activations to int8 too; `as_written_qdq` must compute exactly what the graph
+    says (dequantize, multiply in float), as the HTP's fixed point does."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    rows, width = 8, 256
+    weight = rng.integers(-127, 128, size=(width, width), dtype=np.int8)
+    scales = (rng.uniform(0.5, 2.0, size=width) / 127).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], axis=1),
+         helper.make_node("MatMul", ["x", "w"], ["y"])], "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, width])],
+        [numpy_helper.from_array(weight, "w_q"), numpy_helper.from_array(scales, "w_scale"),
+         numpy_helper.from_array(np.zeros(width, np.int8), "w_zero")])
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
+
+    x = rng.normal(size=(rows, width)).astype(np.float32)
+    x[:, 0] *= 50.0  # an outlier channel: int8 activations lose the others' precision
+    exact = x.astype(np.float64) @ (weight.astype(np.float64) * scales)
+    as_written = cpu_session(path, as_written_qdq=True).run(None, {"x": x})[0]
+    fused = cpu_session(path).run(None, {"x": x})[0]
+    scale = np.abs(exact).max()
+    assert np.abs(as_written - exact).max() < 1e-5 * scale
+    assert np.abs(fused - exact).max() > 1e-3 * scale  # what the default session would have measured
