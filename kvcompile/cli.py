@@ -165,10 +165,11 @@ def _summary_table(report: Report) -> Table:
               help="qnn-htp: tokens its prefill graph takes per call (a second graph sharing the decode graph's "
                    "weights and cache buffer) [default: 128, or half the buffer if less; 0: no prefill graph, "
                    "prompts go one token a call].")
-@click.option("--htp-precision", type=click.Choice(["quantized", "fp16"]), default="quantized", show_default=True,
+@click.option("--htp-precision", type=click.Choice(["auto", "quantized", "fp16"]), default="auto", show_default=True,
               help="qnn-htp: 'quantized' runs the graphs in fixed point (uint16 activations, 8-bit weights, "
                    "calibrated); 'fp16' runs them in float16 on the HTP (twice the weight bytes, no calibration, "
-                   "the float model's quality with the 4-bit cache).")
+                   "the float model's quality with the 4-bit cache); 'auto' builds the quantized graphs and "
+                   "rebuilds them in float16 only if they fail the quality gate (the report says why).")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration text, or token ids as .npy [default: bundled text].")
 @click.option("--calib-tokens", type=click.IntRange(min=1), default=8192, show_default=True,

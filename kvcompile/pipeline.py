@@ -122,7 +122,7 @@ class CompileOptions:
     budget: str = DEFAULT_BUDGET  # memory-wall report: RAM for the KV cache
     prefill: int = 32
     prefill_len: int | None = None  # qnn-htp's prefill graph: tokens per call (None: `prefill_len`; 0: none)
-    htp_precision: str = "quantized"  # qnn-htp: quantized | fp16
+    htp_precision: str = "auto"  # qnn-htp: auto (quantized, float16 if that fails the gate) | quantized | fp16
 
     def stages(self) -> StageOptions:
         return StageOptions(
@@ -520,6 +520,19 @@ def verdict(qualities: dict[str, TargetQuality], plan: QuantPlan, gate_pct: floa
                    target_failures=tuple(target_failure(name, qualities[name]) for name in failed))
 
 
+HTP_AUTO = "auto"  # --htp-precision: quantized, rebuilt in float16 if that fails the gate
+
+
+def htp_precision_decision(quantized: TargetQuality) -> str:
+    """Why qnn-htp's graphs compute in float16 (the report's decisions and the target's changes)."""
+    seen = (f" (over its first {quantized.eval_tokens:,} predictions: it could no longer pass)"
+            if quantized.stopped_early else "")
+    return (f"HTP precision: the fixed-point graph (uint16 activations, int8 weights) failed the "
+            f"{quantized.quality_gate_pct}% gate, {target_failure('qnn-htp', quantized).removeprefix('qnn-htp: ')}"
+            f"{seen}, so qnn-htp was rebuilt to compute in float16 on the HTP (twice the weight bytes; the "
+            "4-bit cache unchanged; --htp-precision quantized keeps the fixed-point graph)")
+
+
 def target_failure(name: str, quality: TargetQuality) -> str:
     """One line: why a target failed the gate (its departure from its reference runtime first)."""
     departure = quality.agreement.departure() if quality.agreement else None
@@ -723,10 +736,25 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                     lap("rewrite_s")
                     artifacts, changes, qualities = emit_and_verify(model, plan, stage, ("ort-cpu",))
             others = tuple(t for t in stages.targets if t != "ort-cpu")
+            requested_precision = stages.target.htp_precision
+            htp_may_rebuild = "qnn-htp" in others and requested_precision == HTP_AUTO
+            if htp_may_rebuild:
+                stages = dataclasses.replace(stages, target=dataclasses.replace(stages.target, htp_precision="quantized"))
             if others:
-                built = emit_and_verify(model, plan, stage, others)
+                built = emit_and_verify(model, plan, stage, others, ("qnn-htp",) if htp_may_rebuild else ())
                 for merged, new in zip((artifacts, changes, qualities), built):
                     merged.update(new)
+            if htp_may_rebuild and not qualities["qnn-htp"].passed:
+                # The gate decides, as for float slots: float16 on the HTP doubles the weight bytes,
+                # so it is built only for a model whose fixed-point graph fails the gate.
+                decision = htp_precision_decision(qualities["qnn-htp"])
+                progress(decision, 0)
+                shutil.rmtree(stage / Path(artifacts["qnn-htp"].io.model).parts[0])  # the target's folder
+                stages = dataclasses.replace(stages, target=dataclasses.replace(stages.target, htp_precision="fp16"))
+                built = emit_and_verify(model, plan, stage, ("qnn-htp",))
+                for merged, new in zip((artifacts, changes, qualities), built):
+                    merged.update(new)
+                changes["qnn-htp"] = (decision,) + tuple(changes["qnn-htp"])
             manifest = write_manifest(artifacts, stage, model_path, tokenizer)
             memory = memory_figures(kv, plan)
             report = Report(
@@ -741,7 +769,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                                                 stages.report.budget),
                 quality=verdict(qualities, plan, stages.quality_gate_pct,
                                 fusion.fused or GROUP_QUERY_ATTENTION in kv.attention_forms,
-                                plan_options.fuse_attention, stages.target.htp_precision),
+                                plan_options.fuse_attention, requested_precision),
                 targets=target_reports(artifacts, changes, qualities),
                 fusion=FusionSection(fused=fusion.fused, reason=fusion.reason, float_slots=slots_decision),
                 limits=LimitsSection(max_context=limits.max_context, sliding_window=limits.window,

@@ -226,6 +226,8 @@ def decisions_markdown(report: dict[str, Any]) -> list[str]:
                          f"({limits['prefill']}-token prefill, then one token per step): the quality figures "
                          f"hold up to this context; static key ranges are not checked beyond it "
                          f"(--max-context sets it)")
+    for name, target in report.get("targets", {}).items():
+        lines += [f"- {name}: {change}" for change in target.get("plan_changes", ())]
     return lines + [""]
 
 

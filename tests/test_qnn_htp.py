@@ -458,3 +458,28 @@ def test_an_htp_run_that_departs_from_the_cpu_fails_the_gate(tmp_path, monkeypat
     assert not quality.passed and not quality.agreement.agrees
     assert quality.agreement.prefill_logits_cosine_min < quality.agreement.min_cosine
     assert json.loads((out / "report.json").read_text())["quality"]["target_failures"][0].startswith("qnn-htp: its logits")
+
+
+def test_a_fixed_point_graph_that_fails_the_gate_is_rebuilt_in_float16(tmp_path, monkeypatch):
+    """--htp-precision auto (the default): a model whose fixed-point graph fails the gate gets
+    its qnn-htp graphs rebuilt in float16 on the HTP, which pass, and the report says why. The
+    fixture's fixed-point graph passes, so its text-dependent ranges are cut to a hundredth here: every
+    larger activation clips, as a real model's outliers would past a wrongly calibrated range."""
+    from kvcompile.targets import qnn_htp
+
+    real = qnn_htp.calibrated_ranges
+
+    def clipped_ranges(static_path, op_types, reader, headroom, text_dependent, cache_path):
+        return real(static_path, op_types, reader, headroom / 100, text_dependent, cache_path)
+
+    monkeypatch.setattr(qnn_htp, "calibrated_ranges", clipped_ranges)
+    out = tmp_path / "out"
+    report = compile_model(CompileOptions(model=DYNAMO, out_dir=out, targets=("qnn-htp",), max_context=CONTEXT,
+                                          calib_tokens=2048, eval_tokens=2048)).report
+    target = report.targets["qnn-htp"]
+    assert target.facts["precision"] == "fp16" and target.quality.passed
+    assert target.quality.on_device.passed and target.quality.agreement.agrees
+    assert target.plan_changes[0].startswith("HTP precision: the fixed-point graph (uint16 activations, int8 weights) "
+                                             "failed the 2.0% gate, perplexity +")
+    assert not (out / "qnn-htp" / "model.qdq.onnx").exists() and (out / "qnn-htp" / "model.float.onnx").exists()
+    assert target.plan_changes[0] in (out / "report.md").read_text()

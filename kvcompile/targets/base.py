@@ -61,7 +61,8 @@ class TargetOptions:
     max_context: int | None = None  # static targets: tokens the fixed buffer holds
     socs: tuple[str, ...] = ("SM8650",)
     prefill_len: int | None = None  # qnn-htp: 0 for none (resolved by pipeline.within_limits)
-    htp_precision: str = "quantized"  # qnn-htp: "quantized" (uint16 activations, 8-bit weights) or "fp16"
+    htp_precision: str = "quantized"  # qnn-htp: "quantized" (uint16 activations, 8-bit weights), "fp16" or
+    # "auto" (the pipeline builds quantized, then float16 if that fails the gate)
 
 
 @dataclass(frozen=True)

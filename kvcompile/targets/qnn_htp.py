@@ -515,26 +515,30 @@ class QnnHtpTarget:
         """The gate reads the CPU EP run of the same QDQ graph over windows of the full context (the
         HTP simulator is too slow for them); on the HTP backend with CPU fallback disabled: agreement
         with that CPU run (the HTP must follow it: `Agreement.agrees`), a short text's decode-path
-        quality (it must pass the gate too), and every other SoC's context loads."""
+        quality (it must pass the gate too), and every other SoC's context loads. Where a failure
+        only decides a rebuild (`stop_once_failed`), the CPU run stops once it cannot pass and a
+        failed CPU run skips the simulator."""
         io = artifact.io
         socs = list(io.options.qnn_contexts)
-        htp = self.open(verifying.folder, io, socs[0])
         prefill_path = io.options.prefill_compiled_from
         cpu = Decoder(cpu_session(verifying.folder / io.options.compiled_from, as_written_qdq=True), io, prefill=(
             cpu_session(verifying.folder / prefill_path, as_written_qdq=True) if prefill_path else None))
+        gate = dict(prefill=VERIFY_PREFILL, batch=1, gate_pct=verifying.quality_gate_pct, text=verifying.eval_text,
+                    stop_once_failed=verifying.stop_once_failed)
+        quality = decode_quality(verifying.float_decoder, cpu, long_verification_windows(
+            verifying.eval_windows, io.max_context), ran_on=CPU_RUN[compiled_precision(io)], **gate)
+        if verifying.stop_once_failed and not quality.passed:
+            return quality
+        htp = self.open(verifying.folder, io, socs[0])
         graph = "QDQ graph" if compiled_precision(io) == QUANTIZED else "float graph (float32)"
         agreement_ = agreement(htp, cpu, verifying.eval_windows.reshape(-1), COMPARE_STEPS,
                                f"onnxruntime CPU EP, the same {graph}", compare_codes=False)
-        gate = dict(prefill=VERIFY_PREFILL, batch=1, gate_pct=verifying.quality_gate_pct, text=verifying.eval_text)
-        quality = decode_quality(verifying.float_decoder, cpu, long_verification_windows(
-            verifying.eval_windows, io.max_context), ran_on=CPU_RUN[compiled_precision(io)], **gate)
         short = verification_windows(verifying.eval_windows, HTP_WINDOWS, HTP_WINDOW, io.max_context)
         on_device = decode_quality(verifying.float_decoder, htp, short, ran_on=self.runs_on, **gate)
         for soc in socs[1:]:
             self.open(verifying.folder, io, soc)
         passed = quality.passed and on_device.passed and agreement_.agrees
-        return dataclasses.replace(quality, passed=passed, agreement=agreement_,
-                                   on_device=on_device)
+        return dataclasses.replace(quality, passed=passed, agreement=agreement_, on_device=on_device)
 
     def open(self, folder: Path, io: TargetIO, soc: str | None = None) -> Decoder:
         """The graphs compiled for `soc` (default: the first) on the HTP, CPU fallback disabled:
