@@ -40,6 +40,7 @@ from kvcompile.quant import symmetric_zero_point
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.latency import compare_decode_latency
 from kvcompile.runtimes.session import cpu_session
+from kvcompile.runtimes.weights import WeightPool
 
 MODES = ("auto", "on", "off")
 REFERENCE_CONTEXT = 1024  # the decode step timed for the report
@@ -131,7 +132,7 @@ def _unfusable_options(scheme: str, bits: float, fold_scales: bool) -> str | Non
 
 
 def decide(options: PlanOptions, original: Decoder, float_path: Path, kv: KVGraph, input_ids: str,
-           tokens: np.ndarray, limits: ModelLimits, work: Path, variant_for) -> FusionDecision:
+           tokens: np.ndarray, limits: ModelLimits, work: Path, weights: WeightPool, variant_for) -> FusionDecision:
     """Try fusing the float model at `float_path` as `options.fuse_attention` asks; `original` runs
     the model as given, `tokens` (1-D) are real text for the float check, `variant_for(path, kv,
     plan)` builds 4-bit variants for the latency probe."""
@@ -151,13 +152,14 @@ def decide(options: PlanOptions, original: Decoder, float_path: Path, kv: KVGrap
         path = work / "fused.onnx"
         ir.save(model, path)
         fused_kv = find_kv_cache(model)
-        fused = Decoder(cpu_session(path), float_model_io(fused_kv, str(path)))
+        fused = Decoder(cpu_session(path, weights=weights), float_model_io(fused_kv, str(path)))
         context = check_context(limits, tokens.size)
         if limits.window is not None and context <= limits.window:
             raise UnsupportedModelError(
                 f"the model's attention window is {limits.window} tokens and only {context} can be checked "
                 "(model limit or calibration text): the fused attention cannot be shown to keep it")
         difference = _float_difference(original, fused, tokens[None, :context])
+        del fused  # its session's memory (e.g. a folded copy of a tied lm_head) before the latency probe's
         tolerance = max(FLOAT_TOLERANCE[t.dtype] for t in kv.tensors)
         if difference > tolerance:
             raise UnsupportedModelError(

@@ -79,6 +79,8 @@ from kvcompile.kvstats import KVStats
 from kvcompile.runtimes.calibrate import collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.session import ORT_ERRORS, cpu_session
+from kvcompile.peak_rss import children_peak_rss_mib, peak_rss_mib
+from kvcompile.runtimes.weights import WeightPool
 from kvcompile.tokens import (MIN_TEXT_WINDOWS, bundled_text, decode_prefill, find_tokenizer, load_token_ids,
                               make_windows)
 
@@ -403,8 +405,8 @@ def stage_float_model(model: ir.Model, kv: KVGraph, rotate: str | None, work: Pa
     return path
 
 
-def build_variant(float_path: Path, kv: KVGraph, plan: QuantPlan, work: Path, optimize: bool = False,
-                  name: str = "variant.onnx") -> Decoder:
+def build_variant(float_path: Path, kv: KVGraph, plan: QuantPlan, work: Path, weights: WeightPool,
+                  optimize: bool = False, name: str = "variant.onnx") -> Decoder:
     """Compile the float model at `float_path` with `plan` into `work` and load it."""
     model = load_model(float_path, check=False)  # checked when the compile loaded its input
     quantize_graph(model, kv, plan)
@@ -412,17 +414,17 @@ def build_variant(float_path: Path, kv: KVGraph, plan: QuantPlan, work: Path, op
     ir.save(model, path)
     float_io = float_model_io(kv, str(float_path))
     io = dataclasses.replace(float_io, kv=[stored_kvio(k, plan) for k in float_io.kv])
-    return Decoder(cpu_session(path, optimize=optimize), io)
+    return Decoder(cpu_session(path, optimize=optimize, weights=weights), io)
 
 
-def load_input_model(model_path: Path, kv: KVGraph, tokens: np.ndarray) -> Decoder:
+def load_input_model(model_path: Path, kv: KVGraph, tokens: np.ndarray, weights: WeightPool) -> Decoder:
     """The user's model in onnxruntime, checked to load and to run a prefill and a decode step.
 
     Whatever onnxruntime refuses here is the input's problem (exit 2, one line), and so is a later
     failure of this decoder (it runs the model as given, e.g. at a longer context); onnxruntime
     failures on graphs kvcompile wrote are kvcompile's bugs (exit 1)."""
     try:
-        decoder = Decoder(cpu_session(model_path), float_model_io(kv, str(model_path)), input_model=model_path.name)
+        decoder = Decoder(cpu_session(model_path, weights=weights), float_model_io(kv, str(model_path)), input_model=model_path.name)
         cache = decoder.new_cache(1)
         decoder.step(cache, tokens[None, :-1])
         logits, _ = decoder.step(cache, tokens[None, -1:])
@@ -635,6 +637,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                        progress: Progress) -> CompileResult:
     """load -> analyze -> calibrate -> plan -> rewrite -> lower -> verify (DESIGN.md's data flow)."""
     timings: dict[str, Any] = {}
+    peak_rss: dict[str, int] = {}  # MiB: this process's peak by the end of each stage
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -642,6 +645,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         now = time.perf_counter()
         timings[name] = round(now - clock, 3)
         clock = now
+        peak_rss[name.removesuffix("_s")] = peak_rss_mib()
 
     def lap_sum(name: str) -> None:
         """`lap`, adding to what the stage already took (emit and verify run per group of targets)."""
@@ -660,7 +664,8 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         TARGETS[name].check(kv, stages.target)
     tokenizer = find_tokenizer(model_path, stages.analysis.tokenizer)
     texts = _load_texts(stages.texts, tokenizer, vocab_size(model, kv))
-    float_decoder = load_input_model(model_path, kv, texts.calib_windows[0, :8])
+    weights = WeightPool()  # every CPU session below reads the weights from one resident copy
+    float_decoder = load_input_model(model_path, kv, texts.calib_windows[0, :8], weights)
     lap("load_analyze_s")
 
     plan_options = stages.plan
@@ -670,17 +675,20 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         decomposed_kv, decomposed_path = kv, float_path  # static-shape targets are built from decomposed attention
         progress(f"checking attention fusion (--fuse-attention {plan_options.fuse_attention})", 0)
         fusion = decide_fusion(plan_options, float_decoder, float_path, kv, _input_ids_name(kv),
-                               texts.calib_windows.reshape(-1), limits, work,
-                               lambda path, graph, plan: build_variant(path, graph, plan, work, optimize=True,
-                                                                       name="latency.onnx"))
+                               texts.calib_windows.reshape(-1), limits, work, weights,
+                               lambda path, graph, plan: build_variant(path, graph, plan, work, weights,
+                                                                       optimize=True, name="latency.onnx"))
         if fusion.fused:
             model, kv, float_path = fusion.model, fusion.kv, fusion.path
         lap("fuse_s")
         # Calibration and auto's measurements run the float model before any fusion: its cache
         # holds the same entries (the fused float model was checked to match it) and it takes
         # chunks of several tokens for a whole batch, where GroupQueryAttention takes one row.
-        calib_decoder = float_decoder if decomposed_path == model_path else Decoder(
-            cpu_session(decomposed_path), float_model_io(decomposed_kv, str(decomposed_path)))
+        # The staged float model is the input itself unless it was rotated or normalized (then
+        # the input's session serves: one session less holding what onnxruntime folds per session).
+        same_graph = plan_options.rotate is None and not normalized
+        calib_decoder = float_decoder if decomposed_path == model_path or same_graph else Decoder(
+            cpu_session(decomposed_path, weights=weights), float_model_io(decomposed_kv, str(decomposed_path)))
         stats = collect_kv_stats(calib_decoder, texts.calib_windows,
                                  progress=progress(f"calibrating ({texts.calib_windows.size:,} tokens)",
                                                    int(texts.calib_windows.size)))
@@ -709,7 +717,8 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
             lap_sum("emit_s")
             verifying = VerifyInput(float_decoder=float_decoder, eval_windows=texts.eval_windows,
                                     eval_text=texts.eval_name, prefill=stages.texts.prefill,
-                                    quality_gate_pct=stages.quality_gate_pct, folder=stage, progress=progress)
+                                    quality_gate_pct=stages.quality_gate_pct, folder=stage, progress=progress,
+                                    weights=weights)
             qualities = {name: TARGETS[name].verify(artifact, dataclasses.replace(
                 verifying, stop_once_failed=name in rebuilt_if_failed)) for name, artifact in artifacts.items()}
             lap_sum("verify_s")
@@ -775,7 +784,8 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                 limits=LimitsSection(max_context=limits.max_context, sliding_window=limits.window,
                                      facts=list(limits.facts), eval_window=stages.texts.window,
                                      prefill=stages.texts.prefill),
-                timings={**timings, **fusion.timings()},
+                timings={**timings, **fusion.timings(), "peak_rss_mib": {
+                    **peak_rss, "child_processes": children_peak_rss_mib()}},
             )
             write_report(report, stage)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import onnxruntime as ort
 import onnxruntime.capi.onnxruntime_pybind11_state as _ort_state
 
+from kvcompile.runtimes.weights import WeightPool
+
 # What onnxruntime raises when it cannot load or run a model (none derive from RuntimeError).
 ORT_ERRORS = tuple(getattr(_ort_state, name) for name in (
     "EPFail", "EngineError", "Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoModel",
@@ -23,14 +25,17 @@ ORT_ERRORS = tuple(getattr(_ort_state, name) for name in (
 
 
 def cpu_session(model: Path | bytes, threads: int = 0, optimize: bool = True,
-                as_written_qdq: bool = False) -> ort.InferenceSession:
+                as_written_qdq: bool = False, weights: WeightPool | None = None) -> ort.InferenceSession:
     """An InferenceSession on the CPU EP (threads=0 lets onnxruntime pick).
 
     `as_written_qdq`: a QDQ graph computed as written (DequantizeLinear, the float op, then
     QuantizeLinear), the reference for a fixed-point backend. By default onnxruntime fuses each
     DequantizeLinear(int8 weight) -> MatMul into MatMulNBits, which quantizes the activations to
     int8 as well (accuracy level 4): SmolLM2's QDQ graph at 256 tokens lost KL 0.0103 to the float
-    graph that way, 0.0066 as written (README, qnn-htp)."""
+    graph that way, 0.0066 as written (README, qnn-htp).
+    `weights`: take the model's external weights from this pool (one resident copy for every
+    session of a compile), do not prepack them (a packed copy is private to its session) and
+    allocate without an arena (the memory of a large step returns to the system after it)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors arrive as exceptions; the log would repeat them on stderr
     options.intra_op_num_threads = threads
@@ -39,6 +44,11 @@ def cpu_session(model: Path | bytes, threads: int = 0, optimize: bool = True,
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if as_written_qdq:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if weights is not None and not isinstance(model, bytes):
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False  # an arena keeps its largest step's memory for the session's life
+        for name, value in weights.initializers(Path(model)).items():
+            options.add_initializer(name, value)
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

@@ -19,6 +19,7 @@ from kvcompile.passes.fuse_gqa import fuse_attention_passes
 from kvcompile.passes.manager import run_passes
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.session import cpu_session
+from kvcompile.runtimes.weights import WeightPool
 from synthetic import build_decoder
 
 
@@ -82,14 +83,14 @@ def test_decide_checks_the_fused_float_model(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 32, 64)
     limits = ModelLimits(max_context=None, window=None)
     original = Decoder(cpu_session(path), float_model_io(kv, str(path)))
-    decision = decide(PlanOptions(), original, path, kv, "input_ids", tokens, limits, tmp_path, None)
+    decision = decide(PlanOptions(), original, path, kv, "input_ids", tokens, limits, tmp_path, WeightPool(), None)
     assert not decision.fused and "does not reproduce the model" in decision.reason
     with pytest.raises(UnsupportedModelError, match="cannot fuse"):
-        decide(PlanOptions(fuse_attention="on"), original, path, kv, "input_ids", tokens, limits, tmp_path, None)
+        decide(PlanOptions(fuse_attention="on"), original, path, kv, "input_ids", tokens, limits, tmp_path, WeightPool(), None)
     for scheme, bits, fold, message in (("kivi", 4, False, "per-token scales"), ("per-channel", 8, False, "not 8-bit"),
                                         ("per-channel", 4, True, "--fold-scales")):
         options = PlanOptions(scheme=scheme, kv_bits=bits, fold_scales=fold)
-        assert message in decide(options, original, path, kv, "input_ids", tokens, limits, tmp_path, None).reason
+        assert message in decide(options, original, path, kv, "input_ids", tokens, limits, tmp_path, WeightPool(), None).reason
 
 
 def test_the_fusion_check_runs_past_the_window_and_within_the_limit():

@@ -11,6 +11,7 @@ from kvcompile.runtimes.calibrate import collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.sensitivity import float_prefill, mean_kl, reference_log_probs
 from kvcompile.runtimes.simulate import StoredCacheDecoder
+from kvcompile.runtimes.weights import WeightPool
 from synthetic import saved_llama_decoder
 
 
@@ -35,7 +36,7 @@ def decode(decoder: Decoder, windows: np.ndarray) -> np.ndarray:
 def test_simulation_matches_the_compiled_q_dq_model(synthetic, tmp_path, scheme, asymmetric):
     path, kv, decoder, windows, stats = synthetic
     plan = make_plan(kv, stats, 4, scheme, asymmetric=asymmetric)
-    compiled = decode(build_variant(path, kv, plan, tmp_path), windows)
+    compiled = decode(build_variant(path, kv, plan, tmp_path, WeightPool()), windows)
     simulated = decode(StoredCacheDecoder(decoder.session, decoder.io, plan.codecs(kv, packed=False)), windows)
     floating = decode(decoder, windows)
     assert np.abs(compiled - floating).max() > 1e-2, "4-bit storage changes the logits"

@@ -35,6 +35,7 @@ from kvcompile.manifest import TargetIO
 from kvcompile.plan import QuantPlan, TensorPlan, centered_channel_plan, tensor_plan
 from kvcompile.quality import TargetQuality
 from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.weights import WeightPool
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class VerifyInput:
     folder: Path  # the output folder holding the artifacts
     progress: Callable[[str, int], Callable[[int], None]]
     stop_once_failed: bool = False  # a failure only decides a rebuild: stop once the gate cannot pass
+    weights: WeightPool | None = None  # CPU sessions share the compile's one copy of the weights
 
 
 class Target(Protocol):

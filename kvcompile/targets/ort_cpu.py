@@ -162,7 +162,8 @@ class OrtCpuTarget:
         steps = scored_predictions(windows, verifying.prefill)
         progress = verifying.progress(f"verifying through the decode path ({windows.shape[0]} windows of "
                                       f"{windows.shape[1]} tokens)", steps)
-        return decode_quality(verifying.float_decoder, self.open(verifying.folder, artifact.io), windows,
+        compiled = Decoder(cpu_session(verifying.folder / artifact.io.model, weights=verifying.weights), artifact.io)
+        return decode_quality(verifying.float_decoder, compiled, windows,
                               prefill=verifying.prefill, batch=16, gate_pct=verifying.quality_gate_pct,
                               text=verifying.eval_text, ran_on=self.runs_on, progress=progress,
                               stop_once_failed=verifying.stop_once_failed)

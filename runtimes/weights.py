@@ -1,0 +1,137 @@
+"""One copy of a model's weights for every onnxruntime session of a compile.
+
+A compile runs several CPU sessions over graphs that hold the same weights: the input model,
+the fusion check's float model and latency variants, the calibration model, the compiled
+artifact it verifies and the static targets' CPU references. Each session reading its own
+model's data file, and prepacking its MatMul weights (a private copy of each), costs the weight
+bytes again per session (a 538 MB model: 0.5 GB of anonymous memory per session).
+
+`WeightPool` maps each external-data file once, read-only, and hands every session the same
+arrays through `SessionOptions.add_initializer` (onnxruntime then reads the initializer from that
+memory instead of loading it; prepacking is turned off, or the session would still keep its packed
+copy). A tensor another file holds with the same name and the same bytes (the float copy kvcompile
+stages, an artifact it wrote) is compared once, byte for byte, and then served from the first
+file's pages: the weights are resident once, however many sessions or files hold them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx.external_data_helper import ExternalDataInfo
+
+# Element types onnxruntime takes from a numpy array without a copy (int4, bfloat16, float8 and
+# strings are left for onnxruntime to load itself).
+_SHAREABLE = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT16: np.int16,
+    onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT32: np.uint32,
+    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.UINT64: np.uint64, onnx.TensorProto.BOOL: np.bool_,
+}
+_COMPARE_BLOCK = 1 << 24
+# Below this a tensor is not worth a shared mapping (onnxruntime loads it itself).
+MIN_SHARED_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class _Location:
+    """Where an external tensor's bytes are: a data file (resolved path) and a byte range."""
+    file: str
+    offset: int
+    length: int
+
+
+@dataclass
+class PoolStats:
+    """What the pool holds: bytes mapped and bytes served to sessions from another file's copy."""
+    tensors: int = 0
+    mapped_bytes: int = 0
+    aliased_tensors: int = 0
+    aliased_bytes: int = 0
+
+
+class WeightPool:
+    """Shared, read-only weight arrays for CPU sessions (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, np.memmap] = {}
+        self._values: dict[_Location, ort.OrtValue] = {}
+        self._by_name: dict[str, tuple[_Location, int, tuple[int, ...]]] = {}  # first location of each name
+        self._alias: dict[_Location, _Location] = {}
+        self.stats = PoolStats()
+
+    def initializers(self, model_path: Path) -> dict[str, ort.OrtValue]:
+        """The shared values for `model_path`'s external initializers (name -> OrtValue)."""
+        proto = onnx.load(str(model_path), load_external_data=False)
+        shared = {}
+        for tensor in proto.graph.initializer:
+            location = self._location(tensor, model_path.parent)
+            if location is None:
+                continue
+            value = self._value(tensor, location)
+            if value is not None:
+                shared[tensor.name] = value
+        return shared
+
+    def _location(self, tensor: onnx.TensorProto, base: Path) -> _Location | None:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _SHAREABLE:
+            return None
+        info = ExternalDataInfo(tensor)
+        itemsize = np.dtype(_SHAREABLE[tensor.data_type]).itemsize
+        length = info.length if info.length is not None and info.length > 0 else int(np.prod(tensor.dims)) * itemsize
+        if length < MIN_SHARED_BYTES or info.offset % itemsize or length != int(np.prod(tensor.dims)) * itemsize:
+            return None
+        path = os.path.realpath(base / info.location)
+        if not os.path.isfile(path) or os.path.getsize(path) < info.offset + length:
+            return None  # onnxruntime reports a broken reference in its own words
+        return _Location(path, info.offset, length)
+
+    def _value(self, tensor: onnx.TensorProto, location: _Location) -> ort.OrtValue | None:
+        dims = tuple(int(d) for d in tensor.dims)
+        source = self._alias.get(location, location)
+        if source not in self._values:
+            first = self._by_name.get(tensor.name)
+            if first is not None and first[1] == tensor.data_type and first[2] == dims and \
+                    first[0].length == location.length and first[0] != location and self._same_bytes(first[0], location):
+                self._alias[location] = source = first[0]
+                self.stats.aliased_tensors += 1
+                self.stats.aliased_bytes += location.length
+            else:
+                self._values[location] = self._map(location, tensor.data_type, dims)
+                self._by_name.setdefault(tensor.name, (location, tensor.data_type, dims))
+                self.stats.tensors += 1
+                self.stats.mapped_bytes += location.length
+        return self._values[source]
+
+    def _mapping(self, file: str) -> np.memmap:
+        if file not in self._files:
+            self._files[file] = np.memmap(file, dtype=np.uint8, mode="r")
+        return self._files[file]
+
+    def _map(self, location: _Location, data_type: int, dims: tuple[int, ...]) -> ort.OrtValue:
+        raw = self._mapping(location.file)[location.offset : location.offset + location.length]
+        return ort.OrtValue.ortvalue_from_numpy(raw.view(_SHAREABLE[data_type]).reshape(dims))
+
+    def _same_bytes(self, pooled: _Location, other: _Location) -> bool:
+        """Compare `other`'s bytes (read from its file, not mapped: they stay out of this
+        process's resident memory) with the pooled tensor's."""
+        mapped = self._mapping(pooled.file)
+        block = bytearray(min(_COMPARE_BLOCK, other.length))
+        with open(other.file, "rb") as f:
+            f.seek(other.offset)
+            done = 0
+            while done < other.length:
+                size = min(len(block), other.length - done)
+                view = memoryview(block)[:size]
+                if f.readinto(view) != size:
+                    return False
+                start = pooled.offset + done
+                if not np.array_equal(np.frombuffer(view, dtype=np.uint8), mapped[start : start + size]):
+                    return False
+                done += size
+        return True

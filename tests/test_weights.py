@@ -1,0 +1,83 @@
+"""One resident copy of the weights for every CPU session of a compile (runtimes/weights.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from kvcompile.runtimes.session import cpu_session
+from kvcompile.runtimes.weights import MIN_SHARED_BYTES, WeightPool
+from synthetic import build_decoder
+
+
+def _saved(proto: onnx.ModelProto, folder, name: str = "model.onnx"):
+    folder.mkdir(parents=True, exist_ok=True)
+    model = ir.serde.deserialize_model(proto)
+    path = folder / name
+    ir.save(model, path, external_data=name + ".data", size_threshold_bytes=1024)
+    return path
+
+
+def _feeds(session):
+    feeds = {}
+    for value in session.get_inputs():
+        dims = [d if isinstance(d, int) else 1 for d in value.shape]
+        if "past" in value.name:
+            feeds[value.name] = np.random.default_rng(1).standard_normal([*dims[:2], 3, *dims[3:]]).astype(np.float32)
+        elif value.name in ("input_ids", "position_ids"):
+            feeds[value.name] = np.array([[5, 7]], dtype=np.int64) if value.name == "input_ids" else \
+                np.array([[3, 4]], dtype=np.int64)
+        else:  # attention mask over 3 past + 2 new positions
+            feeds[value.name] = np.ones([1, 5], dtype=np.int64)
+    return feeds
+
+
+def _large(proto: onnx.ModelProto) -> list[str]:
+    return [t.name for t in proto.graph.initializer if onnx.numpy_helper.to_array(t).nbytes >= MIN_SHARED_BYTES]
+
+
+@pytest.fixture(scope="module")
+def decoder_proto():
+    return build_decoder("llama", layers=2, heads=4, kv_heads=2, head_dim=64)
+
+
+def test_sessions_on_copies_of_the_weights_read_one_mapping(decoder_proto, tmp_path):
+    """The model and a byte-identical copy in another folder (another data file, as the staged
+    float model and an artifact are): the copy's tensors are served from the first file's
+    mapping, and both sessions compute what an unshared session does."""
+    original = _saved(decoder_proto, tmp_path / "input")
+    copy = _saved(decoder_proto, tmp_path / "work", "float.onnx")
+    pool = WeightPool()
+    first = cpu_session(original, weights=pool)
+    mapped = pool.stats.mapped_bytes
+    second = cpu_session(copy, weights=pool)
+    large = _large(decoder_proto)
+    assert large and pool.stats.tensors == len(large)
+    assert pool.stats.aliased_tensors == len(large) and pool.stats.mapped_bytes == mapped
+    feeds = _feeds(first)
+    expected = cpu_session(original).run(None, feeds)[0]
+    np.testing.assert_allclose(first.run(None, feeds)[0], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(second.run(None, feeds)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tensor_with_other_bytes_is_not_served_from_the_pool(decoder_proto, tmp_path):
+    """A copy in which one weight differs (same name, shape and size) keeps its own bytes: the
+    pool compares, it does not trust names."""
+    original = _saved(decoder_proto, tmp_path / "input")
+    changed = onnx.ModelProto()
+    changed.CopyFrom(decoder_proto)
+    weight = max(changed.graph.initializer, key=lambda t: onnx.numpy_helper.to_array(t).nbytes)
+    values = onnx.numpy_helper.to_array(weight) * 2.0
+    weight.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), weight.name))
+    other = _saved(changed, tmp_path / "other")
+    pool = WeightPool()
+    first = cpu_session(original, weights=pool)
+    second = cpu_session(other, weights=pool)
+    large = _large(decoder_proto)
+    assert pool.stats.aliased_tensors == len(large) - 1
+    feeds = _feeds(first)
+    np.testing.assert_allclose(second.run(None, feeds)[0], cpu_session(other).run(None, feeds)[0], rtol=1e-5,
+                               atol=1e-5)
+    assert np.abs(second.run(None, feeds)[0] - first.run(None, feeds)[0]).max() > 1e-3
