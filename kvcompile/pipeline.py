@@ -42,6 +42,7 @@ from kvcompile.passes.normalize import normalize_export
 from kvcompile.passes.gqa_float_slots import GQAFloatSlotsPass, float_slot_layers
 from kvcompile.passes.quantize_gqa import QuantizeGQACachePass
 from kvcompile.passes.transform_kv import KVTransform, transform_passes
+from kvcompile.passes.unfuse_gqa_rotary import UnfuseGQARotaryPass
 from kvcompile.passes.quantize_kv_boundary import (
     QuantizeKVBoundaryPass,
 )
@@ -662,6 +663,9 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
     stages = within_limits(stages, limits)
     for name in stages.targets:
         TARGETS[name].check(kv, stages.target)
+    if run_passes(model, UnfuseGQARotaryPass(kv)):  # after read_limits: it reads the node's rotary tables
+        normalized = True
+        kv = analyze(model, stages.analysis.kv_map)  # the keys are now centerable and take float slots
     tokenizer = find_tokenizer(model_path, stages.analysis.tokenizer)
     texts = _load_texts(stages.texts, tokenizer, vocab_size(model, kv))
     weights = WeightPool()  # every CPU session below reads the weights from one resident copy
