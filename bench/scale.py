@@ -30,6 +30,7 @@ from pathlib import Path
 from bench.measure import measure, run_measured
 
 LAYERS = (2, 4, 8, 16)
+WEIGHTS = ("float32", "int4")
 STAGES = ("load_analyze", "fuse", "calibrate_plan", "rewrite", "emit", "verify")  # the compile's order
 CALIBRATED_FLAGS = ["--max-context", "256", "--calib-tokens", "1024", "--eval-tokens", "1024"]
 # The random-weight model has no tokenizer; the fixture's (2,048 ids) turns the bundled texts into ids.
@@ -43,17 +44,27 @@ LLAMA_3_2_1B = dict(
 )
 
 
-def make_model(layers: int, out_dir: Path) -> Path:
-    """Export a random-weight Llama-3.2-1B-shaped decoder with `layers` layers (torch needed)."""
+def make_model(layers: int, out_dir: Path, weights: str = "float32") -> Path:
+    """Export a random-weight Llama-3.2-1B-shaped decoder with `layers` layers (torch needed):
+    float32 through torch.onnx dynamo, or `int4`: the onnxruntime-genai builder's `-p int4`
+    export (MatMulNBits weights, GroupQueryAttention), the form phone users have."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from models.export import export_dynamo
+    from models.exporters import TOKENIZER_FILES, export_genai
 
     torch.manual_seed(0)
     config = LlamaConfig(**LLAMA_3_2_1B, num_hidden_layers=layers, attn_implementation="eager")
     model = LlamaForCausalLM(config).eval()
-    return export_dynamo(model, out_dir, external_data=True, tokenizer=False)
+    if weights == "float32":
+        return export_dynamo(model, out_dir, external_data=True, tokenizer=False)
+    with tempfile.TemporaryDirectory(prefix="kvcompile-scale-hf-") as hf:
+        model.save_pretrained(hf, safe_serialization=True)
+        del model
+        for name in TOKENIZER_FILES:  # the builder writes the tokenizer next to the model
+            shutil.copyfile(TOKENIZER.parent / name, Path(hf) / name)
+        return export_genai(Path(hf), out_dir, "int4")
 
 
 def run_one_step(out_dir: Path) -> dict:
@@ -79,10 +90,12 @@ def run_one_step(out_dir: Path) -> dict:
             "cache_bytes_after_9_tokens": cache.nbytes()}
 
 
-def scale_row(layers: int, work: Path) -> dict:
-    model_dir, out_dir = work / f"llama-1b-shaped-{layers}l", work / f"llama-1b-shaped-{layers}l.kvcompiled"
-    print(f"scale: exporting {layers} layers", file=sys.stderr, flush=True)
-    export_s, export_rss = measure([sys.executable, "-m", "bench.scale", "--make", str(layers), str(model_dir)])
+def scale_row(layers: int, work: Path, weights: str = "float32") -> dict:
+    model_dir = work / f"llama-1b-shaped-{layers}l-{weights}"
+    out_dir = model_dir.with_name(model_dir.name + ".kvcompiled")
+    print(f"scale: exporting {layers} layers ({weights})", file=sys.stderr, flush=True)
+    export_s, export_rss = measure([sys.executable, "-m", "bench.scale", "--make", str(layers), str(model_dir),
+                                    "--weights", weights])
     model = model_dir / "model.onnx"
     weight_bytes = sum(p.stat().st_size for p in model_dir.iterdir())
     command = ["kvcompile", "MODEL", "--kv-bits", "4", "--no-calibration"]
@@ -97,6 +110,7 @@ def scale_row(layers: int, work: Path) -> dict:
     calibrated = calibrated_compile(model, out_dir, weight_bytes)
     row = {
         "layers": layers,
+        "weights": weights,
         "parameters": report["memory_wall"]["weights"]["parameters"],
         "model_bytes": weight_bytes,
         "export_seconds": round(export_s, 1), "export_peak_rss_mib": round(export_rss),
@@ -144,38 +158,40 @@ def calibrated_compile(model: Path, out_dir: Path, weight_bytes: int) -> dict:
     }
 
 
-def scale_rows(work: Path, layers: tuple[int, ...] = LAYERS) -> list[dict]:
-    return [scale_row(n, work) for n in layers]
+def scale_rows(work: Path, layers: tuple[int, ...] = LAYERS, weights: tuple[str, ...] = WEIGHTS) -> list[dict]:
+    return [scale_row(n, work, w) for w in weights for n in layers]
 
 
 def scale_table(rows: list[dict]) -> str:
     lines = [
-        "| layers | parameters | model (float32) | export | compile time | compile peak RSS | RSS / weights | "
+        "| layers | parameters | weights (bytes stored) | export | compile time | compile peak RSS | RSS / weights | "
         "KV bytes/token fp16 -> 4-bit | .ort | ORT load + decode step | ORT peak RSS |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         kv = r["kv_bytes_per_token"]
         lines.append(
-            f"| {r['layers']} | {r['parameters'] / 1e9:.3f} B | {r['model_bytes'] / 1e9:.2f} GB | {r['export_seconds']} s | "
+            f"| {r['layers']} | {r['parameters'] / 1e9:.3f} B | {r['weights']} {r['model_bytes'] / 1e9:.2f} GB | "
+            f"{r['export_seconds']} s | "
             f"{r['compile_seconds']} s | {r['compile_peak_rss_mib']:,} MiB | {r['peak_rss_vs_weights']:.3f} | "
             f"{kv['fp16']:,} -> {kv['compiled']:,.0f} | {'written' if r['ort_format'] else 'skipped (>1 GiB)'} | "
             f"{r['ort_load_seconds']} s + {r['ort_decode_step_ms']} ms | {r['ort_peak_rss_mib']:,} MiB |")
     calibrated = [r for r in rows if r.get("calibrated")]
     if calibrated:
         lines += ["", f"Calibrated and verified (`{calibrated[0]['calibrated']['command']}`):", "",
-                  "| layers | compile time | exit | peak RSS | RSS / weights | peak reached in | "
+                  "| layers | weights | compile time | exit | peak RSS | RSS / weights | peak reached in | "
                   "calibration tokens/s | verification tokens/s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in calibrated:
             c = r["calibrated"]
             by_stage = c["stage_peak_rss_mib"]  # the peak so far at each stage's end
             peak_stage = next(s for s in STAGES if by_stage.get(s) == max(by_stage.get(t, 0) for t in STAGES))
-            lines.append(f"| {r['layers']} | {c['seconds']} s | {c['exit']} | {c['peak_rss_mib']:,} MiB | "
+            lines.append(f"| {r['layers']} | {r['weights']} | {c['seconds']} s | {c['exit']} | {c['peak_rss_mib']:,} MiB | "
                          f"{c['peak_rss_vs_weights']:.2f} | {peak_stage} ({by_stage[peak_stage]:,} MiB) | "
                          f"{c['calibration_tokens_per_s']} | {c['verification_tokens_per_s']} |")
-    if len(rows) > 1:
-        first, last = rows[0], rows[-1]
+    float32 = [r for r in rows if r["weights"] == "float32"]
+    if len(float32) > 1:
+        first, last = float32[0], float32[-1]
         lines.append("")
         lines.append(
             f"From {first['layers']} to {last['layers']} layers the weights grow "
@@ -188,19 +204,20 @@ def scale_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
+    parser.add_argument("--weights", nargs="+", default=list(WEIGHTS), choices=WEIGHTS)
     parser.add_argument("--make", nargs=2, metavar=("LAYERS", "DIR"),
-                        help="only export the model with LAYERS layers to DIR (and keep it)")
+                        help="only export the model with LAYERS layers to DIR (and keep it; one --weights)")
     parser.add_argument("--step", metavar="OUTDIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make:
-        make_model(int(args.make[0]), Path(args.make[1]))
+        make_model(int(args.make[0]), Path(args.make[1]), args.weights[0])
         return
     if args.step:
         out_dir = Path(args.step)
         (out_dir / "step.json").write_text(json.dumps(run_one_step(out_dir)))
         return
     with tempfile.TemporaryDirectory(prefix="kvcompile-scale-") as tmp:
-        rows = scale_rows(Path(tmp), tuple(args.layers))
+        rows = scale_rows(Path(tmp), tuple(args.layers), tuple(args.weights))
     print(json.dumps(rows, indent=2))
     print(scale_table(rows))
 
