@@ -34,8 +34,9 @@ def cpu_session(model: Path | bytes, threads: int = 0, optimize: bool = True,
     int8 as well (accuracy level 4): SmolLM2's QDQ graph at 256 tokens lost KL 0.0103 to the float
     graph that way, 0.0066 as written (README, qnn-htp).
     `weights`: take the model's external weights from this pool (one resident copy for every
-    session of a compile), do not prepack them (a packed copy is private to its session) and
-    allocate without an arena (the memory of a large step returns to the system after it)."""
+    session of a compile), do not prepack them (a packed copy is private to its session) unless
+    the graph runs a kernel that needs it (`weights.NEEDS_PREPACKING`), and allocate without an
+    arena (the memory of a large step returns to the system after it)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors arrive as exceptions; the log would repeat them on stderr
     options.intra_op_num_threads = threads
@@ -45,9 +46,11 @@ def cpu_session(model: Path | bytes, threads: int = 0, optimize: bool = True,
     if as_written_qdq:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
     if weights is not None and not isinstance(model, bytes):
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        shared = weights.initializers(Path(model))
+        if not shared.prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         options.enable_cpu_mem_arena = False  # an arena keeps its largest step's memory for the session's life
-        for name, value in weights.initializers(Path(model)).items():
+        for name, value in shared.values.items():
             options.add_initializer(name, value)
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

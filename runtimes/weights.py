@@ -11,7 +11,8 @@ arrays through `SessionOptions.add_initializer` (onnxruntime then reads the init
 memory instead of loading it; prepacking is turned off, or the session would still keep its packed
 copy). A tensor another file holds with the same name and the same bytes (the float copy kvcompile
 stages, an artifact it wrote) is compared once, byte for byte, and then served from the first
-file's pages: the weights are resident once, however many sessions or files hold them.
+file's pages: the weights are resident once, however many sessions or files hold them. Sessions
+running a kernel whose unpacked path is slow (`NEEDS_PREPACKING`) keep prepacking.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ _SHAREABLE = {
     onnx.TensorProto.INT64: np.int64, onnx.TensorProto.UINT64: np.uint64, onnx.TensorProto.BOOL: np.bool_,
 }
 _COMPARE_BLOCK = 1 << 24
+# Kernels whose path without prepacked weights is several times slower: MatMulNBits (int4 weights)
+# ran a SmolLM2 decode step at batch 12 in 1,213 ms unpacked against 184 ms packed. A session
+# running one keeps prepacking (its packed copy of 4-bit weights is small); float MatMul does not
+# need it (75.7 vs 49.2 ms a step, and its packed copy is the weights' size).
+NEEDS_PREPACKING = {"MatMulNBits"}
 # Below this a tensor is not worth a shared mapping (onnxruntime loads it itself).
 MIN_SHARED_BYTES = 1024
 
@@ -44,6 +50,14 @@ class _Location:
     file: str
     offset: int
     length: int
+
+
+@dataclass(frozen=True)
+class SharedInitializers:
+    """What a session takes from the pool: initializer name -> shared value, and whether its
+    kernels must prepack (NEEDS_PREPACKING)."""
+    values: dict[str, ort.OrtValue]
+    prepack: bool
 
 
 @dataclass
@@ -65,8 +79,9 @@ class WeightPool:
         self._alias: dict[_Location, _Location] = {}
         self.stats = PoolStats()
 
-    def initializers(self, model_path: Path) -> dict[str, ort.OrtValue]:
-        """The shared values for `model_path`'s external initializers (name -> OrtValue)."""
+    def initializers(self, model_path: Path) -> SharedInitializers:
+        """The shared values for `model_path`'s external initializers, and whether the session
+        must prepack them."""
         proto = onnx.load(str(model_path), load_external_data=False)
         shared = {}
         for tensor in proto.graph.initializer:
@@ -76,7 +91,8 @@ class WeightPool:
             value = self._value(tensor, location)
             if value is not None:
                 shared[tensor.name] = value
-        return shared
+        ops = {node.op_type for node in proto.graph.node}
+        return SharedInitializers(shared, prepack=bool(ops & NEEDS_PREPACKING))
 
     def _location(self, tensor: onnx.TensorProto, base: Path) -> _Location | None:
         if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _SHAREABLE:

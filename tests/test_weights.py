@@ -81,3 +81,27 @@ def test_a_tensor_with_other_bytes_is_not_served_from_the_pool(decoder_proto, tm
     np.testing.assert_allclose(second.run(None, feeds)[0], cpu_session(other).run(None, feeds)[0], rtol=1e-5,
                                atol=1e-5)
     assert np.abs(second.run(None, feeds)[0] - first.run(None, feeds)[0]).max() > 1e-3
+
+
+def test_a_graph_with_4bit_matmuls_keeps_prepacking(decoder_proto, tmp_path):
+    """MatMulNBits without prepacked weights runs several times slower (weights.NEEDS_PREPACKING);
+    a float graph's MatMuls do without."""
+    rows, depth, block = 64, 64, 32
+    node = onnx.helper.make_node("MatMulNBits", ["x", "codes", "scales"], ["y"], domain="com.microsoft",
+                                 K=depth, N=rows, bits=4, block_size=block)
+    codes = onnx.numpy_helper.from_array(
+        np.random.default_rng(0).integers(0, 256, (rows, depth // block, block // 2), dtype=np.uint8), "codes")
+    scales = onnx.numpy_helper.from_array(np.full(rows * depth // block, 0.01, np.float32), "scales")
+    graph = onnx.helper.make_graph([node], "nbits", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                       [1, depth])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, rows])],
+                                   [codes, scales])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21),
+                                                         onnx.helper.make_opsetid("com.microsoft", 1)])
+    int4 = _saved(proto, tmp_path / "int4")
+    pool = WeightPool()
+    assert pool.initializers(int4).prepack and "codes" in pool.initializers(int4).values
+    assert not pool.initializers(_saved(decoder_proto, tmp_path / "float")).prepack
+    x = np.random.default_rng(1).standard_normal((1, depth)).astype(np.float32)
+    np.testing.assert_allclose(cpu_session(int4, weights=pool).run(None, {"x": x})[0],
+                               cpu_session(int4).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
