@@ -39,7 +39,11 @@ def _pattern(names: list[str]) -> str | None:
 def unsupported_reason(kv: KVGraph, io: TargetIO) -> str | None:
     if any(k.head is not None for k in io.kv):
         return "the cache is one tensor per head"
-    if any(k.params for k in io.kv):
+    kinds = {p.kind for k in io.kv for p in k.params}
+    if kinds & {"sink", "recent"}:
+        return ("the float sink and recent slots are extra cache inputs, which onnxruntime-genai does not "
+                "feed (--float-slots 0 0 leaves them out, if the gate passes without them)")
+    if kinds:
         return "per-token scales are stored as extra cache inputs, which onnxruntime-genai does not feed"
     for kind in ("key", "value"):
         for side in ("input", "output"):

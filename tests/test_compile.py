@@ -425,6 +425,7 @@ def test_float_slots_are_added_when_the_gate_fails_without_them(tmp_path, model)
     alone = float(decision.split("lost ")[1].split("%")[0])
     assert report["quality"]["ppl_delta_pct"] < alone / 2
     assert "first_verify_s" in report["timings"]
+    assert "float sink and recent slots" in report["targets"]["ort-cpu"]["onnxruntime_genai"]
     peaks = report["timings"]["peak_rss_mib"]  # the peak so far at each stage's end: never falls
     assert 0 < peaks["load_analyze"] <= peaks["fuse"] <= peaks["calibrate_plan"] <= peaks["verify"]
     assert "verification stopped there: it could no longer pass" in decision, decision  # the first one's only job
