@@ -35,8 +35,9 @@ def cpu_session(model: Path | bytes, threads: int = 0, optimize: bool = True,
     graph that way, 0.0066 as written (README, qnn-htp).
     `weights`: take the model's external weights from this pool (one resident copy for every
     session of a compile), do not prepack them (a packed copy is private to its session) unless
-    the graph runs a kernel that needs it (`weights.NEEDS_PREPACKING`), and allocate without an
-    arena (the memory of a large step returns to the system after it)."""
+    the graph runs a kernel that needs it (`weights.NEEDS_PREPACKING`), read transposed weights as
+    stored (`weights.read_transposed_weights_in_place`), and allocate without an arena (the memory
+    of a large step returns to the system after it)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors arrive as exceptions; the log would repeat them on stderr
     options.intra_op_num_threads = threads
@@ -52,6 +53,12 @@ def cpu_session(model: Path | bytes, threads: int = 0, optimize: bool = True,
         options.enable_cpu_mem_arena = False  # an arena keeps its largest step's memory for the session's life
         for name, value in shared.values.items():
             options.add_initializer(name, value)
+        if shared.graph is not None:  # the graph reads transposed weights in place; the rest of its data is here
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(Path(model).parent))
+        session = ort.InferenceSession(shared.graph or str(model), options, providers=["CPUExecutionProvider"])
+        session.weight_pool = weights  # onnxruntime reads the pool's arrays: they must live as long as the session
+        return session
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

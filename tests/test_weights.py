@@ -105,3 +105,49 @@ def test_a_graph_with_4bit_matmuls_keeps_prepacking(decoder_proto, tmp_path):
     x = np.random.default_rng(1).standard_normal((1, depth)).astype(np.float32)
     np.testing.assert_allclose(cpu_session(int4, weights=pool).run(None, {"x": x})[0],
                                cpu_session(int4).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def _tied_head(dtype=onnx.TensorProto.FLOAT, also_read_by: str | None = None) -> onnx.ModelProto:
+    """Embedding Gather and an lm_head MatMul reading the same [vocab, hidden] weight through a
+    Transpose (how torch exports tied embeddings); `also_read_by` adds another reader of the Transpose."""
+    vocab, hidden = 96, 32
+    h = onnx.helper
+    weight = onnx.numpy_helper.from_array(
+        np.random.default_rng(2).standard_normal((vocab, hidden)).astype(onnx.helper.tensor_dtype_to_np_dtype(dtype)),
+        "embed")
+    nodes = [h.make_node("Gather", ["embed", "ids"], ["x"]),
+             h.make_node("Transpose", ["embed"], ["embed_t"], perm=[1, 0]),
+             h.make_node("MatMul", ["x", "embed_t"], ["logits"])]
+    outputs = [h.make_tensor_value_info("logits", dtype, [1, None, vocab])]
+    if also_read_by:
+        nodes.append(h.make_node(also_read_by, ["embed_t"], ["other"]))
+        outputs.append(h.make_tensor_value_info("other", dtype, None))
+    graph = h.make_graph(nodes, "tied", [h.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, None])],
+                         outputs, [weight])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+
+
+def test_a_weight_read_through_a_transpose_is_read_as_stored(tmp_path):
+    """A tied lm_head: onnxruntime would fold Transpose(embedding) into a private transposed copy
+    per session; the pooled session reads the stored weight (FusedMatMul transB) and computes
+    the same logits, bit for bit."""
+    path = _saved(_tied_head(), tmp_path / "tied")
+    shared = WeightPool().initializers(path)
+    assert shared.graph is not None
+    session_graph = onnx.load_from_string(shared.graph)
+    assert [n.op_type for n in session_graph.graph.node] == ["Gather", "FusedMatMul"]
+    assert onnx.load(str(path), load_external_data=False).graph.node[1].op_type == "Transpose"  # the file is unchanged
+    ids = np.array([[3, 50, 7, 95]], dtype=np.int64)
+    pooled = cpu_session(path, weights=WeightPool()).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(pooled, cpu_session(path).run(None, {"ids": ids})[0])
+
+
+@pytest.mark.parametrize("model", [_tied_head(onnx.TensorProto.FLOAT16), _tied_head(also_read_by="Relu")],
+                         ids=["float16", "transpose-read-elsewhere"])
+def test_a_transpose_kept_where_fused_matmul_cannot_take_its_place(model, tmp_path):
+    """float16 (no CPU FusedMatMul kernel) and a Transpose another op also reads stay as written."""
+    path = _saved(model, tmp_path / "kept")
+    assert WeightPool().initializers(path).graph is None
+    ids = np.array([[1, 2]], dtype=np.int64)
+    np.testing.assert_array_equal(cpu_session(path, weights=WeightPool()).run(None, {"ids": ids})[0],
+                                  cpu_session(path).run(None, {"ids": ids})[0])
