@@ -28,6 +28,8 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
+from kvcompile.runtimes.ort_tools import load_tool
+
 SHAPE_CONSTANT_LIMIT = 1024  # initializers with more elements are weights: passed by type and shape
 
 def _without_weights(model: ir.Model) -> onnx.ModelProto:
@@ -67,7 +69,7 @@ def _known(shape: ir.Shape) -> int:
 
 class SymbolicShapeInferencePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        SymbolicShapeInference = load_tool("symbolic_shape_infer").SymbolicShapeInference
 
         quiet = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
         level, quiet.level = quiet.level, logging.CRITICAL
