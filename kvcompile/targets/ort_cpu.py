@@ -35,12 +35,23 @@ from kvcompile.targets.base import Artifact, Capabilities, LoweringInput, Target
 FOLDER = "ort-cpu"
 
 
+# What onnxruntime's converter (`onnxruntime.tools.convert_onnx_models_to_ort`, optimization style
+# Fixed, level all, target ARM) does to write the file: one session that saves its optimized graph in
+# the ORT format. Done here rather than through the tool: importing `onnxruntime.tools` imports
+# torch where it is installed, and the tool then reloads the file it wrote to list its operators;
+# without prepacking and the arena (neither changes the file) SmolLM2's conversion peaked at
+# 1,289 MiB instead of the tool's 2,008.
 _CONVERT = """
 import sys
-from pathlib import Path
-from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
-convert_onnx_models_to_ort(Path(sys.argv[1]), output_dir=Path(sys.argv[2]),
-                           optimization_styles=[OptimizationStyle.Fixed], target_platform="arm")
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.optimized_model_filepath = sys.argv[2]
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+options.add_session_config_entry("session.qdqisint8allowed", "1")
+options.add_session_config_entry("session.save_model_format", "ORT")
+options.add_session_config_entry("session.disable_prepacking", "1")
+options.enable_cpu_mem_arena = False
+ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"])
 """
 _ADDR_NO_RANDOMIZE = 0x0040000
 # The converter's whole environment: nothing of the caller's (see write_ort_format).
@@ -59,7 +70,7 @@ def _without_address_randomization() -> None:
 
 
 def write_ort_format(onnx_path: Path) -> Path:
-    """Convert to the ORT format next to the model (onnxruntime's converter, ARM target).
+    """Convert to the ORT format next to the model (as onnxruntime's converter does, ARM target).
 
     The converter writes some tables in the iteration order of pointer-keyed hash maps, so the
     file depends on where the process's allocations land. It runs in a child process with
@@ -74,8 +85,8 @@ def write_ort_format(onnx_path: Path) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        result = subprocess.run([sys.executable, "-c", _CONVERT, onnx_path.name, work.name], capture_output=True,
-                                text=True, cwd=onnx_path.parent, env=CONVERTER_ENV,
+        result = subprocess.run([sys.executable, "-c", _CONVERT, onnx_path.name, f"{work.name}/{target.name}"],
+                                capture_output=True, text=True, cwd=onnx_path.parent, env=CONVERTER_ENV,
                                 preexec_fn=_without_address_randomization)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no message"])[-1]
