@@ -7,15 +7,49 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-# The measuring process does nothing but wait, so RUSAGE_CHILDREN's ru_maxrss is the largest
-# resident set of the command and of every process it started (e.g. the ORT-format converter).
+# The measuring process does nothing but wait and sample. The peak RSS is the larger of two lower
+# bounds of the process tree's peak: RUSAGE_CHILDREN's ru_maxrss (the largest single process,
+# exact) and the summed RSS of the command and all its descendants sampled every 0.2 s (a child
+# such as the ORT-format converter runs beside the compile that holds its own memory).
 _MEASURE = """
-import json, resource, subprocess, sys, time
+import json, os, resource, subprocess, sys, threading, time
+
+def tree_rss_kib(root):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except OSError:
+                pass
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        except OSError:
+            pass
+    return total
+
 started = time.perf_counter()
-result = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-print(json.dumps({"returncode": result.returncode, "seconds": time.perf_counter() - started,
-                  "rss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-                  "stdout": result.stdout[-20000:], "stderr": result.stderr[-4000:]}))
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+output = {}
+threads = [threading.Thread(target=lambda name, stream: output.__setitem__(name, stream.read()), args=pair)
+           for pair in (("stdout", process.stdout), ("stderr", process.stderr))]
+for thread in threads:
+    thread.start()
+peak_tree = 0
+while process.poll() is None:
+    peak_tree = max(peak_tree, tree_rss_kib(process.pid))
+    time.sleep(0.2)
+for thread in threads:
+    thread.join()
+print(json.dumps({"returncode": process.returncode, "seconds": time.perf_counter() - started,
+                  "rss_kib": max(peak_tree, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss),
+                  "stdout": output["stdout"][-20000:], "stderr": output["stderr"][-4000:]}))
 """
 
 

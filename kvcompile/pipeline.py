@@ -78,6 +78,7 @@ from kvcompile.memory_wall import (
 from kvcompile.report import memory_figures, tensor_rows, write_report
 from kvcompile.kvstats import KVStats
 from kvcompile.runtimes.calibrate import collect_kv_stats
+from kvcompile.runtimes.kvcache import windows_together
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.session import ORT_ERRORS, cpu_session
 from kvcompile.peak_rss import children_peak_rss_mib, peak_rss_mib
@@ -237,6 +238,7 @@ def refuse_unsupported_attention(model: ir.Model, kv: KVGraph) -> None:
 
 
 DEFAULT_CONTEXT = 1024  # the context calibrated and verified at (and the static buffer) unless --max-context says
+MOST_CALIBRATED_TOGETHER = 8  # windows calibrated together (fewer for a large cache: kvcache.windows_together)
 MIN_WINDOW = 16  # the shortest evaluation window that still leaves decode steps after a prefill
 
 
@@ -693,10 +695,13 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         same_graph = plan_options.rotate is None and not normalized
         calib_decoder = float_decoder if decomposed_path == model_path or same_graph else Decoder(
             cpu_session(decomposed_path, weights=weights), float_model_io(decomposed_kv, str(decomposed_path)))
-        stats = collect_kv_stats(calib_decoder, texts.calib_windows,
+        calib_batch = windows_together(calib_decoder.io, texts.calib_windows.shape[1], texts.calib_windows.shape[0],
+                                       weights.stats.mapped_bytes, MOST_CALIBRATED_TOGETHER)
+        stats = collect_kv_stats(calib_decoder, texts.calib_windows, batch=calib_batch, samples_dir=work,
                                  progress=progress(f"calibrating ({texts.calib_windows.size:,} tokens)",
                                                    int(texts.calib_windows.size)))
         plan = _plan(kv, stats, calib_decoder, texts, plan_options, progress)
+        del calib_decoder  # a session of its own when the staged float model is not the input's graph
         slot_layers = float_slot_layers(model, kv) if any(plan_options.float_slots) else set()
         lap("calibrate_plan_s")
 

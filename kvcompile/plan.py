@@ -194,12 +194,12 @@ def tensor_plan(tensor: KVTensor, stats: KVStats, bits: int, granularity: str, c
         kind = "asymmetric" if not symmetric else "symmetric"
         return TensorPlan(tensor.past_input, tensor.label, bits, granularity, symmetric, None, None,
                           reason=f"{kind} scale computed for every {group} channels of each token", group=group)
-    samples = stats.tensors[tensor.past_input].samples
     absmax = stats.tensors[tensor.past_input].absmax
     if not symmetric:
         return _asymmetric_static_plan(tensor, stats, bits, granularity)
     if granularity == "per-channel" and tensor.centerable:
         return centered_channel_plan(tensor, stats, bits, clip)
+    samples = stats.tensors[tensor.past_input].samples
     if granularity == "per-tensor":
         scale = symmetric_scale(tensor_range(samples, bits, clip), bits)
         reason = f"one {clip} scale for the whole tensor (absmax {absmax.max():.3g})"

@@ -10,6 +10,7 @@ per-channel ranges over all tokens and a (strided) sample of tokens for clipping
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -30,17 +31,24 @@ def to_canonical(array: np.ndarray, kv: KVIO) -> np.ndarray:
 
 
 class _Running:
-    """One cache tensor's ranges so far and every `stride`-th entry (in calibration order)."""
+    """One cache tensor's ranges so far and every `stride`-th entry (in calibration order), held
+    or appended to `samples_file` as raw float32."""
 
-    def __init__(self, stride: int):
+    def __init__(self, stride: int, samples_file: Path | None = None):
         self.stride = stride
         self.seen = 0
         self.samples: list[np.ndarray] = []
+        self.samples_file = samples_file
         self.minimum = self.maximum = self.absmax = None
 
     def add(self, entries: np.ndarray) -> None:
         first = -self.seen % self.stride  # the first entry of this piece on the stride
-        self.samples.append(np.array(entries[first :: self.stride]))
+        kept = np.ascontiguousarray(entries[first :: self.stride], dtype=np.float32)
+        if self.samples_file is None:
+            self.samples.append(kept)
+        else:
+            with open(self.samples_file, "ab") as f:
+                kept.tofile(f)
         self.seen += entries.shape[0]
         low, high = entries.min(axis=0), entries.max(axis=0)
         self.minimum = low if self.minimum is None else np.minimum(self.minimum, low)
@@ -48,8 +56,9 @@ class _Running:
         self.absmax = np.maximum(np.abs(self.minimum), np.abs(self.maximum))
 
     def stats(self) -> TensorStats:
-        return TensorStats(samples=np.ascontiguousarray(np.concatenate(self.samples, axis=0)), absmax=self.absmax,
-                           minimum=self.minimum, maximum=self.maximum, tokens=self.seen)
+        held = None if self.samples_file is not None else np.ascontiguousarray(np.concatenate(self.samples, axis=0))
+        return TensorStats(held_samples=held, absmax=self.absmax, minimum=self.minimum, maximum=self.maximum,
+                           tokens=self.seen, samples_file=self.samples_file)
 
 
 def collect_kv_stats(
@@ -59,14 +68,19 @@ def collect_kv_stats(
     batch: int = 8,
     max_samples: int = 8192,
     progress: Callable[[int], None] | None = None,
+    samples_dir: Path | None = None,
 ) -> KVStats:
-    """Statistics of every cache tensor over `windows` [N, W] of calibration token ids.
+    """Statistics of every cache tensor over `windows` [N, W] of calibration token ids, `batch`
+    windows at a time.
 
     Streamed: ranges are updated per chunk and only every `stride`-th entry is kept as a sample
     (the stride that leaves at most `max_samples` of the windows' tokens), so calibration holds
-    the samples, not every entry of every token (SmolLM2, 8,192 tokens: 377 MB)."""
+    the samples, not every entry of every token (SmolLM2, 8,192 tokens: 377 MB of samples against
+    all entries' 1.5 GB). `samples_dir`: the samples are written there instead of held."""
     stride = max(1, -(-int(windows.size) // max_samples))
-    running: dict[str, _Running] = {kv.input: _Running(stride) for kv in decoder.io.kv}
+    running: dict[str, _Running] = {
+        kv.input: _Running(stride, None if samples_dir is None else Path(samples_dir) / f"calibration-samples-{i}.f32")
+        for i, kv in enumerate(decoder.io.kv)}
     for start in range(0, windows.shape[0], batch):
         tokens = windows[start : start + batch]
         cache = decoder.new_cache(tokens.shape[0])

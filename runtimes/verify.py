@@ -15,7 +15,6 @@ from kvcompile.runtimes.perplexity import DecodeScore, decode_path_scores, score
 
 FLOAT_CHUNK = 32  # tokens the float model is fed per call: its logits do not depend on it
 
-
 def decode_quality(float_decoder: Decoder, decoder: Decoder, windows: np.ndarray, *, prefill: int, batch: int,
                    gate_pct: float, text: str, ran_on: str,
                    progress: Callable[[int], None] | None = None, stop_once_failed: bool = False) -> TargetQuality:

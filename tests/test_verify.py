@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from conftest import DYNAMO
@@ -17,6 +18,7 @@ from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.perplexity import DecodeScore
 from kvcompile.runtimes.session import cpu_session
 from kvcompile.runtimes.simulate import StoredCacheDecoder
+from kvcompile.runtimes.kvcache import CACHE_FLOOR_BYTES, windows_together
 from kvcompile.runtimes.verify import cannot_pass, decode_quality
 
 
@@ -57,6 +59,19 @@ def test_a_failing_verification_stops_early_and_a_passing_one_runs_whole(fixture
     assert same.passed and not same.stopped_early and same.eval_tokens == planned
 
 
+def test_windows_decoded_together_keep_the_float_cache_within_half_the_weights(fixture_decoders):
+    """The fixture's float cache is 4 KiB a token (4 layers x K, V x 2 heads x 64 x float32)."""
+    decoder, _, _ = fixture_decoders
+    mib = 1 << 20
+    assert CACHE_FLOOR_BYTES == 256 * mib
+    io = decoder.io
+    assert windows_together(io, 1024, 12, weight_bytes=0, most=16) == 12  # 4 MiB windows: all at once
+    assert windows_together(io, 1024, 40, weight_bytes=0, most=16) == 16
+    assert windows_together(io, 16 * 1024, 12, weight_bytes=0, most=16) == 2  # 64 MiB windows, held twice: floor
+    assert windows_together(io, 16 * 1024, 12, weight_bytes=1024 * mib, most=16) == 4  # half the weights: 512 MiB
+    assert windows_together(io, 64 * 1024, 12, weight_bytes=0, most=16) == 1  # one window exceeds it: still one
+
+
 def test_a_qdq_reference_computes_the_graph_as_written(tmp_path):
     """qnn-htp's gate reads the CPU EP run of its QDQ graph as the HTP's stand-in. onnxruntime's
     default CPU session fuses DequantizeLinear(int8 weight) -> MatMul into MatMulNBits, which
@@ -88,3 +103,19 @@ def test_a_qdq_reference_computes_the_graph_as_written(tmp_path):
     scale = np.abs(exact).max()
     assert np.abs(as_written - exact).max() < 1e-5 * scale
     assert np.abs(fused - exact).max() > 1e-3 * scale  # what the default session would have measured
+
+
+def test_calibration_samples_streamed_to_disk_are_the_samples_it_would_hold(fixture_decoders, tmp_path):
+    """A large model's calibration writes its samples to a folder instead of holding them; what
+    the planner and the report read back is the same, entry for entry, and so is the plan."""
+    decoder, _, windows = fixture_decoders
+    held = collect_kv_stats(decoder, windows[:4], chunk=32, max_samples=100, batch=2)
+    streamed = collect_kv_stats(decoder, windows[:4], chunk=32, max_samples=100, batch=2, samples_dir=tmp_path)
+    for name, stats in held.tensors.items():
+        on_disk = streamed.tensors[name]
+        assert on_disk.held_samples is None and on_disk.samples_file.parent == tmp_path
+        np.testing.assert_array_equal(on_disk.samples, stats.samples)
+        np.testing.assert_array_equal(on_disk.absmax, stats.absmax)
+    kv = find_kv_cache(load_model(DYNAMO))
+    for ours, theirs in zip(make_plan(kv, streamed, 4, "per-channel").tensors, make_plan(kv, held, 4, "per-channel").tensors):
+        np.testing.assert_array_equal(ours.scale, theirs.scale)

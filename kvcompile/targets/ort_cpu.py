@@ -27,12 +27,14 @@ from kvcompile.plan import QuantPlan, stored_kvio
 from kvcompile.quality import TargetQuality
 from kvcompile.quant import SUPPORTED_BITS
 from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.kvcache import windows_together
 from kvcompile.runtimes.session import cpu_session
 from kvcompile.runtimes.perplexity import scored_predictions
 from kvcompile.runtimes.verify import decode_quality
 from kvcompile.targets.base import Artifact, Capabilities, LoweringInput, TargetOptions, VerifyInput
 
 FOLDER = "ort-cpu"
+MOST_VERIFIED_TOGETHER = 16  # windows decoded together in verification (fewer for a large cache)
 
 
 # What onnxruntime's converter (`onnxruntime.tools.convert_onnx_models_to_ort`, optimization style
@@ -174,8 +176,11 @@ class OrtCpuTarget:
         progress = verifying.progress(f"verifying through the decode path ({windows.shape[0]} windows of "
                                       f"{windows.shape[1]} tokens)", steps)
         compiled = Decoder(cpu_session(verifying.folder / artifact.io.model, weights=verifying.weights), artifact.io)
+        weight_bytes = verifying.weights.stats.mapped_bytes if verifying.weights is not None else 0
+        batch = windows_together(verifying.float_decoder.io, windows.shape[1], windows.shape[0], weight_bytes,
+                                 MOST_VERIFIED_TOGETHER)
         return decode_quality(verifying.float_decoder, compiled, windows,
-                              prefill=verifying.prefill, batch=16, gate_pct=verifying.quality_gate_pct,
+                              prefill=verifying.prefill, batch=batch, gate_pct=verifying.quality_gate_pct,
                               text=verifying.eval_text, ran_on=self.runs_on, progress=progress,
                               stop_once_failed=verifying.stop_once_failed)
 
