@@ -65,6 +65,7 @@ from kvcompile.report_types import (
 )
 from kvcompile.targets import TARGETS
 from kvcompile.targets.base import Artifact, LoweringInput, TargetOptions, VerifyInput, legalize
+from kvcompile.targets.ort_cpu import write_planned_ort_format
 from kvcompile.memory_wall import (
     DEFAULT_BUDGET,
     DEFAULT_DEVICE,
@@ -773,6 +774,9 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                 for merged, new in zip((artifacts, changes, qualities), built):
                     merged.update(new)
                 changes["qnn-htp"] = (decision,) + tuple(changes["qnn-htp"])
+            del float_decoder, weights  # the last sessions, and the weights they share, before the converter
+            write_planned_ort_format(stage, artifacts)
+            lap_sum("emit_s")
             manifest = write_manifest(artifacts, stage, model_path, tokenizer)
             memory = memory_figures(kv, plan)
             report = Report(
@@ -892,6 +896,7 @@ def compile_uncalibrated(stages: StageOptions, model_path: Path, out_dir: Path, 
         lowering = LoweringInput(model=model, kv=kv, plan=plan, float_path=model_path, float_kv=kv, stats=None,
                                  stage=stage, source_dir=model_path.parent, calib_ids=None, options=stages.target)
         artifacts, changes = lower_targets(stages.targets, lowering)
+        write_planned_ort_format(stage, artifacts)
         manifest = write_manifest(artifacts, stage, model_path, tokenizer)
         timings["emit_s"] = round(time.perf_counter() - started - timings["load_analyze_rewrite_s"], 3)
         memory = memory_figures(kv, plan)

@@ -45,20 +45,23 @@ def concrete_shape(shape: list[int | str], batch: int, seq: int, float_slots: li
 
 
 # A float model's cache for the windows decoded together (calibration, verification) is held
-# twice while a step runs (its past and its present) and is kept within half the weight bytes, or
-# within CACHE_FLOOR_BYTES for small models. SmolLM2's 12 verification windows of 1,024 tokens held
-# 565 MB of float cache, more than its 541 MB of weights; 2 windows hold 94 MB, decoded at about
-# half the predictions per second (33.6 against 65 measured).
+# twice while a step runs (its past and its present); kvcompile keeps that within the weight bytes,
+# or within CACHE_FLOOR_BYTES for small models. SmolLM2's 12 verification windows of 1,024 tokens
+# held 565 MB of float cache (1.1 GB during a step) for 541 MB of weights. Fewer windows at a time
+# cost time: its verification took 184 s with 12 windows a step and 434 s with 2 (measured).
 CACHE_FLOOR_BYTES = 256 << 20
 
 
 def windows_together(io: TargetIO, window: int, windows: int, weight_bytes: int, most: int) -> int:
     """How many of `windows` windows of `window` tokens to decode together through a model with
-    cache `io`: at most `most`, and within the memory rule above (at least one)."""
+    cache `io`: at most `most` and within the rule above (at least one), spread evenly over the
+    passes that takes (12 windows, 5 allowed: 3 passes of 4)."""
     per_window = sum(int(np.prod(concrete_shape(shape, 1, window, io.options.float_slots)))
                      * stored_numpy_dtype(dtype).itemsize for _, _, dtype, shape in stored_tensors(io))
-    budget = max(weight_bytes // 2, CACHE_FLOOR_BYTES)
-    return max(1, min(most, windows, budget // max(1, 2 * per_window)))
+    budget = max(weight_bytes, CACHE_FLOOR_BYTES)
+    allowed = max(1, min(most, windows, budget // max(1, 2 * per_window)))
+    passes = -(-windows // allowed)
+    return -(-windows // passes)
 
 
 class GrowingCache:

@@ -42,18 +42,29 @@ MOST_VERIFIED_TOGETHER = 16  # windows decoded together in verification (fewer f
 # the ORT format. Done here rather than through the tool: importing `onnxruntime.tools` imports
 # torch where it is installed, and the tool then reloads the file it wrote to list its operators;
 # without prepacking and the arena (neither changes the file) SmolLM2's conversion peaked at
-# 1,289 MiB instead of the tool's 2,008.
+# 1,289 MiB instead of the tool's 2,008. For the ort-cpu artifact (third argument "in-place"), a
+# weight a MatMul reads through a Transpose (a tied lm_head) is read as stored (FusedMatMul transB,
+# `read_transposed_weights_in_place`): the file then holds it once, not also the transposed copy
+# onnxruntime's constant folding would save (113 MB for SmolLM2), and a phone loading it maps that
+# much less. Not for nnapi: FusedMatMul is not an NNAPI operator.
 _CONVERT = """
-import sys
+import os, sys
+import onnx
 import onnxruntime as ort
+from kvcompile.runtimes.weights import read_transposed_weights_in_place
+model = onnx.load(sys.argv[1], load_external_data=False)
+if sys.argv[3] == "in-place":
+    read_transposed_weights_in_place(model, {tensor.name for tensor in model.graph.initializer})
 options = ort.SessionOptions()
 options.optimized_model_filepath = sys.argv[2]
 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 options.add_session_config_entry("session.qdqisint8allowed", "1")
 options.add_session_config_entry("session.save_model_format", "ORT")
 options.add_session_config_entry("session.disable_prepacking", "1")
+options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.getcwd())
 options.enable_cpu_mem_arena = False
-ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"])
+ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                     disabled_optimizers=["NchwcTransformer"])
 """
 _ADDR_NO_RANDOMIZE = 0x0040000
 # The converter's whole environment: nothing of the caller's (see write_ort_format).
@@ -71,8 +82,9 @@ def _without_address_randomization() -> None:
     ctypes.CDLL(None, use_errno=True).personality(_ADDR_NO_RANDOMIZE)
 
 
-def write_ort_format(onnx_path: Path) -> Path:
-    """Convert to the ORT format next to the model (as onnxruntime's converter does, ARM target).
+def write_ort_format(onnx_path: Path, transposed_in_place: bool = False) -> Path:
+    """Convert to the ORT format next to the model (as onnxruntime's converter does, ARM target;
+    `transposed_in_place`: weights read through a Transpose are read as stored, see _CONVERT).
 
     The converter writes some tables in the iteration order of pointer-keyed hash maps, so the
     file depends on where the process's allocations land. It runs in a child process with
@@ -87,7 +99,8 @@ def write_ort_format(onnx_path: Path) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        result = subprocess.run([sys.executable, "-c", _CONVERT, onnx_path.name, f"{work.name}/{target.name}"],
+        result = subprocess.run([sys.executable, "-c", _CONVERT, onnx_path.name, f"{work.name}/{target.name}",
+                                 "in-place" if transposed_in_place else "as-written"],
                                 capture_output=True, text=True, cwd=onnx_path.parent, env=CONVERTER_ENV,
                                 preexec_fn=_without_address_randomization)
         if result.returncode != 0:
@@ -97,6 +110,16 @@ def write_ort_format(onnx_path: Path) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def write_planned_ort_format(stage: Path, artifacts: dict[str, Artifact]) -> None:
+    """Write the ORT-format file the ort-cpu artifact's facts name. `lower` only names it: the
+    converter needs about twice the weights in its own process, so the compile runs it last,
+    once its own sessions (and the weights they share) are gone, and once per compile (not
+    again for an artifact rebuilt with float slots)."""
+    artifact = artifacts.get(OrtCpuTarget.name)
+    if artifact is not None and artifact.facts.get("ort_format"):
+        write_ort_format(stage / artifact.io.model, transposed_in_place=True)
 
 
 def query_heads(model: ir.Model, kv: KVGraph) -> int:
@@ -156,7 +179,7 @@ class OrtCpuTarget:
         save_model(model, onnx_path)
         checker = check_onnx(onnx_path)
         fits_ort_format = initializer_bytes(model) <= ORT_FORMAT_LIMIT_BYTES
-        ort_format = f"{FOLDER}/{write_ort_format(onnx_path).name}" if fits_ort_format else None
+        ort_format = f"{FOLDER}/{onnx_path.with_suffix('.ort').name}" if fits_ort_format else None  # written last
         float_io = float_model_io(kv, f"{FOLDER}/model.onnx")
         io = dataclasses.replace(float_io, kv=[stored_kvio(k, plan) for k in float_io.kv])
         slots = next((t.float_slots for t in plan.tensors if t.float_slots is not None), None)
