@@ -81,7 +81,7 @@ from kvcompile.kvstats import KVStats
 from kvcompile.runtimes.calibrate import collect_kv_stats
 from kvcompile.runtimes.kvcache import windows_together
 from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.session import ORT_ERRORS, cpu_session
+from kvcompile.runtimes.session import ORT_ERRORS, cpu_session, return_freed_memory
 from kvcompile.peak_rss import children_peak_rss_mib, peak_rss_mib
 from kvcompile.runtimes.weights import WeightPool
 from kvcompile.tokens import (MIN_TEXT_WINDOWS, bundled_text, decode_prefill, find_tokenizer, load_token_ids,
@@ -775,6 +775,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                     merged.update(new)
                 changes["qnn-htp"] = (decision,) + tuple(changes["qnn-htp"])
             del float_decoder, weights  # the last sessions, and the weights they share, before the converter
+            return_freed_memory()
             write_planned_ort_format(stage, artifacts)
             lap_sum("emit_s")
             manifest = write_manifest(artifacts, stage, model_path, tokenizer)

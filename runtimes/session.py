@@ -7,6 +7,7 @@ with a fixed thread count, so measurements are comparable between runs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import platform
 import sys
@@ -61,6 +62,16 @@ def cpu_session(model: Path | bytes, threads: int = 0, optimize: bool = True,
         return session
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def return_freed_memory() -> None:
+    """Ask the C library to hand freed heap memory back to the system (glibc's malloc_trim).
+    A session's prepacked weights are freed into the heap when the session goes, and the heap
+    keeps them; the ORT-format converter that runs after the compile's sessions needs it back."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
 
 
 # Qualcomm SoCs kvcompile compiles for: (QNN soc_model id, HTP architecture).
