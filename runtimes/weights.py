@@ -50,8 +50,10 @@ MIN_SHARED_BYTES = 1024
 
 @dataclass(frozen=True)
 class _Location:
-    """Where an external tensor's bytes are: a data file (resolved path) and a byte range."""
+    """Where an external tensor's bytes are: a data file (resolved path, and which file is there
+    now: a folder rebuilt at the same path holds another file) and a byte range."""
     file: str
+    identity: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
     offset: int
     length: int
 
@@ -79,7 +81,7 @@ class WeightPool:
     """Shared, read-only weight arrays for CPU sessions (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._files: dict[str, np.memmap] = {}
+        self._files: dict[tuple[str, tuple[int, int, int, int]], np.memmap] = {}
         self._values: dict[_Location, ort.OrtValue] = {}
         self._by_name: dict[str, tuple[_Location, int, tuple[int, ...]]] = {}  # first location of each name
         self._alias: dict[_Location, _Location] = {}
@@ -112,7 +114,8 @@ class WeightPool:
         path = os.path.realpath(base / info.location)
         if not os.path.isfile(path) or os.path.getsize(path) < info.offset + length:
             return None  # onnxruntime reports a broken reference in its own words
-        return _Location(path, info.offset, length)
+        stat = os.stat(path)
+        return _Location(path, (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns), info.offset, length)
 
     def _value(self, tensor: onnx.TensorProto, location: _Location) -> ort.OrtValue | None:
         dims = tuple(int(d) for d in tensor.dims)
@@ -131,19 +134,20 @@ class WeightPool:
                 self.stats.mapped_bytes += location.length
         return self._values[source]
 
-    def _mapping(self, file: str) -> np.memmap:
-        if file not in self._files:
-            self._files[file] = np.memmap(file, dtype=np.uint8, mode="r")
-        return self._files[file]
+    def _mapping(self, location: _Location) -> np.memmap:
+        key = (location.file, location.identity)
+        if key not in self._files:
+            self._files[key] = np.memmap(location.file, dtype=np.uint8, mode="r")
+        return self._files[key]
 
     def _map(self, location: _Location, data_type: int, dims: tuple[int, ...]) -> ort.OrtValue:
-        raw = self._mapping(location.file)[location.offset : location.offset + location.length]
+        raw = self._mapping(location)[location.offset : location.offset + location.length]
         return ort.OrtValue.ortvalue_from_numpy(raw.view(_SHAREABLE[data_type]).reshape(dims))
 
     def _same_bytes(self, pooled: _Location, other: _Location) -> bool:
         """Compare `other`'s bytes (read from its file, not mapped: they stay out of this
         process's resident memory) with the pooled tensor's."""
-        mapped = self._mapping(pooled.file)
+        mapped = self._mapping(pooled)
         block = bytearray(min(_COMPARE_BLOCK, other.length))
         with open(other.file, "rb") as f:
             f.seek(other.offset)

@@ -151,3 +151,22 @@ def test_a_transpose_kept_where_fused_matmul_cannot_take_its_place(model, tmp_pa
     ids = np.array([[1, 2]], dtype=np.int64)
     np.testing.assert_array_equal(cpu_session(path, weights=WeightPool()).run(None, {"ids": ids})[0],
                                   cpu_session(path).run(None, {"ids": ids})[0])
+
+
+def test_a_model_rebuilt_at_the_same_path_is_read_from_its_new_file(decoder_proto, tmp_path):
+    """An artifact rebuilt in place (float slots) is another file at the same path: the pool maps
+    the new file, not the one it mapped before (that read past the new file's tensors)."""
+    import shutil
+
+    first = _saved(_tied_head(), tmp_path / "artifact")
+    pool = WeightPool()
+    ids = np.array([[4, 9]], dtype=np.int64)
+    before = cpu_session(first, weights=pool).run(None, {"ids": ids})[0]
+    shutil.rmtree(tmp_path / "artifact")
+    rebuilt = _tied_head()
+    weight = rebuilt.graph.initializer[0]
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight)[:64] * 3.0, weight.name))
+    path = _saved(rebuilt, tmp_path / "artifact")
+    after = cpu_session(path, weights=pool).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(after, cpu_session(path).run(None, {"ids": ids})[0])
+    assert after.shape[-1] == 64 and before.shape[-1] == 96
