@@ -66,6 +66,7 @@ from kvcompile.report_types import (
 from kvcompile.targets import TARGETS
 from kvcompile.targets.base import Artifact, LoweringInput, TargetOptions, VerifyInput, legalize
 from kvcompile.targets.ort_cpu import write_planned_ort_format
+from kvcompile.targets.qnn_htp import is_float16_export
 from kvcompile.memory_wall import (
     DEFAULT_BUDGET,
     DEFAULT_DEVICE,
@@ -527,6 +528,8 @@ def verdict(qualities: dict[str, TargetQuality], plan: QuantPlan, gate_pct: floa
 
 
 HTP_AUTO = "auto"  # --htp-precision: quantized, rebuilt in float16 if that fails the gate
+FLOAT16_EXPORT_ON_HTP = ("HTP precision: float16, because the export is float16 (the fixed-point graph is "
+                         "quantized from float32 models only; compile the float32 export for it)")
 
 
 def htp_precision_decision(quantized: TargetQuality) -> str:
@@ -756,13 +759,18 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                     artifacts, changes, qualities = emit_and_verify(model, plan, stage, ("ort-cpu",))
             others = tuple(t for t in stages.targets if t != "ort-cpu")
             requested_precision = stages.target.htp_precision
-            htp_may_rebuild = "qnn-htp" in others and requested_precision == HTP_AUTO
-            if htp_may_rebuild:
-                stages = dataclasses.replace(stages, target=dataclasses.replace(stages.target, htp_precision="quantized"))
+            htp_auto = "qnn-htp" in others and requested_precision == HTP_AUTO
+            float16_htp = htp_auto and is_float16_export(decomposed_kv)  # no fixed-point graph from it
+            htp_may_rebuild = htp_auto and not float16_htp
+            if htp_auto:
+                stages = dataclasses.replace(stages, target=dataclasses.replace(
+                    stages.target, htp_precision="fp16" if float16_htp else "quantized"))
             if others:
                 built = emit_and_verify(model, plan, stage, others, ("qnn-htp",) if htp_may_rebuild else ())
                 for merged, new in zip((artifacts, changes, qualities), built):
                     merged.update(new)
+            if float16_htp:
+                changes["qnn-htp"] = (FLOAT16_EXPORT_ON_HTP,) + tuple(changes["qnn-htp"])
             if htp_may_rebuild and not qualities["qnn-htp"].passed:
                 # The gate decides, as for float slots: float16 on the HTP doubles the weight bytes,
                 # so it is built only for a model whose fixed-point graph fails the gate.

@@ -281,6 +281,7 @@ class CacheNodes:
     concat: ir.Node | None  # the Concat that appends the new entries
     reader: ir.Node | None  # the MatMul that reads the whole cache (Q.K^T or P.V)
     reader_operand: int | None  # which of its inputs carries the cache
+    cache_operand: int | None = None  # which of the Concat's inputs carries the past (the others: new entries)
 
 
 def cache_nodes(graph: ir.Graph, tensor: KVTensor) -> CacheNodes:
@@ -289,12 +290,12 @@ def cache_nodes(graph: ir.Graph, tensor: KVTensor) -> CacheNodes:
     past = next((v for v in graph.inputs if v.name == tensor.past_input), None)
     if past is None:
         return CacheNodes(None, None, None)
-    for node, _ in _through_layout(past, max_nodes=16):
+    for node, index in _through_layout(past, max_nodes=16):
         if node.op_type == "Concat" and _graph_output_of(node.outputs[0]) is not None:
             classified = _classify_cache(node.outputs[0])
             if classified is None or classified[3] is None:
-                return CacheNodes(node, None, None)
-            return CacheNodes(node, classified[3], classified[4])
+                return CacheNodes(node, None, None, index)
+            return CacheNodes(node, classified[3], classified[4], index)
     return CacheNodes(None, None, None)
 
 

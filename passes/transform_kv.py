@@ -121,7 +121,9 @@ class TransformKVPass(ir.passes.InPlacePass):
         concat, reader, operand = located.concat, located.reader, located.reader_operand
         dtype = next(v for v in graph.inputs if v.name == tensor.past_input).dtype
         numpy_dtype = np.float16 if dtype == ir.DataType.FLOAT16 else np.float32
-        new_index = next(i for i, v in enumerate(concat.inputs) if v is not None and v.name != tensor.past_input)
+        # The past may reach the Concat through ops (a sliding-window cache's Slice, a Cast): the
+        # new entries are the other operand, not whatever is not named like the past input.
+        new_index = next(i for i, v in enumerate(concat.inputs) if v is not None and i != located.cache_operand)
         builder = FragmentBuilder(graph, names, f"kvcompile/{tensor.label}/transform")
         new_entries = concat.inputs[new_index]
         if transform.shift is not None:

@@ -483,3 +483,36 @@ def test_a_fixed_point_graph_that_fails_the_gate_is_rebuilt_in_float16(tmp_path,
                                              "failed the 2.0% gate, perplexity +")
     assert not (out / "qnn-htp" / "model.qdq.onnx").exists() and (out / "qnn-htp" / "model.float.onnx").exists()
     assert target.plan_changes[0] in (out / "report.md").read_text()
+
+
+def test_float16_exports_compute_in_float16_on_the_htp(tmp_path):
+    """A float16 export (Gemma3's: sliding-window layers, norms reading float16 with a float32
+    scale) cannot be quantized into the fixed-point graph: --htp-precision auto builds the float16
+    graph at once, with every node on the HTP; --htp-precision quantized is refused by name."""
+    from bench.corpus import model_path
+    from kvcompile.errors import UnsupportedModelError
+    from kvcompile.pipeline import FLOAT16_EXPORT_ON_HTP
+
+    model = model_path("gemma3", "dynamo-fp16")
+    report = compile_model(CompileOptions(model=model, out_dir=tmp_path / "out", targets=("qnn-htp",),
+                                          max_context=CONTEXT, calib_tokens=1024, eval_tokens=1024)).report
+    target = report.targets["qnn-htp"]
+    assert target.facts["precision"] == "fp16" and target.plan_changes[0] == FLOAT16_EXPORT_ON_HTP
+    assert target.quality.passed and target.facts["nodes_on_htp"] == target.facts["nodes_total"]
+    with pytest.raises(UnsupportedModelError, match="export is float16"):
+        compile_model(CompileOptions(model=model, out_dir=tmp_path / "refused", targets=("qnn-htp",),
+                                     max_context=CONTEXT, htp_precision="quantized"))
+
+
+def test_a_sliding_window_family_compiles_at_a_context_within_its_window(tmp_path):
+    """Mistral's export cuts the past to its window before appending (past -> Slice -> Concat):
+    the centering of its keys took the Slice for the new entries and shifted the cache instead,
+    and the static graph then found no Q.K^T reading the cache (exit 2)."""
+    from bench.corpus import model_path
+
+    report = compile_model(CompileOptions(model=model_path("mistral", "dynamo"), out_dir=tmp_path / "out",
+                                          targets=("qnn-htp", "nnapi"), max_context=CONTEXT, calib_tokens=1024,
+                                          eval_tokens=1024)).report
+    assert report.limits.sliding_window == CONTEXT
+    for name in ("qnn-htp", "nnapi"):
+        assert report.targets[name].quality.passed, name

@@ -21,6 +21,8 @@ FORMS = {
     "llama (GQA, RoPE)": dict(form="llama", heads=4, kv_heads=2, head_dim=16),
     "gpt2 (keys transposed)": dict(form="gpt2", heads=2, head_dim=16),
     "per_head": dict(form="per_head", heads=2, head_dim=16),
+    # the past reaches the Concat through a Slice: the transform must take the other operand
+    "llama, sliding window of 4": dict(form="llama", heads=4, kv_heads=2, head_dim=16, window=4),
 }
 
 

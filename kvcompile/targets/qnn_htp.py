@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from kvcompile.errors import BadInputError, TargetError
+from kvcompile.errors import BadInputError, TargetError, UnsupportedModelError
 from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import QnnContext, TargetIO
 from kvcompile.model_io import check_external_data, remove_model, save_model
@@ -81,6 +81,13 @@ COMPARE_STEPS = 16
 
 HTP_WINDOWS, HTP_WINDOW = 2, 64  # the simulator is slow: a short text
 QUANTIZED, FP16 = "quantized", "fp16"
+
+
+def is_float16_export(kv: KVGraph) -> bool:
+    """A float16 export (its cache is float16): the fixed-point graph's QDQ quantization takes
+    float32 models only (onnxruntime's quantizer gave a QuantizeLinear float16 input and float32
+    scale), so qnn-htp computes it in float16 (measured: llama's float16 export compiles and runs so)."""
+    return any(t.dtype == "float16" for t in kv.tensors)
 PRECISIONS = (QUANTIZED, FP16)
 CPU_RUN = {QUANTIZED: "onnxruntime CPU EP running the QDQ graph the HTP contexts were compiled from, as written "
                       "(its residual stream in float32; the HTP computes it in float16)",
@@ -452,6 +459,11 @@ class QnnHtpTarget:
     def check(self, kv: KVGraph, options: TargetOptions) -> None:
         check_socs(options.socs)
         check_static(self.name, kv)
+        if options.htp_precision == QUANTIZED and is_float16_export(kv):
+            raise UnsupportedModelError(
+                "--htp-precision quantized builds qnn-htp's fixed-point graph from a float32 model, and this export "
+                "is float16 (its cache is float16): use --htp-precision fp16 (auto chooses it for a float16 export), "
+                "or compile the float32 export")
 
     def lower(self, lowering: LoweringInput) -> Artifact:
         """The decode graph and (with a prefill length) the prefill graph, per-channel scales

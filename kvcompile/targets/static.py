@@ -59,6 +59,36 @@ def check_static(target: str, kv: KVGraph) -> None:
             f"{target}, or drop --target {target}")
 
 
+def norms_in_their_input_type(model: ir.Model) -> None:
+    """Matches a fused RMSNorm (SimplifiedLayerNormalization) that reads float16 and has a float32
+    scale and output (Gemma3's float16 export computes its 1 + weight scale in float32); casts
+    the scale to float16, makes the norm output float16 and casts that back to float32 for its
+    readers. The QNN EP takes no norm whose input and scale types differ (it left Gemma3's to the
+    CPU and qnn-htp refused the graph); the HTP computes in float16 in either form, and the CPU
+    norm accumulates in float32 (stash_type) in both."""
+    graph = model.graph
+    for node in [n for n in graph if n.op_type == "SimplifiedLayerNormalization" and len(n.inputs) > 1]:
+        value, scale, output = node.inputs[0], node.inputs[1], node.outputs[0]
+        if not (value.dtype == ir.DataType.FLOAT16 and scale.dtype == output.dtype == ir.DataType.FLOAT) or \
+                output.is_graph_output():
+            continue
+        uses = list(output.uses())
+        scale16 = ir.Node("", "Cast", [scale], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT16)], name=f"{node.name}/scale_f16",
+                          num_outputs=1)
+        scale16.outputs[0].name, scale16.outputs[0].dtype = f"{node.name}/scale_f16_out", ir.DataType.FLOAT16
+        scale16.outputs[0].shape = scale.shape
+        back = ir.Node("", "Cast", [output], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{node.name}/to_f32",
+                       num_outputs=1)
+        back.outputs[0].name, back.outputs[0].dtype = f"{node.name}/to_f32_out", ir.DataType.FLOAT
+        back.outputs[0].shape = output.shape
+        output.dtype = ir.DataType.FLOAT16
+        graph.insert_before(node, scale16)
+        graph.insert_after(node, back)
+        node.replace_input_with(1, scale16.outputs[0])
+        for use in uses:
+            use.node.replace_input_with(use.idx, back.outputs[0])
+
+
 def flatten_rank4_norms(model: ir.Model) -> None:
     """Matches every fused RMSNorm (SimplifiedLayerNormalization) whose input has four static
     dimensions (the per-head query and key norms of Qwen3 and Gemma3: [batch, tokens, heads,
@@ -83,8 +113,10 @@ def flatten_rank4_norms(model: ir.Model) -> None:
         flatten = ir.Node("", "Reshape", [value, flat_shape], name=f"{node.name}/rows", num_outputs=1)
         restore = ir.Node("", "Reshape", [output, back_shape], name=f"{node.name}/restore", num_outputs=1)
         flatten.outputs[0].name, restore.outputs[0].name = f"{node.name}/rows_out", f"{node.name}/restored"
-        for new, new_dims in ((flatten.outputs[0], rows), (restore.outputs[0], dims)):
-            new.dtype, new.shape = value.dtype, ir.Shape(new_dims)
+        # the norm may output another type than it reads (Gemma3's float16 export: float32 in, float16 out)
+        for new, new_dims, dtype in ((flatten.outputs[0], rows, value.dtype),
+                                     (restore.outputs[0], dims, output.dtype or value.dtype)):
+            new.dtype, new.shape = dtype, ir.Shape(new_dims)
         output.shape = ir.Shape(rows)
         graph.insert_before(node, flatten)
         graph.insert_after(node, restore)
@@ -121,6 +153,7 @@ def static_graph(float_path, kv: KVGraph, plan: QuantPlan, context: int, *, styl
     onnxscript.version_converter.convert_version(model, opset)
     if fuse_rmsnorm:
         fuse_rms_normalization(model)
+        norms_in_their_input_type(model)
         flatten_rank4_norms(model)
     if fuse_gelu:
         fuse_erfgelu(model)
@@ -146,7 +179,7 @@ def static_target_io(kv: KVGraph, plan: QuantPlan, model: ir.Model, model_path: 
     float_io = float_model_io(kv, model_path)
     inputs = {v.name: v for v in model.graph.inputs}
     roles = [dataclasses.replace(i, dtype=inputs[i.name].dtype.name.lower()) for i in float_io.inputs if i.name in inputs]
-    roles.append(ModelInputIO(BIAS_INPUT, "attention_bias", "float32"))
+    roles.append(ModelInputIO(BIAS_INPUT, "attention_bias", inputs[BIAS_INPUT].dtype.name.lower()))  # the cache's
     slots = static_float_slots(plan)
     codes_only = dataclasses.replace(plan, tensors=tuple(dataclasses.replace(t, float_slots=None)
                                                          for t in plan.tensors))
