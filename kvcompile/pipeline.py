@@ -782,7 +782,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                 for merged, new in zip((artifacts, changes, qualities), built):
                     merged.update(new)
                 changes["qnn-htp"] = (decision,) + tuple(changes["qnn-htp"])
-            del float_decoder, weights  # the last sessions, and the weights they share, before the converter
+            float_decoder = weights = None  # the last sessions, and the weights they share, go before the converter
             return_freed_memory()
             write_planned_ort_format(stage, artifacts)
             lap_sum("emit_s")
