@@ -73,12 +73,12 @@ def norms_in_their_input_type(model: ir.Model) -> None:
                 output.is_graph_output():
             continue
         uses = list(output.uses())
-        scale16 = ir.Node("", "Cast", [scale], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT16)], name=f"{node.name}/scale_f16",
-                          num_outputs=1)
+        scale16 = ir.Node("", "Cast", [scale], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT16)],
+                          name=f"{node.name}/scale_f16", num_outputs=1)
         scale16.outputs[0].name, scale16.outputs[0].dtype = f"{node.name}/scale_f16_out", ir.DataType.FLOAT16
         scale16.outputs[0].shape = scale.shape
-        back = ir.Node("", "Cast", [output], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{node.name}/to_f32",
-                       num_outputs=1)
+        back = ir.Node("", "Cast", [output], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)],
+                       name=f"{node.name}/to_f32", num_outputs=1)
         back.outputs[0].name, back.outputs[0].dtype = f"{node.name}/to_f32_out", ir.DataType.FLOAT
         back.outputs[0].shape = output.shape
         output.dtype = ir.DataType.FLOAT16
@@ -179,7 +179,8 @@ def static_target_io(kv: KVGraph, plan: QuantPlan, model: ir.Model, model_path: 
     float_io = float_model_io(kv, model_path)
     inputs = {v.name: v for v in model.graph.inputs}
     roles = [dataclasses.replace(i, dtype=inputs[i.name].dtype.name.lower()) for i in float_io.inputs if i.name in inputs]
-    roles.append(ModelInputIO(BIAS_INPUT, "attention_bias", inputs[BIAS_INPUT].dtype.name.lower()))  # the cache's
+    # the bias has the cache's type (StaticDecodePass): float16 for a float16 export
+    roles.append(ModelInputIO(BIAS_INPUT, "attention_bias", inputs[BIAS_INPUT].dtype.name.lower()))
     slots = static_float_slots(plan)
     codes_only = dataclasses.replace(plan, tensors=tuple(dataclasses.replace(t, float_slots=None)
                                                          for t in plan.tensors))
