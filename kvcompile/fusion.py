@@ -20,6 +20,7 @@ medians) and reports it next to its timings, with a warning should the fused for
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,8 @@ from kvcompile.runtimes.weights import WeightPool
 MODES = ("auto", "on", "off")
 REFERENCE_CONTEXT = 1024  # the decode step timed for the report
 CHECK_CONTEXT = 1024  # positions the fused float model is compared at (more if the model has a longer window)
-CHECK_CHUNK = 256  # tokens fed per step of the check (the cache grows chunk by chunk, then single tokens)
+CHECK_CHUNK = 64  # tokens fed per step of the check (the cache grows chunk by chunk, then single tokens);
+# a chunk's logits are 12.6 MB for SmolLM2 (256 tokens: 50 MB, held about four times in the check)
 CHECK_DECODE_STEPS = 8
 # Max |logit difference| relative to the largest logit, by cache dtype: float16 models differ by
 # ~1e-3 of the largest logit over 30 layers from rounding alone (SmolLM2), a mask the kernel
@@ -85,17 +87,27 @@ def check_context(limits: ModelLimits, available: int) -> int:
 
 def _float_difference(original: Decoder, fused: Decoder, tokens: np.ndarray) -> float:
     """Max |logit difference| relative to the largest logit, over every position of `tokens`
-    [1, L]: chunks that grow the cache, then single decode steps."""
-    caches = original.new_cache(1), fused.new_cache(1)
+    [1, L]: chunks that grow the cache, then single decode steps. The original runs first and its
+    logits wait in an unnamed temporary file, so one model's cache is held at a time (SmolLM2: a
+    chunk's logits are 50 MB, its cache at 1,024 tokens 47 MB, held twice while a step runs)."""
     split = max(1, tokens.shape[1] - CHECK_DECODE_STEPS)
     chunks = [tokens[:, t : min(t + CHECK_CHUNK, split)] for t in range(0, split, CHECK_CHUNK)]
     chunks += [tokens[:, t : t + 1] for t in range(split, tokens.shape[1])]
     worst, scale = 0.0, 1.0
-    for chunk in chunks:
-        a, _ = original.step(caches[0], chunk)
-        b, _ = fused.step(caches[1], chunk)
-        worst = max(worst, float(np.abs(a - b).max()))
-        scale = max(scale, float(np.abs(a).max()))
+    with tempfile.TemporaryFile(prefix="kvcompile-fusion-check-") as stored:
+        cache = original.new_cache(1)
+        for chunk in chunks:
+            logits, _ = original.step(cache, chunk)
+            scale = max(scale, float(logits.max()), -float(logits.min()))
+            stored.write(np.ascontiguousarray(logits, dtype=np.float32).tobytes())
+        del cache, logits
+        stored.seek(0)
+        cache = fused.new_cache(1)
+        for chunk in chunks:
+            logits, _ = fused.step(cache, chunk)
+            expected = np.frombuffer(stored.read(logits.size * 4), dtype=np.float32).reshape(logits.shape)
+            difference = np.subtract(logits, expected, out=logits)
+            worst = max(worst, float(np.abs(difference, out=difference).max()))
     return worst / scale
 
 

@@ -653,6 +653,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         timings[name] = round(now - clock, 3)
         clock = now
         peak_rss[name.removesuffix("_s")] = peak_rss_mib()
+        return_freed_memory()  # what the stage freed goes back to the system, not to the next stage's heap
 
     def lap_sum(name: str) -> None:
         """`lap`, adding to what the stage already took (emit and verify run per group of targets)."""
@@ -674,6 +675,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
         kv = analyze(model, stages.analysis.kv_map)  # the keys are now centerable and take float slots
     tokenizer = find_tokenizer(model_path, stages.analysis.tokenizer)
     texts = _load_texts(stages.texts, tokenizer, vocab_size(model, kv))
+    return_freed_memory()  # the tokenizer's heap (35 MiB for SmolLM2's) is not needed again
     weights = WeightPool()  # every CPU session below reads the weights from one resident copy
     float_decoder = load_input_model(model_path, kv, texts.calib_windows[0, :8], weights)
     lap("load_analyze_s")
@@ -690,6 +692,7 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                                                                        optimize=True, name="latency.onnx"))
         if fusion.fused:
             model, kv, float_path = fusion.model, fusion.kv, fusion.path
+            fusion = dataclasses.replace(fusion, model=None)  # the report reads the decision, not its graph
         lap("fuse_s")
         # Calibration and auto's measurements run the float model before any fusion: its cache
         # holds the same entries (the fused float model was checked to match it) and it takes
@@ -782,7 +785,8 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
                 for merged, new in zip((artifacts, changes, qualities), built):
                     merged.update(new)
                 changes["qnn-htp"] = (decision,) + tuple(changes["qnn-htp"])
-            float_decoder = weights = None  # the last sessions, and the weights they share, go before the converter
+            # The last sessions, the weights they share and the graph in memory go before the converter.
+            float_decoder = weights = model = None
             return_freed_memory()
             write_planned_ort_format(stage, artifacts)
             lap_sum("emit_s")

@@ -19,7 +19,6 @@ import numpy as np
 from kvcompile.errors import BadInputError
 from kvcompile.kvgraph import KVGraph
 from kvcompile.memory_wall import format_bytes
-from kvcompile.plot import write_plot
 from kvcompile.plan import QuantPlan
 from kvcompile.quant import sqnr_db
 from kvcompile.report_types import MemoryFigures, Report, TensorRow
@@ -122,6 +121,8 @@ def write_report_data(report: dict[str, Any], folder: Path) -> None:
     """The same from report.json's form (what `kvcompile report` reads back and redoes)."""
     _replace(folder / "report.json", lambda path: path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n"))
     _replace(folder / "report.md", lambda path: path.write_text(render_markdown(report)))
+    from kvcompile.plot import write_plot  # here, not at start: matplotlib's 31 MiB are not held through the compile
+
     _replace(folder / "report.png", lambda path: write_plot(report, path))
 
 

@@ -18,6 +18,7 @@ from kvcompile.errors import BadInputError
 from kvcompile.kvstats import KVStats, TensorStats
 from kvcompile.manifest import KVIO
 from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.session import return_freed_memory
 
 
 def to_canonical(array: np.ndarray, kv: KVIO) -> np.ndarray:
@@ -101,5 +102,6 @@ def collect_kv_stats(
                 running[kv.input].add(canonical)
             if progress is not None:
                 progress(int(fed.size))
+            return_freed_memory()  # the cache grows each chunk: the heap cannot reuse what the last one freed
     stats = {name: r.stats() for name, r in running.items()}
     return KVStats(stats, int(windows.size))

@@ -44,22 +44,30 @@ def concrete_shape(shape: list[int | str], batch: int, seq: int, float_slots: li
     return tuple(out)
 
 
-# A float model's cache for the windows decoded together (calibration, verification) is held
-# twice while a step runs (its past and its present); kvcompile keeps that within the weight bytes,
-# or within CACHE_FLOOR_BYTES for small models. SmolLM2's 12 verification windows of 1,024 tokens
-# held 565 MB of float cache (1.1 GB during a step) for 541 MB of weights. Fewer windows at a time
-# cost time: its verification took 184 s with 12 windows a step and 434 s with 2 (measured).
-CACHE_FLOOR_BYTES = 256 << 20
+# The caches of the windows decoded together (calibration, verification) are held twice while a
+# step runs (the past fed and the present returned); kvcompile keeps that within a quarter of the
+# weight bytes, or CACHE_FLOOR_BYTES for small models. The rest of a compile is the weights,
+# resident once, and about 330 MiB of runtime (SmolLM2: 850 MiB when its verification starts), so
+# this keeps the whole within twice the weights. Fewer windows at a time cost time only where each
+# step reads every weight for one token per window (a quantized artifact's decode steps); a float
+# model fed chunks of tokens is bound by arithmetic, not by its batch (`perplexity._StoredReference`).
+CACHE_FLOOR_BYTES = 64 << 20
+CACHE_SHARE_OF_WEIGHTS = 4
+
+
+def cache_bytes_per_window(io: TargetIO, window: int) -> int:
+    """Bytes a model with cache `io` holds for one window of `window` tokens (codes, scales and
+    float slots, in their stored types)."""
+    return sum(int(np.prod(concrete_shape(shape, 1, window, io.options.float_slots)))
+               * stored_numpy_dtype(dtype).itemsize for _, _, dtype, shape in stored_tensors(io))
 
 
 def windows_together(io: TargetIO, window: int, windows: int, weight_bytes: int, most: int) -> int:
     """How many of `windows` windows of `window` tokens to decode together through a model with
     cache `io`: at most `most` and within the rule above (at least one), spread evenly over the
     passes that takes (12 windows, 5 allowed: 3 passes of 4)."""
-    per_window = sum(int(np.prod(concrete_shape(shape, 1, window, io.options.float_slots)))
-                     * stored_numpy_dtype(dtype).itemsize for _, _, dtype, shape in stored_tensors(io))
-    budget = max(weight_bytes, CACHE_FLOOR_BYTES)
-    allowed = max(1, min(most, windows, budget // max(1, 2 * per_window)))
+    budget = max(weight_bytes // CACHE_SHARE_OF_WEIGHTS, CACHE_FLOOR_BYTES)
+    allowed = max(1, min(most, windows, budget // max(1, 2 * cache_bytes_per_window(io, window))))
     passes = -(-windows // allowed)
     return -(-windows // passes)
 

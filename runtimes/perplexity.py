@@ -12,12 +12,15 @@ This is the one implementation behind the compile's verifier and `kvcompile eval
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from kvcompile.runtimes.decoder import Decoder
+from kvcompile.runtimes.session import RETURN_FREED_EVERY, return_freed_memory
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class _Tally:
         self.agree = 0
         self.kl = 0.0
 
+    def add(self, row_nll: np.ndarray) -> None:
+        self.nll += float(row_nll.sum())
+        self.count += len(row_nll)
+
     def score(self, is_reference: bool) -> DecodeScore:
         nll = self.nll / max(self.count, 1)
         return DecodeScore(
@@ -58,6 +65,46 @@ def scored_predictions(windows: np.ndarray, prefill: int) -> int:
     return windows.shape[0] * (windows.shape[1] - prefill - 1)
 
 
+class _StoredReference:
+    """The reference decoder's logits at every scored position of a group of windows, computed
+    before the other decoders run and kept in an unnamed temporary file (float32, as computed).
+
+    Why not in lockstep: a float reference's cache is the largest working set of a verification
+    (SmolLM2: 47 MB a window of 1,024 tokens, held twice while a step runs), while a 4-bit cache is
+    a seventh of it. Computing the reference first, `batch` windows at a time and `chunk` tokens a
+    call, lets the decoders stepping one token at a time (whose steps cost a read of every weight)
+    take many windows per step, and the reference's cache only a few. The file is read back row by
+    row and never mapped, so its bytes stay out of the process's memory."""
+
+    def __init__(self, decoder: Decoder, tokens: np.ndarray, prefill: int, chunk: int, batch: int):
+        self.file = tempfile.TemporaryFile(prefix="kvcompile-reference-")
+        self.windows, self.prefill = tokens.shape[0], prefill
+        self.positions = tokens.shape[1] - 1 - prefill  # scored positions per window: prefill .. W-2
+        self.row_bytes = 0
+        for start in range(0, self.windows, batch):
+            group = tokens[start : start + batch]
+            cache = decoder.new_cache(group.shape[0])
+            decoder.step(cache, group[:, :prefill])
+            for t in range(prefill, tokens.shape[1] - 1, chunk):
+                logits, _ = decoder.step(cache, group[:, t : min(t + chunk, tokens.shape[1] - 1)])
+                logits = np.ascontiguousarray(logits, dtype=np.float32)
+                self.row_bytes = logits.shape[2] * 4
+                for i, rows in enumerate(logits):
+                    os.pwrite(self.file.fileno(), rows.tobytes(), self._offset(start + i, t))
+                return_freed_memory()
+
+    def _offset(self, window: int, position: int) -> int:
+        return (window * self.positions + position - self.prefill) * self.row_bytes
+
+    def logits(self, position: int) -> np.ndarray:
+        """[windows, 1, vocab]: every window's logits at `position`."""
+        rows = [os.pread(self.file.fileno(), self.row_bytes, self._offset(w, position)) for w in range(self.windows)]
+        return np.frombuffer(b"".join(rows), dtype=np.float32).reshape(self.windows, 1, -1)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def decode_path_scores(
     decoders: Sequence[Decoder],
     windows: np.ndarray,
@@ -66,11 +113,14 @@ def decode_path_scores(
     progress: Callable[[int], None] | None = None,
     reference_chunk: int = 1,
     stop: Callable[[list[DecodeScore], int], bool] | None = None,
+    reference_batch: int | None = None,
 ) -> list[DecodeScore]:
-    """Score every decoder on `windows` [N, W] of token ids; decoders[0] is the reference.
+    """Score every decoder on `windows` [N, W] of token ids, `batch` windows at a time;
+    decoders[0] is the reference.
 
-    `reference_chunk` > 1 feeds the reference that many tokens per step instead of one: for a
-    float model this gives the same logits (its cache holds what it computed) at a fraction of
+    `reference_chunk` > 1 feeds the reference that many tokens per call instead of one, ahead of
+    the others (`_StoredReference`, `reference_batch` windows at a time, `batch` by default): for
+    a float model this gives the same logits (its cache holds what it computed) at a fraction of
     the calls; never for a model that stores its cache quantized.
     `stop(scores so far, predictions still to come)` is asked after every step; when it says
     yes, the scores so far are returned (their `tokens` say how many were counted)."""
@@ -78,37 +128,37 @@ def decode_path_scores(
         raise ValueError(f"windows must be [N, W] with W >= prefill + 2, got {windows.shape}")
     tallies = [_Tally() for _ in decoders]
     planned = scored_predictions(windows, prefill)
+    stepped = decoders[1:] if reference_chunk > 1 else decoders  # the decoders fed one token per call
     for start in range(0, windows.shape[0], batch):
         tokens = windows[start : start + batch]
-        caches = [d.new_cache(tokens.shape[0]) for d in decoders]
-        for decoder, cache in zip(decoders, caches):
-            decoder.step(cache, tokens[:, :prefill])
-        ahead = None  # the reference's logits for positions [ahead_start, ahead_start + chunk)
-        ahead_start = prefill
-        for t in range(prefill, tokens.shape[1] - 1):
-            target = tokens[:, t + 1]
-            reference = None
-            for i, (decoder, cache) in enumerate(zip(decoders, caches)):
-                if i == 0 and reference_chunk > 1:
-                    if ahead is None or t >= ahead_start + ahead.shape[1]:
-                        ahead_start = t
-                        ahead, _ = decoder.step(cache, tokens[:, t : min(t + reference_chunk, tokens.shape[1] - 1)])
-                    logits = ahead[:, t - ahead_start : t - ahead_start + 1]
-                else:
-                    logits, _ = decoder.step(cache, tokens[:, t : t + 1])
-                logp = log_softmax(logits[:, -1, :])
-                tally = tallies[i]
-                tally.nll -= float(logp[np.arange(len(target)), target].sum())
-                tally.count += len(target)
-                if reference is None:
-                    reference = logp
-                else:
-                    tally.agree += int((logp.argmax(-1) == reference.argmax(-1)).sum())
-                    tally.kl += float((np.exp(reference) * (reference - logp)).sum())
-            if progress is not None:
-                progress(tokens.shape[0])
-            if stop is not None:
-                scores = [tally.score(i == 0) for i, tally in enumerate(tallies)]
-                if stop(scores, planned - tallies[0].count):
-                    return scores
+        stored = _StoredReference(decoders[0], tokens, prefill, reference_chunk, reference_batch or batch) \
+            if reference_chunk > 1 else None
+        try:
+            caches = [d.new_cache(tokens.shape[0]) for d in stepped]
+            for decoder, cache in zip(stepped, caches):
+                decoder.step(cache, tokens[:, :prefill])
+            for t in range(prefill, tokens.shape[1] - 1):
+                target = tokens[:, t + 1]
+                step_logits = [decoder.step(cache, tokens[:, t : t + 1])[0] for decoder, cache in zip(stepped, caches)]
+                if stored is not None:
+                    step_logits.insert(0, stored.logits(t))
+                reference = log_softmax(step_logits[0][:, -1, :])
+                for i, logits in enumerate(step_logits):
+                    logp = reference if i == 0 else log_softmax(logits[:, -1, :])
+                    tally = tallies[i]
+                    tally.add(-logp[np.arange(len(target)), target])
+                    if i:
+                        tally.agree += int((logp.argmax(-1) == reference.argmax(-1)).sum())
+                        tally.kl += float((np.exp(reference) * (reference - logp)).sum())
+                if progress is not None:
+                    progress(tokens.shape[0])
+                if (t - prefill) % RETURN_FREED_EVERY == RETURN_FREED_EVERY - 1:
+                    return_freed_memory()
+                if stop is not None:
+                    scores = [tally.score(i == 0) for i, tally in enumerate(tallies)]
+                    if stop(scores, planned - tallies[0].count):
+                        return scores
+        finally:
+            if stored is not None:
+                stored.close()
     return [tally.score(i == 0) for i, tally in enumerate(tallies)]

@@ -16,17 +16,19 @@ from kvcompile.runtimes.perplexity import DecodeScore, decode_path_scores, score
 FLOAT_CHUNK = 32  # tokens the float model is fed per call: its logits do not depend on it
 
 def decode_quality(float_decoder: Decoder, decoder: Decoder, windows: np.ndarray, *, prefill: int, batch: int,
-                   gate_pct: float, text: str, ran_on: str,
+                   gate_pct: float, text: str, ran_on: str, reference_batch: int | None = None,
                    progress: Callable[[int], None] | None = None, stop_once_failed: bool = False) -> TargetQuality:
     """Teacher-forced through the decode path (a `prefill`-token prefill, then one token per
-    step) on `windows`: perplexity of both, top-1 agreement and KL of the artifact's next-token
-    distribution against the float model's.
+    step) on `windows`, `batch` at a time: perplexity of both, top-1 agreement and KL of the
+    artifact's next-token distribution against the float model's (run first, `FLOAT_CHUNK`
+    tokens a call and `reference_batch` windows at a time: `perplexity._StoredReference`).
 
     `stop_once_failed`: stop as soon as the gate cannot be passed any more (`cannot_pass`), for a
     verification whose failure only decides to rebuild; the figures are then of the tokens seen."""
     stop = (lambda scores, remaining: cannot_pass(*scores, remaining, gate_pct)) if stop_once_failed else None
     float_score, score = decode_path_scores([float_decoder, decoder], windows, prefill, batch=batch,
-                                            progress=progress, reference_chunk=FLOAT_CHUNK, stop=stop)
+                                            progress=progress, reference_chunk=FLOAT_CHUNK, stop=stop,
+                                            reference_batch=reference_batch)
     delta = 100.0 * (score.ppl / float_score.ppl - 1.0)
     return TargetQuality(
         ran_on=ran_on,

@@ -15,7 +15,7 @@ from kvcompile.passes.find_kv_cache import find_kv_cache
 from kvcompile.plan import make_plan
 from kvcompile.runtimes.calibrate import collect_kv_stats
 from kvcompile.runtimes.decoder import Decoder
-from kvcompile.runtimes.perplexity import DecodeScore
+from kvcompile.runtimes.perplexity import DecodeScore, decode_path_scores
 from kvcompile.runtimes.session import cpu_session
 from kvcompile.runtimes.simulate import StoredCacheDecoder
 from kvcompile.runtimes.kvcache import CACHE_FLOOR_BYTES, windows_together
@@ -59,17 +59,31 @@ def test_a_failing_verification_stops_early_and_a_passing_one_runs_whole(fixture
     assert same.passed and not same.stopped_early and same.eval_tokens == planned
 
 
-def test_windows_decoded_together_keep_the_float_cache_within_the_weights(fixture_decoders):
+def test_windows_decoded_together_keep_their_caches_within_a_quarter_of_the_weights(fixture_decoders):
     """The fixture's float cache is 4 KiB a token (4 layers x K, V x 2 heads x 64 x float32)."""
     decoder, _, _ = fixture_decoders
     mib = 1 << 20
     io = decoder.io
-    assert CACHE_FLOOR_BYTES == 256 * mib
-    assert windows_together(io, 1024, 12, weight_bytes=0, most=16) == 12  # 4 MiB windows: all at once
-    assert windows_together(io, 1024, 40, weight_bytes=0, most=16) == 14  # 3 passes of at most 16: 14, 14, 12
-    assert windows_together(io, 16 * 1024, 12, weight_bytes=0, most=16) == 2  # 64 MiB windows, held twice: floor
-    assert windows_together(io, 16 * 1024, 12, weight_bytes=1024 * mib, most=16) == 6  # 8 allowed: 2 passes of 6
-    assert windows_together(io, 64 * 1024, 12, weight_bytes=0, most=16) == 1  # one window exceeds it: still one
+    assert CACHE_FLOOR_BYTES == 64 * mib
+    assert windows_together(io, 1024, 12, weight_bytes=0, most=16) == 6  # 4 MiB windows, held twice: 8 allowed, 2 passes of 6
+    assert windows_together(io, 256, 40, weight_bytes=0, most=16) == 14  # 3 passes of at most 16: 14, 14, 12
+    assert windows_together(io, 4 * 1024, 12, weight_bytes=0, most=16) == 2  # 16 MiB windows, held twice: floor
+    assert windows_together(io, 4 * 1024, 12, weight_bytes=1024 * mib, most=16) == 6  # 8 allowed: 2 passes of 6
+    assert windows_together(io, 16 * 1024, 12, weight_bytes=0, most=16) == 1  # one window exceeds it: still one
+
+
+def test_a_reference_run_ahead_scores_as_in_lockstep(fixture_decoders):
+    """The float reference computed ahead (`_StoredReference`, chunks of tokens, its own batch)
+    gives the scores the lockstep run gives, one token a step for every decoder."""
+    decoder, two_bit, windows = fixture_decoders
+    lockstep = decode_path_scores([decoder, two_bit], windows, 8, batch=3)
+    ahead = decode_path_scores([decoder, two_bit], windows, 8, batch=3, reference_chunk=16, reference_batch=2)
+    for a, b in zip(lockstep, ahead):
+        assert a.tokens == b.tokens == 8 * (128 - 8 - 1)
+        assert a.nll == pytest.approx(b.nll, rel=1e-5)
+    assert ahead[1].top1_agreement == pytest.approx(lockstep[1].top1_agreement, abs=1 / ahead[1].tokens)
+    assert ahead[1].mean_kl == pytest.approx(lockstep[1].mean_kl, rel=1e-3)
+    assert ahead[1].mean_kl > 0.01  # 2-bit per-tensor storage: the reference really differs from it
 
 
 def test_a_qdq_reference_computes_the_graph_as_written(tmp_path):

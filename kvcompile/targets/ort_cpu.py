@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from kvcompile.errors import TargetError
@@ -29,6 +30,7 @@ from kvcompile.quant import SUPPORTED_BITS
 from kvcompile.runtimes.decoder import Decoder
 from kvcompile.runtimes.kvcache import windows_together
 from kvcompile.runtimes.session import cpu_session
+from kvcompile.runtimes.weights import read_transposed_weights_in_place
 from kvcompile.runtimes.perplexity import scored_predictions
 from kvcompile.runtimes.verify import decode_quality
 from kvcompile.targets.base import Artifact, Capabilities, LoweringInput, TargetOptions, VerifyInput
@@ -47,24 +49,22 @@ MOST_VERIFIED_TOGETHER = 16  # windows decoded together in verification (fewer f
 # `read_transposed_weights_in_place`): the file then holds it once, not also the transposed copy
 # onnxruntime's constant folding would save (113 MB for SmolLM2), and a phone loading it maps that
 # much less. Not for nnapi: FusedMatMul is not an NNAPI operator.
+# The converter process imports onnxruntime alone (not onnx, not kvcompile: 24 MiB less next to
+# the weights and the FlatBuffer it holds) and reads the graph kvcompile wrote for it (argv[1]).
 _CONVERT = """
-import os, sys
-import onnx
+import sys
 import onnxruntime as ort
-from kvcompile.runtimes.weights import read_transposed_weights_in_place
-model = onnx.load(sys.argv[1], load_external_data=False)
-if sys.argv[3] == "in-place":
-    read_transposed_weights_in_place(model, {tensor.name for tensor in model.graph.initializer})
+with open(sys.argv[1], "rb") as f:
+    graph = f.read()
 options = ort.SessionOptions()
 options.optimized_model_filepath = sys.argv[2]
 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 options.add_session_config_entry("session.qdqisint8allowed", "1")
 options.add_session_config_entry("session.save_model_format", "ORT")
 options.add_session_config_entry("session.disable_prepacking", "1")
-options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.getcwd())
+options.add_session_config_entry("session.model_external_initializers_file_folder_path", ".")
 options.enable_cpu_mem_arena = False
-ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
-                     disabled_optimizers=["NchwcTransformer"])
+ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"])
 """
 _ADDR_NO_RANDOMIZE = 0x0040000
 # The converter's whole environment: nothing of the caller's (see write_ort_format).
@@ -84,7 +84,8 @@ def _without_address_randomization() -> None:
 
 def write_ort_format(onnx_path: Path, transposed_in_place: bool = False) -> Path:
     """Convert to the ORT format next to the model (as onnxruntime's converter does, ARM target;
-    `transposed_in_place`: weights read through a Transpose are read as stored, see _CONVERT).
+    `transposed_in_place`: weights read through a Transpose are read as stored, see
+    `weights.read_transposed_weights_in_place`).
 
     The converter writes some tables in the iteration order of pointer-keyed hash maps, so the
     file depends on where the process's allocations land. It runs in a child process with
@@ -99,8 +100,12 @@ def write_ort_format(onnx_path: Path, transposed_in_place: bool = False) -> Path
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        result = subprocess.run([sys.executable, "-c", _CONVERT, onnx_path.name, f"{work.name}/{target.name}",
-                                 "in-place" if transposed_in_place else "as-written"],
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        if transposed_in_place:
+            read_transposed_weights_in_place(model, {tensor.name for tensor in model.graph.initializer})
+        (work / "graph.onnx").write_bytes(model.SerializeToString())  # its weights stay where the model's are
+        del model
+        result = subprocess.run([sys.executable, "-c", _CONVERT, f"{work.name}/graph.onnx", f"{work.name}/{target.name}"],
                                 capture_output=True, text=True, cwd=onnx_path.parent, env=CONVERTER_ENV,
                                 preexec_fn=_without_address_randomization)
         if result.returncode != 0:
@@ -200,10 +205,11 @@ class OrtCpuTarget:
                                       f"{windows.shape[1]} tokens)", steps)
         compiled = Decoder(cpu_session(verifying.folder / artifact.io.model, weights=verifying.weights), artifact.io)
         weight_bytes = verifying.weights.stats.mapped_bytes if verifying.weights is not None else 0
-        batch = windows_together(verifying.float_decoder.io, windows.shape[1], windows.shape[0], weight_bytes,
-                                 MOST_VERIFIED_TOGETHER)
-        return decode_quality(verifying.float_decoder, compiled, windows,
-                              prefill=verifying.prefill, batch=batch, gate_pct=verifying.quality_gate_pct,
+        batch, reference_batch = (windows_together(io, windows.shape[1], windows.shape[0], weight_bytes,
+                                                   MOST_VERIFIED_TOGETHER)
+                                  for io in (artifact.io, verifying.float_decoder.io))
+        return decode_quality(verifying.float_decoder, compiled, windows, prefill=verifying.prefill, batch=batch,
+                              reference_batch=reference_batch, gate_pct=verifying.quality_gate_pct,
                               text=verifying.eval_text, ran_on=self.runs_on, progress=progress,
                               stop_once_failed=verifying.stop_once_failed)
 
