@@ -105,7 +105,9 @@ def _summary_table(report: Report) -> Table:
     else:
         table.add_row("perplexity float -> compiled",
                       f"{quality.gate.float_ppl:.3f} -> {quality.gate.quantized_ppl:.3f}")
-        table.add_row("perplexity change", f"{quality.gate.ppl_delta_pct:+.3f}%")
+        stderr = quality.gate.ppl_delta_stderr_pct
+        table.add_row("perplexity change", f"{quality.gate.ppl_delta_pct:+.3f}%"
+                      + ("" if stderr is None else f" (standard error {stderr:.3f} points)"))
         table.add_row("top-1 agreement", f"{100 * quality.gate.top1_agreement:.2f}%")
         table.add_row("quality gate", "passed" if quality.passed else "FAILED")
         if report.limits.eval_window:

@@ -50,6 +50,9 @@ class TargetQuality:
     quality_gate_pct: float
     passed: bool
     stopped_early: bool = False  # verification ended once the gate could no longer pass (figures of eval_tokens)
+    # the standard error of ppl_delta_pct from the spread of its windows' own changes (None with
+    # fewer than two windows): how far another text of this length could move the figure
+    ppl_delta_stderr_pct: float | None = None
     agreement: Agreement | None = None
     # qnn-htp: the gate's figures come from the CPU EP run of the same QDQ graph over full-context
     # windows; this is a short text decoded on the (simulated) device itself, which must pass too

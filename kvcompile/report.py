@@ -240,13 +240,20 @@ def quality_markdown(quality: dict[str, Any]) -> list[str]:
         "| --- | --- |",
         f"| float perplexity | {_fmt(quality['float_ppl'])} |",
         f"| compiled perplexity | {_fmt(quality['quantized_ppl'])} |",
-        f"| perplexity change | {quality['ppl_delta_pct']:+.3f}% |",
+        f"| perplexity change | {delta_text(quality)} |",
         f"| top-1 agreement with float | {_fmt(100 * quality['top1_agreement'], 2)}% |",
         f"| mean KL(float \\|\\| compiled) | {_fmt(quality['mean_kl'], 5)} nats |",
         f"| tokens scored | {quality['eval_tokens']} ({quality['eval_text']}) |",
         "",
     ] + ([f"To try (from what this compile measured): {'; '.join(quality['advice'])}", ""]
          if quality.get("advice") else [])
+
+
+def delta_text(quality: dict[str, Any]) -> str:
+    """The perplexity change, with its standard error over the verification windows where known."""
+    stderr = quality.get("ppl_delta_stderr_pct")
+    text = f"{quality['ppl_delta_pct']:+.3f}%"
+    return text if stderr is None else f"{text} (standard error {stderr:.3f} points over the windows)"
 
 
 def _tokens(count: int | None) -> str:

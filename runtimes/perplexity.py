@@ -30,6 +30,7 @@ class DecodeScore:
     tokens: int  # predictions counted
     top1_agreement: float | None = None  # vs the reference model
     mean_kl: float | None = None  # KL(reference || this), nats per token
+    window_nll: tuple[float, ...] = ()  # mean NLL of each window scored, in window order
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -44,10 +45,16 @@ class _Tally:
         self.count = 0
         self.agree = 0
         self.kl = 0.0
+        self.window_nll: dict[int, float] = {}
+        self.window_count: dict[int, int] = {}
 
-    def add(self, row_nll: np.ndarray) -> None:
+    def add(self, first_window: int, row_nll: np.ndarray) -> None:
+        """One step's NLL of each row; row i is window `first_window + i`."""
         self.nll += float(row_nll.sum())
         self.count += len(row_nll)
+        for i, value in enumerate(row_nll):
+            self.window_nll[first_window + i] = self.window_nll.get(first_window + i, 0.0) + float(value)
+            self.window_count[first_window + i] = self.window_count.get(first_window + i, 0) + 1
 
     def score(self, is_reference: bool) -> DecodeScore:
         nll = self.nll / max(self.count, 1)
@@ -57,6 +64,7 @@ class _Tally:
             tokens=self.count,
             top1_agreement=None if is_reference else self.agree / max(self.count, 1),
             mean_kl=None if is_reference else self.kl / max(self.count, 1),
+            window_nll=tuple(self.window_nll[w] / self.window_count[w] for w in sorted(self.window_nll)),
         )
 
 
@@ -146,7 +154,7 @@ def decode_path_scores(
                 for i, logits in enumerate(step_logits):
                     logp = reference if i == 0 else log_softmax(logits[:, -1, :])
                     tally = tallies[i]
-                    tally.add(-logp[np.arange(len(target)), target])
+                    tally.add(start, -logp[np.arange(len(target)), target])
                     if i:
                         tally.agree += int((logp.argmax(-1) == reference.argmax(-1)).sum())
                         tally.kl += float((np.exp(reference) * (reference - logp)).sum())

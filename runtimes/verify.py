@@ -30,6 +30,7 @@ def decode_quality(float_decoder: Decoder, decoder: Decoder, windows: np.ndarray
                                             progress=progress, reference_chunk=FLOAT_CHUNK, stop=stop,
                                             reference_batch=reference_batch)
     delta = 100.0 * (score.ppl / float_score.ppl - 1.0)
+    stderr = delta_stderr_pct(float_score, score)
     return TargetQuality(
         ran_on=ran_on,
         float_ppl=round(float_score.ppl, 4),
@@ -42,7 +43,18 @@ def decode_quality(float_decoder: Decoder, decoder: Decoder, windows: np.ndarray
         quality_gate_pct=gate_pct,
         passed=delta <= gate_pct,
         stopped_early=score.tokens < scored_predictions(windows, prefill),
+        ppl_delta_stderr_pct=None if stderr is None else round(stderr, 4),
     )
+
+
+def delta_stderr_pct(float_score: DecodeScore, score: DecodeScore) -> float | None:
+    """The standard error of the perplexity change, in percent, from the windows' paired changes
+    (each window's NLL lost against the float model's on the same window; the delta method carries
+    the mean's standard error through exp). None with fewer than two windows."""
+    lost = np.subtract(score.window_nll, float_score.window_nll)
+    if lost.size < 2:
+        return None
+    return float(100.0 * math.exp(lost.mean()) * lost.std(ddof=1) / math.sqrt(lost.size))
 
 
 def cannot_pass(float_score: DecodeScore, score: DecodeScore, remaining: int, gate_pct: float) -> bool:

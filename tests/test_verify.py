@@ -19,7 +19,7 @@ from kvcompile.runtimes.perplexity import DecodeScore, decode_path_scores
 from kvcompile.runtimes.session import cpu_session
 from kvcompile.runtimes.simulate import StoredCacheDecoder
 from kvcompile.runtimes.kvcache import CACHE_FLOOR_BYTES, windows_together
-from kvcompile.runtimes.verify import cannot_pass, decode_quality
+from kvcompile.runtimes.verify import cannot_pass, decode_quality, delta_stderr_pct
 
 
 def score(nll: float, tokens: int) -> DecodeScore:
@@ -55,6 +55,7 @@ def test_a_failing_verification_stops_early_and_a_passing_one_runs_whole(fixture
     assert not whole.passed and not whole.stopped_early and whole.eval_tokens == planned
     assert not stopped.passed and stopped.stopped_early and stopped.eval_tokens < planned / 2
     assert stopped.ppl_delta_pct > 1.0
+    assert whole.ppl_delta_stderr_pct is not None and whole.ppl_delta_stderr_pct > 0
     same = decode_quality(decoder, decoder, windows, stop_once_failed=True, **kwargs)
     assert same.passed and not same.stopped_early and same.eval_tokens == planned
 
@@ -84,6 +85,18 @@ def test_a_reference_run_ahead_scores_as_in_lockstep(fixture_decoders):
     assert ahead[1].top1_agreement == pytest.approx(lockstep[1].top1_agreement, abs=1 / ahead[1].tokens)
     assert ahead[1].mean_kl == pytest.approx(lockstep[1].mean_kl, rel=1e-3)
     assert ahead[1].mean_kl > 0.01  # 2-bit per-tensor storage: the reference really differs from it
+    for score in ahead:  # every window counted once, in order: equal windows average to the whole
+        assert len(score.window_nll) == 8 and np.mean(score.window_nll) == pytest.approx(score.nll, rel=1e-9)
+    assert ahead[0].window_nll == pytest.approx(lockstep[0].window_nll, rel=1e-5)
+
+
+def test_the_delta_stderr_comes_from_the_windows_paired_changes():
+    float_score = DecodeScore(ppl=1.0, nll=2.0, tokens=20, window_nll=(2.0, 2.0))
+    assert delta_stderr_pct(float_score, DecodeScore(ppl=1.0, nll=2.02, tokens=20, window_nll=(2.01, 2.03))) == \
+        pytest.approx(100 * math.exp(0.02) * 0.01)  # lost 0.01 and 0.03 nats: standard error 0.01
+    assert delta_stderr_pct(float_score, DecodeScore(ppl=1.0, nll=2.02, tokens=20, window_nll=(2.02, 2.02))) == 0.0
+    one = DecodeScore(ppl=1.0, nll=2.0, tokens=10, window_nll=(2.0,))
+    assert delta_stderr_pct(one, one) is None
 
 
 def test_a_qdq_reference_computes_the_graph_as_written(tmp_path):
