@@ -8,6 +8,7 @@ shows what the analysis finds. Exit codes: 0 success, 2 bad input (one-line erro
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -15,7 +16,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -435,13 +436,25 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("kvcompile: interrupted; previous output left untouched", markup=False)
         sys.exit(130)
-    except Exception as exc:  # a bug in kvcompile: say so in one line, traceback on request
-        if debug:
-            traceback.print_exc()
-        err_console.print(
-            f"kvcompile: internal error ({type(exc).__name__}: {exc}). This is a bug; rerun with "
-            "KVCOMPILE_DEBUG=1 for a traceback and report it.", markup=False, highlight=False, soft_wrap=True)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            _internal_error(exc, debug)
+        # the machine's disk, not kvcompile: the staged output and the work folder are gone again
+        err_console.print(f"kvcompile: error: no space left on the device ({exc.filename or 'a file being written'}); "
+                          "free some, or point -o and TMPDIR at a larger disk. Previous output left untouched",
+                          markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
+    except Exception as exc:  # a bug in kvcompile: say so in one line, traceback on request
+        _internal_error(exc, debug)
+
+
+def _internal_error(exc: Exception, debug: bool) -> NoReturn:
+    if debug:
+        traceback.print_exception(exc)
+    err_console.print(
+        f"kvcompile: internal error ({type(exc).__name__}: {exc}). This is a bug; rerun with "
+        "KVCOMPILE_DEBUG=1 for a traceback and report it.", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -38,3 +38,22 @@ def test_missing_model_is_one_line_exit_2(args, tmp_path):
     assert "missing.onnx" in lines[0] and "does not exist" in lines[0]
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir()), "nothing may be written for bad input"
+
+
+def test_a_full_disk_is_one_line_not_a_bug(monkeypatch, capsys):
+    """A compile that runs out of disk (SmolLM2's outputs and work files are a few GB) is told so:
+    the machine's problem, not kvcompile's."""
+    import errno
+
+    from kvcompile import cli
+
+    def full_disk(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/ort-cpu/model.onnx.data")
+
+    monkeypatch.setattr(cli.cli, "main", full_disk)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no space left on the device (/out/ort-cpu/model.onnx.data)" in lines[0]
+    assert "bug" not in lines[0] and "TMPDIR" in lines[0]
