@@ -31,7 +31,7 @@ from bench.measure import measure, run_measured
 
 LAYERS = (2, 4, 8, 16)
 WEIGHTS = ("float32", "int4")
-STAGES = ("load_analyze", "fuse", "calibrate_plan", "rewrite", "emit", "verify")  # the compile's order
+STAGES = ("load_analyze", "fuse", "calibrate_plan", "rewrite", "emit", "verify", "ort_format_converter")  # in order
 CALIBRATED_FLAGS = ["--max-context", "256", "--calib-tokens", "1024", "--eval-tokens", "1024"]
 # The random-weight model has no tokenizer; the fixture's (2,048 ids) turns the bundled texts into ids.
 TOKENIZER = Path(__file__).resolve().parents[1] / "models" / "fixture" / "onnx-dynamo" / "tokenizer.json"

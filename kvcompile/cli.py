@@ -197,18 +197,22 @@ def _summary_table(report: Report) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 def compile_command(model, config, as_json, **flags) -> None:
     """Compile MODEL so its KV cache is stored in --kv-bits bits, and verify it."""
-    from kvcompile.pipeline import compile_model
+    from kvcompile.compile_process import compile_in_child
 
     if (model is None) == (config is None):
         raise click.UsageError("give either MODEL or --config FILE")
     if config is not None:
         _compile_config(config, as_json)
         return
-    options = _compile_options(model, flags)
+
+    def compile_stages(out_dir: Path, open_stage, progress):  # in the child: the pipeline is imported there
+        from kvcompile.pipeline import compile_into
+
+        return compile_into(_compile_options(model, flags), out_dir, open_stage, progress)
+
     bar, progress = _rich_progress(err_console)
     try:
-        with bar:
-            result = compile_model(options, progress)
+        result = compile_in_child(model, flags["out_dir"], compile_stages, progress, bar)
     except QualityGateError as exc:
         if exc.result is not None:
             _print_result(exc.result, as_json)
@@ -451,8 +455,9 @@ def main() -> None:
 def _internal_error(exc: Exception, debug: bool) -> NoReturn:
     if debug:
         traceback.print_exception(exc)
+    type_name = getattr(exc, "type_name", type(exc).__name__)  # a child's error that did not pickle
     err_console.print(
-        f"kvcompile: internal error ({type(exc).__name__}: {exc}). This is a bug; rerun with "
+        f"kvcompile: internal error ({type_name}: {exc}). This is a bug; rerun with "
         "KVCOMPILE_DEBUG=1 for a traceback and report it.", markup=False, highlight=False, soft_wrap=True)
     sys.exit(1)
 

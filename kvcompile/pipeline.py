@@ -28,14 +28,9 @@ from kvcompile.errors import BadInputError, QualityGateError, UnsupportedModelEr
 from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph
 from kvcompile.limits import ModelLimits, read_limits
 from kvcompile.manifest import Manifest, float_model_io
-from kvcompile.model_io import (
-    ORT_OPS_IN_ONNX_DOMAIN,
-    check_output_dir,
-    input_hash,
-    load_model,
-    model_files,
-    staged_output_dir,
-)
+from kvcompile.finish import CompileResult, StagedCompile, finish_compile
+from kvcompile.model_io import ORT_OPS_IN_ONNX_DOMAIN, input_hash, load_model, model_files
+from kvcompile.output_dir import StagedOutput, choose_output_dir
 from kvcompile.passes.find_kv_cache import find_kv_cache, load_kv_map
 from kvcompile.passes.manager import cleaned_up, run_passes
 from kvcompile.passes.normalize import normalize_export
@@ -65,7 +60,7 @@ from kvcompile.report_types import (
 )
 from kvcompile.targets import TARGETS
 from kvcompile.targets.base import Artifact, LoweringInput, TargetOptions, VerifyInput, legalize
-from kvcompile.targets.ort_cpu import write_planned_ort_format
+from kvcompile.targets.ort_cpu import planned_ort_format
 from kvcompile.targets.qnn_htp import is_float16_export
 from kvcompile.memory_wall import (
     DEFAULT_BUDGET,
@@ -77,7 +72,7 @@ from kvcompile.memory_wall import (
     model_weights,
     parse_size,
 )
-from kvcompile.report import memory_figures, tensor_rows, write_report
+from kvcompile.report import memory_figures, tensor_rows
 from kvcompile.kvstats import KVStats
 from kvcompile.runtimes.calibrate import collect_kv_stats
 from kvcompile.runtimes.kvcache import windows_together
@@ -180,21 +175,6 @@ class StageOptions:
     target: TargetOptions
     quality_gate_pct: float
     report: ReportOptions
-
-
-@dataclass(frozen=True)
-class CompileResult:
-    out_dir: Path
-    report: Report
-
-    @property
-    def passed(self) -> bool:
-        """False only when the quality gate failed (an unverified compile has not failed it)."""
-        return self.report.quality.passed is not False
-
-
-def default_out_dir(model: Path) -> Path:
-    return Path(model).parent / f"{Path(model).stem}.kvcompiled"
 
 
 def resolve_targets(requested: tuple[str, ...]) -> tuple[str, ...]:
@@ -591,19 +571,35 @@ def report_device(options: ReportOptions, targets: tuple[str, ...], socs: tuple[
 
 
 def compile_model(options: CompileOptions, progress: Progress | None = None) -> CompileResult:
-    """Compile `options.model`; raises QualityGateError (after writing) if quality is lost."""
+    """Compile `options.model` in this process; raises QualityGateError (after writing) if quality is lost.
+
+    The CLI runs the same two steps, `compile_into` in a child process and `finish_compile` in
+    its own (`kvcompile.compile_process`), so that the ORT-format converter never runs beside
+    the compile's memory."""
+    out_dir = choose_output_dir(options.model, options.out_dir)
+    with StagedOutput(out_dir) as output:
+        staged = compile_into(options, out_dir, output.folder, progress)
+        result = finish_compile(output.folder(), staged)
+    if staged.gate_failure is not None:
+        raise QualityGateError(staged.gate_failure, result=result)
+    return result
+
+
+def compile_into(options: CompileOptions, out_dir: Path, open_stage: Callable[[], Path],
+                 progress: Progress | None = None) -> StagedCompile:
+    """Everything but the ORT-format conversion and the report files, written into the staging
+    folder `open_stage()` creates once the input is read and checked (`output_dir.StagedOutput`:
+    the caller renames it to `out_dir` once `finish_compile` has run)."""
     check_options(options.kv_bits, options.scheme, options.clip, options.group_size)
     stages = options.stages()
     model_path = Path(options.model)
-    out_dir = Path(options.out_dir) if options.out_dir is not None else default_out_dir(model_path)
-    check_output_dir(out_dir, model_path)
     device = report_device(stages.report, stages.targets, stages.target.socs)
     parse_size(stages.report.budget)
     try:
         if not stages.plan.calibrated:
-            return compile_uncalibrated(stages, model_path, out_dir, device)
-        return compile_calibrated(stages, model_path, out_dir, device, progress or _no_progress)
-    except (BadInputError, UnsupportedModelError, QualityGateError):
+            return compile_uncalibrated(stages, model_path, out_dir, open_stage, device)
+        return compile_calibrated(stages, model_path, out_dir, open_stage, device, progress or _no_progress)
+    except (BadInputError, UnsupportedModelError):
         raise
     except Exception as exc:
         blame_invalid_input(model_path, exc)
@@ -640,8 +636,8 @@ def input_fault(model_path: Path) -> str | None:
     return None
 
 
-def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, device: Device,
-                       progress: Progress) -> CompileResult:
+def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, open_stage: Callable[[], Path],
+                       device: Device, progress: Progress) -> StagedCompile:
     """load -> analyze -> calibrate -> plan -> rewrite -> lower -> verify (DESIGN.md's data flow)."""
     timings: dict[str, Any] = {}
     peak_rss: dict[str, int] = {}  # MiB: this process's peak by the end of each stage
@@ -740,85 +736,85 @@ def compile_calibrated(stages: StageOptions, model_path: Path, out_dir: Path, de
             lap_sum("verify_s")
             return artifacts, changes, qualities
 
-        with staged_output_dir(out_dir) as stage:
-            artifacts, changes, qualities = emit_and_verify(model, plan, stage, ("ort-cpu",),
-                                                            ("ort-cpu",) if may_add_slots else ())
-            slots_decision = None
-            if may_add_slots:
-                slots_decision = float_slots_decision(qualities["ort-cpu"], plan_options.float_slots, len(slot_layers),
-                                                      tuple(t for t in stages.targets if t != "ort-cpu"))
-                if not qualities["ort-cpu"].passed:
-                    # The gate decides: float slots cost bytes and onnxruntime-genai compatibility, so
-                    # they are added only to a compile that fails without them.
-                    progress(slots_decision, 0)
-                    shutil.rmtree((stage / artifacts["ort-cpu"].io.model).parent)
-                    plan = with_float_slots(plan, kv, slot_layers, *plan_options.float_slots)
-                    del model
-                    model = load_model(float_path)
-                    quantize_graph(model, kv, plan)
-                    timings["first_emit_s"], timings["first_verify_s"] = timings["emit_s"], timings["verify_s"]
-                    timings["emit_s"] = timings["verify_s"] = 0.0
-                    lap("rewrite_s")
-                    artifacts, changes, qualities = emit_and_verify(model, plan, stage, ("ort-cpu",))
-            others = tuple(t for t in stages.targets if t != "ort-cpu")
-            requested_precision = stages.target.htp_precision
-            htp_auto = "qnn-htp" in others and requested_precision == HTP_AUTO
-            float16_htp = htp_auto and is_float16_export(decomposed_kv)  # no fixed-point graph from it
-            htp_may_rebuild = htp_auto and not float16_htp
-            if htp_auto:
-                stages = dataclasses.replace(stages, target=dataclasses.replace(
-                    stages.target, htp_precision="fp16" if float16_htp else "quantized"))
-            if others:
-                built = emit_and_verify(model, plan, stage, others, ("qnn-htp",) if htp_may_rebuild else ())
-                for merged, new in zip((artifacts, changes, qualities), built):
-                    merged.update(new)
-            if float16_htp:
-                changes["qnn-htp"] = (FLOAT16_EXPORT_ON_HTP,) + tuple(changes["qnn-htp"])
-            if htp_may_rebuild and not qualities["qnn-htp"].passed:
-                # The gate decides, as for float slots: float16 on the HTP doubles the weight bytes,
-                # so it is built only for a model whose fixed-point graph fails the gate.
-                decision = htp_precision_decision(qualities["qnn-htp"])
-                progress(decision, 0)
-                shutil.rmtree(stage / Path(artifacts["qnn-htp"].io.model).parts[0])  # the target's folder
-                stages = dataclasses.replace(stages, target=dataclasses.replace(stages.target, htp_precision="fp16"))
-                built = emit_and_verify(model, plan, stage, ("qnn-htp",))
-                for merged, new in zip((artifacts, changes, qualities), built):
-                    merged.update(new)
-                changes["qnn-htp"] = (decision,) + tuple(changes["qnn-htp"])
-            # The last sessions, the weights they share and the graph in memory go before the converter.
-            float_decoder = weights = model = None
-            return_freed_memory()
-            write_planned_ort_format(stage, artifacts)
-            lap_sum("emit_s")
-            manifest = write_manifest(artifacts, stage, model_path, tokenizer)
-            memory = memory_figures(kv, plan)
-            report = Report(
-                kvcompile_version=__version__,
-                source=manifest.source,
-                kv=kv_section(kv, plan, stats),
-                plan=plan_section(plan, plan_options),
-                calibration=CalibrationSection(tokens=int(texts.calib_windows.size), text=texts.calib_name,
-                                               window=stages.texts.window),
-                memory=memory,
-                memory_wall=memory_wall_section(memory, stage / artifacts["ort-cpu"].io.model, device,
-                                                stages.report.budget),
-                quality=verdict(qualities, plan, stages.quality_gate_pct,
-                                fusion.fused or GROUP_QUERY_ATTENTION in kv.attention_forms,
-                                plan_options.fuse_attention, requested_precision),
-                targets=target_reports(artifacts, changes, qualities),
-                fusion=FusionSection(fused=fusion.fused, reason=fusion.reason, float_slots=slots_decision),
-                limits=LimitsSection(max_context=limits.max_context, sliding_window=limits.window,
-                                     facts=list(limits.facts), eval_window=stages.texts.window,
-                                     prefill=stages.texts.prefill),
-                timings={**timings, **fusion.timings(), "peak_rss_mib": {
-                    **peak_rss, "child_processes": children_peak_rss_mib()}},
-            )
-            write_report(report, stage)
+        stage = open_stage()
+        artifacts, changes, qualities = emit_and_verify(model, plan, stage, ("ort-cpu",),
+                                                        ("ort-cpu",) if may_add_slots else ())
+        slots_decision = None
+        if may_add_slots:
+            slots_decision = float_slots_decision(qualities["ort-cpu"], plan_options.float_slots, len(slot_layers),
+                                                  tuple(t for t in stages.targets if t != "ort-cpu"))
+            if not qualities["ort-cpu"].passed:
+                # The gate decides: float slots cost bytes and onnxruntime-genai compatibility, so
+                # they are added only to a compile that fails without them.
+                progress(slots_decision, 0)
+                shutil.rmtree((stage / artifacts["ort-cpu"].io.model).parent)
+                plan = with_float_slots(plan, kv, slot_layers, *plan_options.float_slots)
+                del model
+                model = load_model(float_path)
+                quantize_graph(model, kv, plan)
+                timings["first_emit_s"], timings["first_verify_s"] = timings["emit_s"], timings["verify_s"]
+                timings["emit_s"] = timings["verify_s"] = 0.0
+                lap("rewrite_s")
+                artifacts, changes, qualities = emit_and_verify(model, plan, stage, ("ort-cpu",))
+        others = tuple(t for t in stages.targets if t != "ort-cpu")
+        requested_precision = stages.target.htp_precision
+        htp_auto = "qnn-htp" in others and requested_precision == HTP_AUTO
+        float16_htp = htp_auto and is_float16_export(decomposed_kv)  # no fixed-point graph from it
+        htp_may_rebuild = htp_auto and not float16_htp
+        if htp_auto:
+            stages = dataclasses.replace(stages, target=dataclasses.replace(
+                stages.target, htp_precision="fp16" if float16_htp else "quantized"))
+        if others:
+            built = emit_and_verify(model, plan, stage, others, ("qnn-htp",) if htp_may_rebuild else ())
+            for merged, new in zip((artifacts, changes, qualities), built):
+                merged.update(new)
+        if float16_htp:
+            changes["qnn-htp"] = (FLOAT16_EXPORT_ON_HTP,) + tuple(changes["qnn-htp"])
+        if htp_may_rebuild and not qualities["qnn-htp"].passed:
+            # The gate decides, as for float slots: float16 on the HTP doubles the weight bytes,
+            # so it is built only for a model whose fixed-point graph fails the gate.
+            decision = htp_precision_decision(qualities["qnn-htp"])
+            progress(decision, 0)
+            shutil.rmtree(stage / Path(artifacts["qnn-htp"].io.model).parts[0])  # the target's folder
+            stages = dataclasses.replace(stages, target=dataclasses.replace(stages.target, htp_precision="fp16"))
+            built = emit_and_verify(model, plan, stage, ("qnn-htp",))
+            for merged, new in zip((artifacts, changes, qualities), built):
+                merged.update(new)
+            changes["qnn-htp"] = (decision,) + tuple(changes["qnn-htp"])
+        # The last sessions, the weights they share and the graph in memory go now: the ORT-format
+        # converter runs next (`finish_compile`: a child of this process for `compile_model`; for the
+        # CLI, once this process has exited).
+        float_decoder = weights = model = None
+        return_freed_memory()
+        ort_format = planned_ort_format(stage, artifacts)
+        lap_sum("emit_s")
+        manifest = write_manifest(artifacts, stage, model_path, tokenizer)
+        memory = memory_figures(kv, plan)
+        report = Report(
+            kvcompile_version=__version__,
+            source=manifest.source,
+            kv=kv_section(kv, plan, stats),
+            plan=plan_section(plan, plan_options),
+            calibration=CalibrationSection(tokens=int(texts.calib_windows.size), text=texts.calib_name,
+                                           window=stages.texts.window),
+            memory=memory,
+            memory_wall=memory_wall_section(memory, stage / artifacts["ort-cpu"].io.model, device,
+                                            stages.report.budget),
+            quality=verdict(qualities, plan, stages.quality_gate_pct,
+                            fusion.fused or GROUP_QUERY_ATTENTION in kv.attention_forms,
+                            plan_options.fuse_attention, requested_precision),
+            targets=target_reports(artifacts, changes, qualities),
+            fusion=FusionSection(fused=fusion.fused, reason=fusion.reason, float_slots=slots_decision),
+            limits=LimitsSection(max_context=limits.max_context, sliding_window=limits.window,
+                                 facts=list(limits.facts), eval_window=stages.texts.window,
+                                 prefill=stages.texts.prefill),
+            timings={**timings, **fusion.timings(), "peak_rss_mib": {
+                **peak_rss, "child_processes": children_peak_rss_mib()}},
+        )
 
     result = CompileResult(out_dir=out_dir, report=report)
-    if not result.passed:
-        raise QualityGateError(gate_message(report.quality, stages.quality_gate_pct, out_dir), result=result)
-    return result
+    failure = None if result.passed else gate_message(report.quality, stages.quality_gate_pct, out_dir)
+    return StagedCompile(result, ort_format, failure)
 
 
 def float_slots_decision(first: TargetQuality, slots: tuple[int, int], layers: int,
@@ -878,7 +874,8 @@ def check_uncalibrated(options: PlanOptions, targets: tuple[str, ...]) -> str:
     return scheme
 
 
-def compile_uncalibrated(stages: StageOptions, model_path: Path, out_dir: Path, device: Device) -> CompileResult:
+def compile_uncalibrated(stages: StageOptions, model_path: Path, out_dir: Path, open_stage: Callable[[], Path],
+                         device: Device) -> StagedCompile:
     """--no-calibration: load -> analyze -> dynamic plan -> rewrite -> lower, with no float run.
 
     For models too large to calibrate here, or to check structure and footprint quickly: every
@@ -905,29 +902,28 @@ def compile_uncalibrated(stages: StageOptions, model_path: Path, out_dir: Path, 
                      plan_options.asymmetric)
     quantize_graph(model, kv, plan)
     timings["load_analyze_rewrite_s"] = round(time.perf_counter() - started, 3)
-    with staged_output_dir(out_dir) as stage:
-        lowering = LoweringInput(model=model, kv=kv, plan=plan, float_path=model_path, float_kv=kv, stats=None,
-                                 stage=stage, source_dir=model_path.parent, calib_ids=None, options=stages.target)
-        artifacts, changes = lower_targets(stages.targets, lowering)
-        write_planned_ort_format(stage, artifacts)
-        manifest = write_manifest(artifacts, stage, model_path, tokenizer)
-        timings["emit_s"] = round(time.perf_counter() - started - timings["load_analyze_rewrite_s"], 3)
-        memory = memory_figures(kv, plan)
-        report = Report(
-            kvcompile_version=__version__,
-            source=manifest.source,
-            kv=kv_section(kv, plan, None),
-            plan=plan_section(plan, plan_options),
-            calibration=None,
-            memory=memory,
-            memory_wall=memory_wall_section(memory, stage / artifacts["ort-cpu"].io.model, device,
-                                            stages.report.budget),
-            quality=UNVERIFIED,
-            targets=target_reports(artifacts, changes, None),
-            fusion=FusionSection(fused=False, reason="--no-calibration keeps the attention as exported"),
-            limits=LimitsSection(max_context=limits.max_context, sliding_window=limits.window,
-                                 facts=list(limits.facts)),
-            timings=timings,
-        )
-        write_report(report, stage)
-    return CompileResult(out_dir=out_dir, report=report)
+    stage = open_stage()
+    lowering = LoweringInput(model=model, kv=kv, plan=plan, float_path=model_path, float_kv=kv, stats=None,
+                             stage=stage, source_dir=model_path.parent, calib_ids=None, options=stages.target)
+    artifacts, changes = lower_targets(stages.targets, lowering)
+    ort_format = planned_ort_format(stage, artifacts)
+    manifest = write_manifest(artifacts, stage, model_path, tokenizer)
+    timings["emit_s"] = round(time.perf_counter() - started - timings["load_analyze_rewrite_s"], 3)
+    memory = memory_figures(kv, plan)
+    report = Report(
+        kvcompile_version=__version__,
+        source=manifest.source,
+        kv=kv_section(kv, plan, None),
+        plan=plan_section(plan, plan_options),
+        calibration=None,
+        memory=memory,
+        memory_wall=memory_wall_section(memory, stage / artifacts["ort-cpu"].io.model, device,
+                                        stages.report.budget),
+        quality=UNVERIFIED,
+        targets=target_reports(artifacts, changes, None),
+        fusion=FusionSection(fused=False, reason="--no-calibration keeps the attention as exported"),
+        limits=LimitsSection(max_context=limits.max_context, sliding_window=limits.window,
+                             facts=list(limits.facts)),
+        timings=timings,
+    )
+    return StagedCompile(CompileResult(out_dir=out_dir, report=report), ort_format, gate_failure=None)

@@ -18,6 +18,8 @@ per-token: ``[B, H, S, 1]``), so one implementation serves every granularity.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -126,7 +128,7 @@ def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
         return float("inf")
     if signal == 0.0:
         return float("-inf")
-    return 10.0 * np.log10(signal / noise)
+    return 10.0 * math.log10(signal / noise)
 
 
 # Dynamic scales are stored in float16 and never smaller than this (an all-zero group of a

@@ -9,21 +9,18 @@ Writes OUTDIR/ort-cpu/
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
-from kvcompile.errors import TargetError
 from kvcompile.genai_config import write_genai_config
 from kvcompile.kvgraph import KVGraph
 from kvcompile.manifest import TargetIO, float_model_io
 from kvcompile.model_io import check_onnx, initializer_bytes, save_model
+from kvcompile.ort_format import GRAPH_NAME, PendingConversion, run_converter
 from kvcompile.plan import QuantPlan, stored_kvio
 from kvcompile.quality import TargetQuality
 from kvcompile.quant import SUPPORTED_BITS
@@ -39,36 +36,6 @@ FOLDER = "ort-cpu"
 MOST_VERIFIED_TOGETHER = 16  # windows decoded together in verification (fewer for a large cache)
 
 
-# What onnxruntime's converter (`onnxruntime.tools.convert_onnx_models_to_ort`, optimization style
-# Fixed, level all, target ARM) does to write the file: one session that saves its optimized graph in
-# the ORT format. Done here rather than through the tool: importing `onnxruntime.tools` imports
-# torch where it is installed, and the tool then reloads the file it wrote to list its operators;
-# without prepacking and the arena (neither changes the file) SmolLM2's conversion peaked at
-# 1,289 MiB instead of the tool's 2,008. For the ort-cpu artifact (third argument "in-place"), a
-# weight a MatMul reads through a Transpose (a tied lm_head) is read as stored (FusedMatMul transB,
-# `read_transposed_weights_in_place`): the file then holds it once, not also the transposed copy
-# onnxruntime's constant folding would save (113 MB for SmolLM2), and a phone loading it maps that
-# much less. Not for nnapi: FusedMatMul is not an NNAPI operator.
-# The converter process imports onnxruntime alone (not onnx, not kvcompile: 24 MiB less next to
-# the weights and the FlatBuffer it holds) and reads the graph kvcompile wrote for it (argv[1]).
-_CONVERT = """
-import sys
-import onnxruntime as ort
-with open(sys.argv[1], "rb") as f:
-    graph = f.read()
-options = ort.SessionOptions()
-options.optimized_model_filepath = sys.argv[2]
-options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-options.add_session_config_entry("session.qdqisint8allowed", "1")
-options.add_session_config_entry("session.save_model_format", "ORT")
-options.add_session_config_entry("session.disable_prepacking", "1")
-options.add_session_config_entry("session.model_external_initializers_file_folder_path", ".")
-options.enable_cpu_mem_arena = False
-ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"])
-"""
-_ADDR_NO_RANDOMIZE = 0x0040000
-# The converter's whole environment: nothing of the caller's (see write_ort_format).
-CONVERTER_ENV = {"PYTHONHASHSEED": "0", "LC_ALL": "C"}
 # The ORT format is one FlatBuffer (32-bit offsets: at most 2 GiB) holding the optimised graph and
 # every weight inline; it has no external data. A 1.5 GB float32 model already fails to save
 # (measured), so above 1 GiB of weights kvcompile does not try and says so in the report.
@@ -78,53 +45,45 @@ ORT_FORMAT_SKIPPED = ("not written: the weights exceed 1 GiB and the ORT format 
                       "onnxruntime-android/ios packages load ONNX)")
 
 
-def _without_address_randomization() -> None:
-    ctypes.CDLL(None, use_errno=True).personality(_ADDR_NO_RANDOMIZE)
+def prepare_ort_format(onnx_path: Path, transposed_in_place: bool = False) -> PendingConversion:
+    """Write the graph onnxruntime's converter reads (`kvcompile.ort_format`) next to the model.
 
-
-def write_ort_format(onnx_path: Path, transposed_in_place: bool = False) -> Path:
-    """Convert to the ORT format next to the model (as onnxruntime's converter does, ARM target;
-    `transposed_in_place`: weights read through a Transpose are read as stored, see
-    `weights.read_transposed_weights_in_place`).
-
-    The converter writes some tables in the iteration order of pointer-keyed hash maps, so the
-    file depends on where the process's allocations land. It runs in a child process with
-    address-space randomization off (Linux personality ADDR_NO_RANDOMIZE), in the model's folder
-    with the same relative arguments whatever the output folder is called, and with a fixed
-    environment: the length of an absolute path, or of the caller's environment variables,
-    shifted the allocations (a compile into another folder, or from another shell, wrote
-    different bytes). The same model then gives a byte-identical file (tested) with the same
-    Python installation."""
-    target = onnx_path.with_suffix(".ort")
-    work = onnx_path.parent / ".ort-format"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    It is the model's graph without its weights, which stay where the model's are. For the
+    ort-cpu artifact (`transposed_in_place`), a weight a MatMul reads through a Transpose (a tied
+    lm_head) is read as stored (FusedMatMul transB, `read_transposed_weights_in_place`): the file
+    then holds it once, not also the transposed copy onnxruntime's constant folding would save
+    (113 MB for SmolLM2), and a phone loading it maps that much less. Not for nnapi: FusedMatMul
+    is not an NNAPI operator."""
+    pending = PendingConversion(onnx_path.with_suffix(".ort"))
+    shutil.rmtree(pending.work, ignore_errors=True)
+    pending.work.mkdir()
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
         if transposed_in_place:
             read_transposed_weights_in_place(model, {tensor.name for tensor in model.graph.initializer})
-        (work / "graph.onnx").write_bytes(model.SerializeToString())  # its weights stay where the model's are
-        del model
-        result = subprocess.run([sys.executable, "-c", _CONVERT, f"{work.name}/graph.onnx", f"{work.name}/{target.name}"],
-                                capture_output=True, text=True, cwd=onnx_path.parent, env=CONVERTER_ENV,
-                                preexec_fn=_without_address_randomization)
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["no message"])[-1]
-            raise TargetError(f"onnxruntime could not convert the ort-cpu model to the ORT format: {last}")
-        (work / target.name).replace(target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return target
+        (pending.work / GRAPH_NAME).write_bytes(model.SerializeToString())
+    except BaseException:
+        shutil.rmtree(pending.work, ignore_errors=True)
+        raise
+    return pending
 
 
-def write_planned_ort_format(stage: Path, artifacts: dict[str, Artifact]) -> None:
-    """Write the ORT-format file the ort-cpu artifact's facts name. `lower` only names it: the
-    converter needs about twice the weights in its own process, so the compile runs it last,
-    once its own sessions (and the weights they share) are gone, and once per compile (not
-    again for an artifact rebuilt with float slots)."""
+def write_ort_format(onnx_path: Path, transposed_in_place: bool = False) -> Path:
+    """Convert to the ORT format next to the model, now (as onnxruntime's converter does, ARM target)."""
+    pending = prepare_ort_format(onnx_path, transposed_in_place)
+    run_converter(pending)
+    return pending.target
+
+
+def planned_ort_format(stage: Path, artifacts: dict[str, Artifact]) -> PendingConversion | None:
+    """Prepare the ORT-format file the ort-cpu artifact's facts name, for `finish.finish_compile`
+    to convert. `lower` only names it: the converter needs about twice the weights in its own
+    process, so it runs once the compile's sessions, and the process that held them, are gone,
+    and once per compile (not again for an artifact rebuilt with float slots)."""
     artifact = artifacts.get(OrtCpuTarget.name)
-    if artifact is not None and artifact.facts.get("ort_format"):
-        write_ort_format(stage / artifact.io.model, transposed_in_place=True)
+    if artifact is None or not artifact.facts.get("ort_format"):
+        return None
+    return prepare_ort_format(stage / artifact.io.model, transposed_in_place=True)
 
 
 def query_heads(model: ir.Model, kv: KVGraph) -> int:

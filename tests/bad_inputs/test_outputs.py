@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -78,6 +79,49 @@ def test_a_killed_compile_leaves_the_previous_output_and_its_debris_is_cleaned(p
     debris = leftovers(out.parent)
     subprocess.run(command(DYNAMO, out), check=True, capture_output=True)
     assert leftovers(out.parent) == [], f"the next compile removed {debris}"
+
+
+def compile_process(cli: subprocess.Popen) -> int:
+    """The pid of the child the CLI compiles in (kvcompile.compile_process), once it is calibrating."""
+    for line in cli.stderr:
+        if "calibrating" in line:
+            break
+    children = Path(f"/proc/{cli.pid}/task/{cli.pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def test_a_compile_process_killed_by_the_system_is_one_line_and_leaves_the_previous_output(previous):
+    """What the out-of-memory killer does: the CLI says so, in one line, exit 1, and nothing changed."""
+    out, digest = previous
+    cli = subprocess.Popen(command(DYNAMO, out, "--scheme", "per-token"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    os.kill(compile_process(cli), signal.SIGKILL)
+    _, stderr = cli.communicate(timeout=120)
+    assert cli.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "kvcompile: error: the compile process was killed by signal 9 (SIGKILL) (most likely by the "
+        "out-of-memory killer: free memory or compile a smaller model); previous output left untouched")
+    assert tree_digest(out) == digest
+    assert leftovers(out.parent) == []
+
+
+def test_a_killed_cli_takes_its_compile_process_with_it(previous):
+    out, digest = previous
+    cli = subprocess.Popen(command(DYNAMO, out, "--scheme", "per-token"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    child = compile_process(cli)
+    cli.kill()
+    cli.wait()
+    wait_for(lambda: not running(child), seconds=60)  # PR_SET_PDEATHSIG: it does not compile on, orphaned
+    assert tree_digest(out) == digest
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
 
 
 def test_a_compile_holding_the_lock_makes_another_refuse(previous):
