@@ -77,3 +77,15 @@ def test_interrupts_and_os_errors_keep_what_the_cli_reads(error):
     assert type(back) is type(error)
     if isinstance(error, OSError):
         assert (back.errno, back.filename) == (28, "x.data")
+
+
+def test_the_cli_writes_byte_identical_artifacts_whatever_the_folder_is_called(tmp_path):
+    """The CLI's converter starts from its small parent process, not from the compile's: the ORT
+    file must still not depend on anything but the model (test_compile checks compile_model's)."""
+    folders = ("a", "a-longer-output-folder-name")
+    for name in folders:
+        subprocess.run([sys.executable, "-m", "kvcompile.cli", str(DYNAMO), "--kv-bits", "4", "-o", str(tmp_path / name),
+                        "--calib-tokens", "2048", "--eval-tokens", "2048"], check=True, capture_output=True)
+    for relative in ("ort-cpu/model.ort", "ort-cpu/model.onnx", "kvcompile.json", "report.md", "report.png"):
+        first, second = ((tmp_path / name / relative).read_bytes() for name in folders)
+        assert first == second, relative
