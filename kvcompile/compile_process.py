@@ -68,19 +68,19 @@ def compile_in_child(model: Path, requested_out_dir: Path | None, compile_into: 
                      progress: Progress, display: contextlib.AbstractContextManager[Any]) -> CompileResult:
     """Compile `model` into its output folder as described above; raises what the child raised,
     QualityGateError after writing, or CompileProcessDied. `display` (the progress bar) is entered
-    once the child is running."""
+    once the child is running, and left once the report is written."""
     out_dir = choose_output_dir(model, requested_out_dir)
-    with StagedOutput(out_dir) as output:
+    with StagedOutput(out_dir) as output, contextlib.ExitStack() as shown:
         staged = _run_child(lambda open_stage, report: compile_into(out_dir, open_stage, report), output.folder,
-                            progress, display)
-        result = finish_compile(output.folder(), staged)
+                            progress, lambda: shown.enter_context(display))
+        result = finish_compile(output.folder(), staged, progress)
     if staged.gate_failure is not None:
         raise QualityGateError(staged.gate_failure, result=result)
     return result
 
 
 def _run_child(work: Callable[[Callable[[], Path], Progress], StagedCompile], open_stage: Callable[[], Path],
-               progress: Progress, display: contextlib.AbstractContextManager[Any]) -> StagedCompile:
+               progress: Progress, show: Callable[[], object]) -> StagedCompile:
     ours, theirs = socket.socketpair()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -91,8 +91,8 @@ def _run_child(work: Callable[[Callable[[], Path], Progress], StagedCompile], op
     theirs.close()
     with ours, ours.makefile("rwb") as channel:
         try:
-            with display:
-                outcome = _serve(channel, progress, open_stage)
+            show()  # the progress display's thread starts only now, after the fork
+            outcome = _serve(channel, progress, open_stage)
         except BaseException:  # interrupted, or the staging folder could not be made: the child stops
             ours.shutdown(socket.SHUT_RDWR)  # a child still sending gets a broken pipe, not a full one
             _stop(pid)

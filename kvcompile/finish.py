@@ -14,6 +14,7 @@ when the converter has finished.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +42,13 @@ class StagedCompile:
     gate_failure: str | None  # the quality gate's message when the gate failed
 
 
-def finish_compile(stage: Path, staged: StagedCompile) -> CompileResult:
+def finish_compile(stage: Path, staged: StagedCompile,
+                   progress: Callable[[str, int], Callable[[int], None]] | None = None) -> CompileResult:
     """Convert the pending ORT-format file, then write the report with the converter's figures."""
     report = staged.result.report
     if staged.ort_format is not None:
+        if progress is not None:
+            progress("writing the ORT-format file (onnxruntime's converter, in its own process)", 0)
         run = run_converter(staged.ort_format)
         timings = dict(report.timings)
         timings["ort_format_s"] = run.seconds

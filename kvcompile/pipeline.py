@@ -579,7 +579,7 @@ def compile_model(options: CompileOptions, progress: Progress | None = None) -> 
     out_dir = choose_output_dir(options.model, options.out_dir)
     with StagedOutput(out_dir) as output:
         staged = compile_into(options, out_dir, output.folder, progress)
-        result = finish_compile(output.folder(), staged)
+        result = finish_compile(output.folder(), staged, progress)
     if staged.gate_failure is not None:
         raise QualityGateError(staged.gate_failure, result=result)
     return result
