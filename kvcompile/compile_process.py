@@ -1,7 +1,8 @@
 """The CLI's compile in a child process, so that the ORT-format converter never runs beside it.
 
-The converter needs about twice the weights in its own process: the weights it loaded and the
-FlatBuffer that copies them (987 MiB for SmolLM2's 517 MiB). Started by the compiling process,
+The converter needs about twice the weights in its own process (987 MiB for SmolLM2's 517 MiB:
+onnxruntime holds the initializers twice while it finalizes the session, then the FlatBuffer
+that holds every weight inline). Started by the compiling process,
 it ran beside that process's own memory (Python, onnxruntime and the compile's results, about
 230 MiB), and SmolLM2's process tree reached 2.3x its weights for a few seconds, though each
 process alone stayed below 2x.

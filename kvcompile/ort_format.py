@@ -1,8 +1,9 @@
 """Running onnxruntime's ORT-format converter on a graph kvcompile prepared for it.
 
-The ORT format is one FlatBuffer holding the optimised graph and every weight inline, and the
-converter holds the weights it loaded beside the FlatBuffer it builds: about twice the weights in
-its own process (987 MiB for SmolLM2's 517 MiB). The graph is prepared by the compile
+The ORT format is one FlatBuffer holding the optimised graph and every weight inline. The
+converter needs about twice the weights in its own process (987 MiB for SmolLM2's 517 MiB, reached
+while onnxruntime finalizes the session and holds the initializers twice; the FlatBuffer comes
+after, at about 610 MiB in all). The graph is prepared by the compile
 (`targets.ort_cpu.prepare_ort_format`, which needs onnx); the conversion itself is here, in a
 module that imports nothing heavy, so that the CLI's small parent process can run it after the
 compile's process has exited (`kvcompile.compile_process`) and the two never overlap.
