@@ -37,12 +37,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kvcompile.errors import KvCompileError, QualityGateError
-from kvcompile.finish import CompileResult, StagedCompile, finish_compile
+from kvcompile.errors import KvCompileError, QualityGateError, how_process_ended
+from kvcompile.finish import CompileResult, Progress, StagedCompile, finish_compile
 from kvcompile.output_dir import StagedOutput, choose_output_dir
 
-# progress(stage description, total units) -> advance(units), as in kvcompile.pipeline
-Progress = Callable[[str, int], Callable[[int], None]]
 # compile_into(out_dir, open_stage, progress): the compile, run in the child (it imports the pipeline
 # there); open_stage() returns the staging folder, created by the parent when first asked
 CompileInto = Callable[[Path, Callable[[], Path], Progress], StagedCompile]
@@ -100,7 +98,7 @@ def _run_child(work: Callable[[Callable[[], Path], Progress], StagedCompile], op
             raise
     _, status, _ = os.wait4(pid, 0)  # the child's memory is gone before the converter starts
     if outcome is None:
-        raise CompileProcessDied(f"the compile process {_how_it_ended(status)}; previous output left untouched")
+        raise CompileProcessDied(f"the compile process {how_process_ended(status)}; previous output left untouched")
     kind, value = outcome
     if kind == "error":
         raise _rebuilt(*value)
@@ -202,13 +200,3 @@ def _stop(pid: int) -> None:
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-
-
-def _how_it_ended(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        name = signal.Signals(number).name
-        likely = " (most likely by the out-of-memory killer: free memory or compile a smaller model)" \
-            if number == signal.SIGKILL else ""
-        return f"was killed by signal {number} ({name}){likely}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)} without a result"

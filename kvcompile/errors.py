@@ -7,6 +7,9 @@ that escapes is a bug in kvcompile.
 
 from __future__ import annotations
 
+import os
+import signal
+
 
 class KvCompileError(Exception):
     """A problem with the user's input or environment (exit code 2)."""
@@ -38,3 +41,14 @@ class QualityGateError(KvCompileError):
     def __init__(self, message: str, result: object = None):
         super().__init__(message)
         self.result = result
+
+
+def how_process_ended(status: int) -> str:
+    """How a child process ended, from its wait status, for an error line: "was killed by signal 9
+    (SIGKILL) (most likely by the out-of-memory killer: ...)" or "exited with status 1"."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        likely = (" (most likely by the out-of-memory killer: free memory or compile a smaller model)"
+                  if number == signal.SIGKILL else "")
+        return f"was killed by signal {number} ({signal.Signals(number).name}){likely}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"

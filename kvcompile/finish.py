@@ -21,6 +21,9 @@ from pathlib import Path
 from kvcompile.ort_format import PendingConversion, run_converter
 from kvcompile.report_types import Report
 
+# progress(stage description, total units) -> advance(units): how every compile step reports
+Progress = Callable[[str, int], Callable[[int], None]]
+
 
 @dataclass(frozen=True)
 class CompileResult:
@@ -42,8 +45,7 @@ class StagedCompile:
     gate_failure: str | None  # the quality gate's message when the gate failed
 
 
-def finish_compile(stage: Path, staged: StagedCompile,
-                   progress: Callable[[str, int], Callable[[int], None]] | None = None) -> CompileResult:
+def finish_compile(stage: Path, staged: StagedCompile, progress: Progress | None = None) -> CompileResult:
     """Convert the pending ORT-format file, then write the report with the converter's figures."""
     report = staged.result.report
     if staged.ort_format is not None:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcompile.errors import TargetError
+from kvcompile.errors import TargetError, how_process_ended
 
 # What onnxruntime's converter (`onnxruntime.tools.convert_onnx_models_to_ort`, optimization style
 # Fixed, level all, target ARM) does to write the file: one session that saves its optimized graph in
@@ -101,15 +101,9 @@ def run_converter(pending: PendingConversion) -> ConverterRun:
             process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
             if process.returncode != 0:
                 stderr.seek(0)
-                last = (stderr.read().decode(errors="replace").strip().splitlines() or [_how_it_ended(status)])[-1]
+                last = (stderr.read().decode(errors="replace").strip().splitlines() or [f"the converter process {how_process_ended(status)}"])[-1]
                 raise TargetError(f"onnxruntime could not convert the ort-cpu model to the ORT format: {last}")
         (work / target.name).replace(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ConverterRun(seconds=round(time.perf_counter() - started, 3), peak_rss_mib=round(usage.ru_maxrss / 1024))
-
-
-def _how_it_ended(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"the converter process was killed by signal {os.WTERMSIG(status)}"
-    return f"the converter process exited with status {os.waitstatus_to_exitcode(status)}"

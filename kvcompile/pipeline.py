@@ -28,7 +28,7 @@ from kvcompile.errors import BadInputError, QualityGateError, UnsupportedModelEr
 from kvcompile.kvgraph import GROUP_QUERY_ATTENTION, KVGraph
 from kvcompile.limits import ModelLimits, read_limits
 from kvcompile.manifest import Manifest, float_model_io
-from kvcompile.finish import CompileResult, StagedCompile, finish_compile
+from kvcompile.finish import CompileResult, Progress, StagedCompile, finish_compile
 from kvcompile.model_io import ORT_OPS_IN_ONNX_DOMAIN, input_hash, load_model, model_files
 from kvcompile.output_dir import StagedOutput, choose_output_dir
 from kvcompile.passes.find_kv_cache import find_kv_cache, load_kv_map
@@ -86,8 +86,6 @@ from kvcompile.tokens import (MIN_TEXT_WINDOWS, bundled_text, decode_prefill, fi
 AVAILABLE_TARGETS = tuple(TARGETS)
 MIN_OPSET = 18  # BitwiseAnd/BitwiseOr used by the packing fragments
 
-# progress(stage description, total units) -> advance(units)
-Progress = Callable[[str, int], Callable[[int], None]]
 
 
 @dataclass(frozen=True)
