@@ -1,7 +1,7 @@
 """The CLI's compile in a child process, so that the ORT-format converter never runs beside it.
 
 The converter needs about twice the weights in its own process (987 MiB for SmolLM2's 517 MiB:
-onnxruntime holds the initializers twice while it finalizes the session, then the FlatBuffer
+its peak comes while onnxruntime initializes the session, before it writes the FlatBuffer
 that holds every weight inline). Started by the compiling process,
 it ran beside that process's own memory (Python, onnxruntime and the compile's results, about
 230 MiB), and SmolLM2's process tree reached 2.3x its weights for a few seconds, though each

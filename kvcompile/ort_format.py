@@ -2,7 +2,7 @@
 
 The ORT format is one FlatBuffer holding the optimised graph and every weight inline. The
 converter needs about twice the weights in its own process (987 MiB for SmolLM2's 517 MiB, reached
-while onnxruntime finalizes the session and holds the initializers twice; the FlatBuffer comes
+while onnxruntime initializes the session, likely with the weights held twice; the FlatBuffer comes
 after, at about 610 MiB in all). The graph is prepared by the compile
 (`targets.ort_cpu.prepare_ort_format`, which needs onnx); the conversion itself is here, in a
 module that imports nothing heavy, so that the CLI's small parent process can run it after the
